@@ -1,0 +1,79 @@
+"""qatkit: quantization-aware training and accuracy debugging for integer NPUs.
+
+Example::
+
+    >>> import qatkit
+    >>> fq = qatkit.FakeQuantize(dtype="qint8")
+"""
+
+from .fake_quantize import FakeQuantize as FakeQuantize
+from .fake_quantize import FakeQuantState as FakeQuantState
+from .fake_quantize import LSQFakeQuantize as LSQFakeQuantize
+from .fake_quantize import get_fake_quantize_state as get_fake_quantize_state
+from .fake_quantize import set_fake_quantize as set_fake_quantize
+from .nn import DeQuantStub as DeQuantStub
+from .nn import QuantStub as QuantStub
+from .observers import FixedScaleObserver as FixedScaleObserver
+from .observers import KLObserver as KLObserver
+from .observers import MinMaxObserver as MinMaxObserver
+from .observers import MovingAverageMinMaxObserver as MovingAverageMinMaxObserver
+from .observers import MSEObserver as MSEObserver
+from .observers import PercentileObserver as PercentileObserver
+from .qconfig import QConfig as QConfig
+from .qconfig import default_calib_8bit_fake_quant_qconfig as default_calib_8bit_fake_quant_qconfig
+from .qconfig import (
+    default_calib_8bit_weight_16bit_act_fake_quant_qconfig as default_calib_8bit_weight_16bit_act_fake_quant_qconfig,  # noqa: E501
+)
+from .qconfig import (
+    default_calib_8bit_weight_32bit_out_fake_quant_qconfig as default_calib_8bit_weight_32bit_out_fake_quant_qconfig,  # noqa: E501
+)
+from .qconfig import (
+    default_calib_16bit_fake_quant_qconfig as default_calib_16bit_fake_quant_qconfig,
+)
+from .qconfig import (
+    default_calib_out_8bit_fake_quant_qconfig as default_calib_out_8bit_fake_quant_qconfig,
+)
+from .qconfig import default_qat_8bit_fake_quant_qconfig as default_qat_8bit_fake_quant_qconfig
+from .qconfig import default_qat_8bit_lsq_quant_qconfig as default_qat_8bit_lsq_quant_qconfig
+from .qconfig import (
+    default_qat_8bit_weight_16bit_act_fake_quant_qconfig as default_qat_8bit_weight_16bit_act_fake_quant_qconfig,  # noqa: E501
+)
+from .qconfig import (
+    default_qat_8bit_weight_32bit_out_fake_quant_qconfig as default_qat_8bit_weight_32bit_out_fake_quant_qconfig,  # noqa: E501
+)
+from .qconfig import default_qat_16bit_fake_quant_qconfig as default_qat_16bit_fake_quant_qconfig
+from .qconfig import (
+    default_qat_out_8bit_fake_quant_qconfig as default_qat_out_8bit_fake_quant_qconfig,
+)
+from .qconfig import get_default_qconfig as get_default_qconfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FakeQuantState",
+    "FakeQuantize",
+    "LSQFakeQuantize",
+    "set_fake_quantize",
+    "get_fake_quantize_state",
+    "QuantStub",
+    "DeQuantStub",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "PercentileObserver",
+    "MSEObserver",
+    "KLObserver",
+    "FixedScaleObserver",
+    "QConfig",
+    "get_default_qconfig",
+    "default_qat_8bit_fake_quant_qconfig",
+    "default_qat_out_8bit_fake_quant_qconfig",
+    "default_calib_8bit_fake_quant_qconfig",
+    "default_calib_out_8bit_fake_quant_qconfig",
+    "default_qat_8bit_lsq_quant_qconfig",
+    "default_qat_8bit_weight_32bit_out_fake_quant_qconfig",
+    "default_calib_8bit_weight_32bit_out_fake_quant_qconfig",
+    "default_qat_8bit_weight_16bit_act_fake_quant_qconfig",
+    "default_calib_8bit_weight_16bit_act_fake_quant_qconfig",
+    "default_qat_16bit_fake_quant_qconfig",
+    "default_calib_16bit_fake_quant_qconfig",
+]

@@ -1,0 +1,356 @@
+"""FakeQuantize modules and the explicit, sticky FakeQuantState of a model.
+
+Fake quantization (symmetric, zero point 0)::
+
+    q    = clamp(round(x * (1 / scale)), quant_min, quant_max)    # round half to even
+    x_fq = q * scale
+
+computed in float32 (``1 / scale`` is rounded to float32 first, exactly as torch's fused
+``fake_quantize_per_{tensor,channel}_affine`` kernels do; they are what runs).  The gradient
+w.r.t. ``x`` is straight-through inside the clamp range and zero outside it.
+``LSQFakeQuantize`` also learns ``scale`` with the LSQ gradient (Esser et al., 2020), scaled by
+``1 / sqrt(numel * quant_max)``.
+
+States (see :class:`FakeQuantState`): ``model.train()`` / ``model.eval()`` never change them;
+:func:`set_fake_quantize` does.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .observers import (
+    FixedScaleObserver,
+    MovingAverageMinMaxObserver,
+    ObserverBase,
+    dtype_to_bits,
+    qrange,
+)
+
+__all__ = ["FakeQuantState", "FakeQuantize", "LSQFakeQuantize", "set_fake_quantize",
+           "get_fake_quantize_state"]
+
+
+class FakeQuantState(str, enum.Enum):
+    """What every fake quant of a model does.
+
+    ===========  ==========================================  ================================
+    state        observer                                    fake quantization
+    ===========  ==========================================  ================================
+    QAT          updates (histogram observers: frozen)       on, straight-through gradient
+    CALIBRATION  updates (accumulates statistics)            off: data flows in float
+    VALIDATION   frozen                                      on
+    ===========  ==========================================  ================================
+    """
+
+    QAT = "qat"
+    CALIBRATION = "calibration"
+    VALIDATION = "validation"
+
+
+_STATE_CODE = {FakeQuantState.QAT: 0, FakeQuantState.CALIBRATION: 1, FakeQuantState.VALIDATION: 2}
+_CODE_STATE = {v: k for k, v in _STATE_CODE.items()}
+
+
+def _as_state(state: FakeQuantState | str) -> FakeQuantState:
+    try:
+        return FakeQuantState(state.value if isinstance(state, FakeQuantState) else str(state).lower())
+    except ValueError:
+        raise ValueError(
+            f"unknown fake-quant state {state!r}: choose one of "
+            f"{[s.name for s in FakeQuantState]} (qatkit.FakeQuantState)"
+        ) from None
+
+
+class FakeQuantize(nn.Module):
+    """Symmetric fake quantization of a tensor, driven by an observer and a FakeQuantState.
+
+    Args:
+        observer: an observer class from :mod:`qatkit.observers` (default: moving average).
+        dtype: ``"qint8"`` or ``"qint16"``.
+        ch_axis: per-channel quantization along this axis (weights), ``None`` per tensor.
+        **observer_kwargs: passed to the observer (``averaging_constant``, ``percentile``,
+            ``scale`` for :class:`FixedScaleObserver`, ...).
+
+    A new fake quant starts in the ``QAT`` state.  ``scale`` is a float32 buffer of shape
+    ``[1]`` (per tensor) or ``[C]`` (per channel), empty until the observer has seen data.
+
+    Example::
+
+        >>> fq = FakeQuantize(dtype="qint8")
+        >>> fq(torch.tensor([0.0, 0.3, 1.0]))   # QAT: observe, then fake-quantize
+        tensor([0.0000, 0.3047, 1.0000])
+        >>> fq.scale
+        tensor([0.0078])
+    """
+
+    def __init__(self, observer: type[ObserverBase] = MovingAverageMinMaxObserver,
+                 dtype: Any = "qint8", ch_axis: int | None = None, **observer_kwargs: Any) -> None:
+        super().__init__()
+        if not (isinstance(observer, type) and issubclass(observer, ObserverBase)):
+            raise ValueError(
+                f"observer must be an observer class from qatkit.observers, got {observer!r}"
+            )
+        self.bits = dtype_to_bits(dtype)
+        self.dtype = f"qint{self.bits}"
+        self.quant_min, self.quant_max = qrange(self.bits)
+        self.ch_axis = ch_axis
+        self.observer = observer(dtype=self.dtype, ch_axis=ch_axis, **observer_kwargs)
+        self.register_buffer("scale", torch.tensor([], dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor([], dtype=torch.int32))
+        self.register_buffer("state_code", torch.tensor(_STATE_CODE[FakeQuantState.QAT],
+                                                        dtype=torch.uint8))
+        self._state = FakeQuantState.QAT
+        self._qatkit_name = ""  # set by set_fake_quantize, used in error messages
+        if isinstance(self.observer, FixedScaleObserver):
+            self._set_scale(self.observer.calculate_scale())
+
+    @classmethod
+    def with_args(cls, **kwargs: Any) -> Callable[[], FakeQuantize]:
+        """A picklable factory: ``FakeQuantize.with_args(dtype="qint16")()`` builds one."""
+        return functools.partial(cls, **kwargs)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def state(self) -> FakeQuantState:
+        """The current :class:`FakeQuantState`."""
+        return self._state
+
+    def set_state(self, state: FakeQuantState | str) -> None:
+        """Switch state.  Leaving CALIBRATION computes the scale from the statistics."""
+        state = _as_state(state)
+        if self._state is FakeQuantState.CALIBRATION and state is not FakeQuantState.CALIBRATION:
+            if self.observer.has_data:
+                self.calculate_scale()
+        self._state = state
+        self.state_code.fill_(_STATE_CODE[state])
+
+    @property
+    def is_per_channel(self) -> bool:
+        return self.ch_axis is not None
+
+    @property
+    def has_scale(self) -> bool:
+        """True once a scale has been computed (or was fixed)."""
+        return self.scale.numel() > 0
+
+    def calculate_scale(self) -> Tensor:
+        """Compute the scale from the observer's statistics, store it, and return it."""
+        try:
+            scale = self.observer.calculate_scale()
+        except RuntimeError as e:
+            raise RuntimeError(f"fake quant {self._qatkit_name or '<unnamed>'}: {e}") from e
+        self._set_scale(scale)
+        return self.scale
+
+    def _set_scale(self, scale: Tensor) -> None:
+        scale = scale.detach().to(torch.float32)
+        if self.scale.shape != scale.shape:
+            self.scale = scale.clone()
+            self.zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        else:
+            self.scale.copy_(scale)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._state
+        if state is FakeQuantState.CALIBRATION:
+            self.observer(x)
+            return x
+        if state is FakeQuantState.QAT:
+            if not self.observer.is_histogram or not self.has_scale:
+                # histogram observers keep their calibrated scale during QAT
+                self.observer(x)
+                self.calculate_scale()
+        elif not self.has_scale:
+            self._scale_for_validation()
+        return self._fake_quant(x)
+
+    def _scale_for_validation(self) -> None:
+        if self.observer.has_data:
+            self.calculate_scale()
+            return
+        raise RuntimeError(
+            f"fake quant {self._qatkit_name or '<unnamed>'} is in VALIDATION state but has no "
+            "scale: it never saw data. Calibrate first: set_fake_quantize(model, "
+            "FakeQuantState.CALIBRATION), run a few batches, then switch to VALIDATION"
+        )
+
+    def _fake_quant(self, x: Tensor) -> Tensor:
+        orig_dtype = x.dtype
+        if orig_dtype != torch.float32:
+            x = x.float()
+        if self.ch_axis is None:
+            out = torch.fake_quantize_per_tensor_affine(
+                x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        else:
+            out = torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, self.ch_axis % x.dim(), self.quant_min,
+                self.quant_max)
+        return out if orig_dtype == torch.float32 else out.to(orig_dtype)
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, ch_axis={self.ch_axis}, state={self._state.name}"
+
+    # -- state_dict ---------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                              error_msgs):
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                self._resize(name, state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
+                                      unexpected, error_msgs)
+        self._state = _CODE_STATE[int(self.state_code)]
+
+    def _resize(self, name: str, shape: torch.Size) -> None:
+        old = getattr(self, name)
+        self._buffers[name] = old.new_empty(shape)
+
+
+class LSQFakeQuantize(FakeQuantize):
+    """Fake quantization with a learnable scale (LSQ, Esser et al., ICLR 2020).
+
+    The scale is a ``nn.Parameter`` that receives the LSQ gradient, scaled by
+    ``1 / sqrt(numel_per_scale * quant_max)``.  It is initialized from the calibration
+    statistics when the model was calibrated, otherwise from the first QAT batch with the
+    paper's ``2 * mean(|x|) / sqrt(quant_max)``.  It is kept >= ``float32.eps``.
+
+    Example::
+
+        >>> fq = LSQFakeQuantize()
+        >>> y = fq(torch.randn(4, 8, requires_grad=True)); y.sum().backward()
+        >>> fq.scale.grad is not None
+        True
+    """
+
+    def __init__(self, observer: type[ObserverBase] = MovingAverageMinMaxObserver,
+                 dtype: Any = "qint8", ch_axis: int | None = None, **observer_kwargs: Any) -> None:
+        super().__init__(observer=observer, dtype=dtype, ch_axis=ch_axis, **observer_kwargs)
+        scale = self._buffers.pop("scale")
+        self.scale = nn.Parameter(scale)
+
+    def _set_scale(self, scale: Tensor) -> None:
+        scale = scale.detach().to(torch.float32)
+        with torch.no_grad():
+            if self.scale.shape != scale.shape:
+                self.scale.data = scale.clone()
+                self.zero_point = torch.zeros(scale.shape, dtype=torch.int32,
+                                              device=scale.device)
+            else:
+                self.scale.copy_(scale)
+
+    def _resize(self, name: str, shape: torch.Size) -> None:
+        if name == "scale":
+            self.scale.data = self.scale.data.new_empty(shape)
+        else:
+            super()._resize(name, shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._state
+        if state is FakeQuantState.CALIBRATION:
+            self.observer(x)
+            return x
+        if not self.has_scale:
+            if state is FakeQuantState.QAT:
+                self._init_from_batch(x)
+            else:
+                self._scale_for_validation()
+        with torch.no_grad():
+            self.scale.clamp_(min=torch.finfo(torch.float32).eps)
+        orig_dtype = x.dtype
+        if orig_dtype != torch.float32:
+            x = x.float()
+        zp = self.zero_point.to(torch.float32)
+        if self.ch_axis is None:
+            grad_factor = 1.0 / math.sqrt(x.numel() * self.quant_max)
+            out = torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale, zp, self.quant_min, self.quant_max, grad_factor)
+        else:
+            axis = self.ch_axis % x.dim()
+            grad_factor = 1.0 / math.sqrt(x.numel() / x.shape[axis] * self.quant_max)
+            out = torch._fake_quantize_learnable_per_channel_affine(
+                x, self.scale, zp, axis, self.quant_min, self.quant_max, grad_factor)
+        return out if orig_dtype == torch.float32 else out.to(orig_dtype)
+
+    @torch.no_grad()
+    def _init_from_batch(self, x: Tensor) -> None:
+        self.observer(x)
+        data = x.detach().float()
+        if self.ch_axis is None:
+            mean_abs = data.abs().mean().reshape(1)
+        else:
+            data = data.transpose(0, self.ch_axis).reshape(data.shape[self.ch_axis], -1)
+            mean_abs = data.abs().mean(dim=1)
+        self._set_scale((2.0 * mean_abs / math.sqrt(self.quant_max)).clamp_min(
+            torch.finfo(torch.float32).eps))
+
+
+def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> int:
+    """Set every fake quant in ``model`` to ``state``; return how many were set.
+
+    Leaving CALIBRATION computes each scale from its statistics.  Fake quants that never saw
+    data keep no scale and are listed in a warning (they raise if a VALIDATION forward
+    reaches them).  ``model.train()``/``model.eval()`` are not touched.
+
+    Args:
+        model: a prepared model (or any module holding :class:`FakeQuantize` modules).
+        state: a :class:`FakeQuantState` or its name (``"calibration"``...).
+
+    Raises:
+        ValueError: ``model`` holds no fake quant (not prepared?) or ``state`` is unknown.
+
+    Example::
+
+        >>> set_fake_quantize(qat_model, FakeQuantState.CALIBRATION)
+        >>> for x in calib_batches: qat_model(x)
+        >>> set_fake_quantize(qat_model, FakeQuantState.VALIDATION)
+    """
+    state = _as_state(state)
+    count = 0
+    never: list[str] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, FakeQuantize):
+            mod._qatkit_name = name
+            was_calibrating = mod.state is FakeQuantState.CALIBRATION
+            mod.set_state(state)
+            if was_calibrating and state is not FakeQuantState.CALIBRATION and not mod.has_scale:
+                never.append(name)
+            count += 1
+    if count == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no FakeQuantize module: prepare it first "
+            "(qatkit.prepare_qat_fx(model, qconfig_dict))"
+        )
+    if never:
+        shown = ", ".join(never[:10]) + (f" and {len(never) - 10} more" if len(never) > 10 else "")
+        warnings.warn(
+            f"{len(never)} fake quant(s) saw no data during calibration and have no scale: "
+            f"{shown}. Their layers were not reached by the calibration data (unused branch?)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return count
+
+
+def get_fake_quantize_state(model: nn.Module) -> dict[FakeQuantState, int]:
+    """Count the fake quants of ``model`` in each state (e.g. to assert VALIDATION before
+    profiling).
+
+    Example::
+
+        >>> get_fake_quantize_state(qat_model)
+        {<FakeQuantState.VALIDATION: 'validation'>: 42}
+    """
+    counts: dict[FakeQuantState, int] = {}
+    for mod in model.modules():
+        if isinstance(mod, FakeQuantize):
+            counts[mod.state] = counts.get(mod.state, 0) + 1
+    return counts

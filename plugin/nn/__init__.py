@@ -1,0 +1,6 @@
+"""Float helpers users put in their models, and (in ``qatkit.nn.qat``) the QAT modules."""
+
+from .stubs import DeQuantStub as DeQuantStub
+from .stubs import QuantStub as QuantStub
+
+__all__ = ["QuantStub", "DeQuantStub"]
