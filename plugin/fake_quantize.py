@@ -61,7 +61,9 @@ _CODE_STATE = {v: k for k, v in _STATE_CODE.items()}
 
 def _as_state(state: FakeQuantState | str) -> FakeQuantState:
     try:
-        return FakeQuantState(state.value if isinstance(state, FakeQuantState) else str(state).lower())
+        if isinstance(state, FakeQuantState):
+            return state
+        return FakeQuantState(str(state).lower())
     except ValueError:
         raise ValueError(
             f"unknown fake-quant state {state!r}: choose one of "
