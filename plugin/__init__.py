@@ -11,8 +11,12 @@ from .fake_quantize import FakeQuantState as FakeQuantState
 from .fake_quantize import LSQFakeQuantize as LSQFakeQuantize
 from .fake_quantize import get_fake_quantize_state as get_fake_quantize_state
 from .fake_quantize import set_fake_quantize as set_fake_quantize
+from .fx import get_provenance as get_provenance
+from .fx import prepare_qat_fx as prepare_qat_fx
 from .nn import DeQuantStub as DeQuantStub
 from .nn import QuantStub as QuantStub
+from .nn.qat import freeze_bn_stats as freeze_bn_stats
+from .nn.qat import unfreeze_bn_stats as unfreeze_bn_stats
 from .observers import FixedScaleObserver as FixedScaleObserver
 from .observers import KLObserver as KLObserver
 from .observers import MinMaxObserver as MinMaxObserver
@@ -55,6 +59,10 @@ __all__ = [
     "LSQFakeQuantize",
     "set_fake_quantize",
     "get_fake_quantize_state",
+    "prepare_qat_fx",
+    "get_provenance",
+    "freeze_bn_stats",
+    "unfreeze_bn_stats",
     "QuantStub",
     "DeQuantStub",
     "MinMaxObserver",

@@ -1,1 +1,24 @@
-"""qat"""
+"""QAT modules: fused conv/linear with weight fake quant, and ops owning output fake quants."""
+
+from ._fused import freeze_bn_stats as freeze_bn_stats
+from ._fused import unfreeze_bn_stats as unfreeze_bn_stats
+from .conv import FLOAT_TO_QAT as FLOAT_TO_QAT
+from .conv import Conv1d as Conv1d
+from .conv import Conv2d as Conv2d
+from .conv import Conv3d as Conv3d
+from .conv import ConvTranspose1d as ConvTranspose1d
+from .conv import ConvTranspose2d as ConvTranspose2d
+from .conv import from_float as from_float
+from .linear import Linear as Linear
+from .ops import OUTPUT_QUANTIZED_MODULES as OUTPUT_QUANTIZED_MODULES
+from .ops import FunctionalOp as FunctionalOp
+from .ops import OutputQuantMixin as OutputQuantMixin
+from .ops import QuantStub as QuantStub
+from .ops import output_quantized as output_quantized
+
+__all__ = [
+    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Linear",
+    "from_float", "FLOAT_TO_QAT", "freeze_bn_stats", "unfreeze_bn_stats",
+    "QuantStub", "FunctionalOp", "OutputQuantMixin", "output_quantized",
+    "OUTPUT_QUANTIZED_MODULES",
+]

@@ -1,0 +1,417 @@
+"""prepare_qat_fx: turn a float model into a QAT GraphModule.
+
+The passes, in order: trace (:mod:`.tracer`), name every node (:mod:`.naming`), resolve
+qconfigs (:mod:`.qconfig_dict`, with hybrid float islands from :mod:`.hybrid`), fuse
+weighted chains into QAT modules (:mod:`.fuse`), then one walk over the graph that
+
+* turns every quantizable op into a named module owning its output fake quant — module ops
+  become output-quantized QAT modules, functional ops become ``FunctionalOp`` modules named
+  after their float name (``layer1.0.add``);
+* leaves data-moving ops alone (they share their input's scale);
+* keeps everything else float and lists it in one warning;
+* inserts a ``QuantStub`` wherever a float tensor (graph input, float op, 32-bit output)
+  feeds a quantized op, named ``<producer>_quant``; an explicit user ``QuantStub`` is
+  honoured, a fixed ``scale`` included;
+* records provenance: for each node of the prepared model, the float node whose output it
+  reproduces (:func:`get_provenance`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..fake_quantize import FakeQuantize
+from ..nn import qat
+from ..nn.stubs import QuantStub
+from ..observers import FixedScaleObserver
+from .fuse import META_FLOAT_NAME, META_ROLE, find_fusion_groups, fuse_weighted_modules
+from .hybrid import check_hybrid_args
+from .naming import float_node_names, node_scope, op_base_name
+from .patterns import (
+    FLOAT_BOUNDARY_MODULES,
+    NON_TENSOR_FUNCTIONS,
+    NON_TENSOR_METHODS,
+    OUT_OF_PLACE,
+    PASSTHROUGH_FUNCTIONS,
+    PASSTHROUGH_METHODS,
+    PASSTHROUGH_MODULES,
+    QUANTIZED_FUNCTIONS,
+    QUANTIZED_METHODS,
+)
+from .qconfig_dict import QConfigResolver
+from .tracer import symbolic_trace
+
+__all__ = ["prepare_qat_fx", "get_provenance", "PROVENANCE_ATTR"]
+
+PROVENANCE_ATTR = "qatkit_provenance"
+_CUSTOM_KEYS = {"concrete_args", "leaf_module_types", "leaf_module_names", "wrapped_functions"}
+
+# quantization state of a node's output
+_FLOAT, _QUANT, _OTHER = "float", "quant", "other"
+
+
+def prepare_qat_fx(
+    model: nn.Module,
+    qconfig_dict: dict,
+    example_inputs: tuple | None = None,
+    hybrid: bool = False,
+    hybrid_dict: dict | None = None,
+    prepare_custom_config_dict: dict | None = None,
+) -> fx.GraphModule:
+    """Prepare a float model for calibration and quantization-aware training.
+
+    Args:
+        model: the float model; it is deep-copied, never modified.
+        qconfig_dict: ``{"": qconfig, "module_type": [(type, qc)], "module_name": [(name, qc)]}``
+            (see :mod:`qatkit.fx.qconfig_dict`); ``None`` as a qconfig keeps an op float.
+        example_inputs: a tuple of example inputs; when given, prepare runs them once (in eval
+            mode, without gradients) to learn which values are float tensors.
+        hybrid: step quantization: keep the modules of ``hybrid_dict`` float during QAT.
+        hybrid_dict: ``{"module_name": [...], "module_type": [...]}`` float islands.
+        prepare_custom_config_dict: ``{"concrete_args": {...}, "leaf_module_types": [...],
+            "leaf_module_names": [...], "wrapped_functions": [...]}`` for tracing.
+
+    Returns:
+        a GraphModule with the model's call signature, in the QAT fake-quant state.
+
+    Example::
+
+        >>> qat_model = prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig},
+        ...                            example_inputs=(x,))
+        >>> set_fake_quantize(qat_model, FakeQuantState.CALIBRATION)
+    """
+    custom = dict(prepare_custom_config_dict or {})
+    bad = set(custom) - _CUSTOM_KEYS
+    if bad:
+        raise ValueError(f"unknown prepare_custom_config_dict keys {sorted(bad)}; valid: "
+                         f"{sorted(_CUSTOM_KEYS)}")
+    float_islands = check_hybrid_args(hybrid, hybrid_dict)
+    model = copy.deepcopy(model)
+    gm = symbolic_trace(model, concrete_args=custom.get("concrete_args"),
+                        leaf_modules=custom.get("leaf_module_types", ()),
+                        leaf_module_names=custom.get("leaf_module_names", ()),
+                        wrapped_functions=custom.get("wrapped_functions", ()))
+    names = float_node_names(gm)
+    modules = dict(gm.named_modules())
+    op_kinds = {n: _op_kind(n, modules) for n in gm.graph.nodes}
+    op_kinds = {n: k for n, k in op_kinds.items() if k is not None}
+    resolver = QConfigResolver(qconfig_dict, gm, names, op_kinds, float_overrides=float_islands)
+    tensors = _float_tensor_nodes(gm, example_inputs)
+    for node in gm.graph.nodes:
+        node.meta[META_FLOAT_NAME] = names[node]
+
+    groups = find_fusion_groups(gm)
+    qconfigs = {g.weighted: _node_qconfig(g.weighted, names, modules, resolver, op_kinds)
+                for g in groups}
+    fuse_weighted_modules(gm, groups, qconfigs, names)
+    _Rewriter(gm, names, resolver, tensors, op_kinds).run()
+
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    _record_provenance(gm)
+    return gm
+
+
+def get_provenance(model: fx.GraphModule) -> dict[str, str]:
+    """For each op of a prepared (or converted) model, the float op whose output it reproduces.
+
+    Keys are the prepared model's op names (module names; ``name(k)`` per call of a module
+    called several times), values the float model's names (:mod:`qatkit.fx.naming`).
+    A fused conv+bn+relu maps to the relu's float name.
+
+    Raises:
+        ValueError: ``model`` was not made by :func:`prepare_qat_fx`.
+
+    Example::
+
+        >>> get_provenance(qat_model)["layer1.0.conv1"]
+        'layer1.0.relu(0)'
+    """
+    prov = getattr(model, PROVENANCE_ATTR, None)
+    if prov is None:
+        raise ValueError(f"{type(model).__name__} has no qatkit provenance: it was not made by "
+                         "qatkit.prepare_qat_fx")
+    return dict(prov)
+
+
+def _record_provenance(gm: fx.GraphModule) -> None:
+    names = float_node_names(gm)
+    prov: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        float_name = node.meta.get(META_FLOAT_NAME)
+        if float_name is not None:
+            prov[names[node]] = float_name
+    setattr(gm, PROVENANCE_ATTR, prov)
+
+
+def _op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if node.op == "call_function":
+        return QUANTIZED_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return QUANTIZED_METHODS.get(node.target)
+    if node.op == "call_module":
+        return qat.OUTPUT_QUANTIZED_MODULES.get(type(modules[node.target]))
+    return None
+
+
+def _node_qconfig(node: fx.Node, names, modules, resolver: QConfigResolver, op_kinds) -> Any:
+    if node.op == "call_module":
+        mod = modules[node.target]
+        return resolver.resolve(str(node.target), str(node.target), mod,
+                                (type(mod), op_kinds.get(node)))
+    return resolver.resolve(names[node], node_scope(node), None,
+                            (node.target, op_kinds.get(node)))
+
+
+def _float_tensor_nodes(gm: fx.GraphModule, example_inputs: tuple | None) -> dict[fx.Node, bool]:
+    """Which nodes produce float tensors: measured with example inputs, else inferred."""
+    if example_inputs is not None:
+        if not isinstance(example_inputs, tuple):
+            example_inputs = (example_inputs,)
+        return _run_types(gm, example_inputs)
+    out: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "call_module"):
+            out[node] = True
+        elif node.op == "output":
+            out[node] = False
+        elif (node.op == "call_method" and node.target in NON_TENSOR_METHODS) or (
+                node.op == "call_function" and node.target in NON_TENSOR_FUNCTIONS):
+            out[node] = False
+        else:
+            deps = [a for a in node.all_input_nodes]
+            out[node] = any(out.get(a, False) for a in deps)
+    return out
+
+
+def _run_types(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, bool]:
+    seen: dict[fx.Node, bool] = {}
+
+    class _Types(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            seen[n] = _is_float_tensor(value)
+            return value
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _Types(gm).run(*example_inputs)
+    except Exception as e:
+        raise RuntimeError(f"prepare_qat_fx: running example_inputs through the traced "
+                           f"{type(gm).__name__} failed: {e}. Check that example_inputs "
+                           "match the model's forward() arguments") from e
+    finally:
+        gm.train(was_training)
+    return seen
+
+
+def _is_float_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.is_floating_point()
+    if isinstance(value, (tuple, list)) and value:
+        return all(isinstance(v, Tensor) and v.is_floating_point() for v in value)
+    return False
+
+
+def _module_name(name: str, taken: set[str]) -> str:
+    """A legal, unused module path from a float name (``relu(1)_quant`` -> ``relu_1__quant``)."""
+    parts = name.split(".")
+    parts[-1] = re.sub(r"\W", "_", parts[-1])
+    base = ".".join(parts)
+    cand, k = base, 1
+    while cand in taken:
+        cand, k = f"{base}_{k}", k + 1
+    taken.add(cand)
+    return cand
+
+
+class _Rewriter:
+    """The walk described in the module docstring."""
+
+    def __init__(self, gm: fx.GraphModule, names: dict[fx.Node, str], resolver: QConfigResolver,
+                 tensors: dict[fx.Node, bool], op_kinds: dict[fx.Node, str]) -> None:
+        self.gm = gm
+        self.names = names
+        self.resolver = resolver
+        self.tensors = tensors
+        self.op_kinds = op_kinds
+        self.state: dict[fx.Node, str] = {}
+        self.quant_of: dict[fx.Node, fx.Node] = {}
+        self.taken = {n for n, _ in gm.named_modules()}
+        self.float_ops: dict[str, list[str]] = {}
+        self.wrapped: set[str] = set()
+
+    def run(self) -> None:
+        for node in list(self.gm.graph.nodes):
+            self.state[node] = self._visit(node)
+        if self.float_ops:
+            listing = "; ".join(f"{op}: {', '.join(ns[:4])}{' ...' if len(ns) > 4 else ''}"
+                                for op, ns in sorted(self.float_ops.items()))
+            warnings.warn(
+                f"prepare: {sum(map(len, self.float_ops.values()))} op(s) have no quantized "
+                f"implementation and stay float (their outputs are re-quantized where "
+                f"quantized ops use them): {listing}", UserWarning, stacklevel=3)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        return dict(self.gm.named_modules())
+
+    def _qconfig(self, node: fx.Node) -> Any:
+        return _node_qconfig(node, self.names, self._modules(), self.resolver, self.op_kinds)
+
+    # -- per node ---------------------------------------------------------------------------
+    def _visit(self, node: fx.Node) -> str:
+        role = node.meta.get(META_ROLE)
+        if node.op == "placeholder":
+            return _FLOAT if self.tensors.get(node, True) else _OTHER
+        if node.op in ("get_attr", "output"):
+            return _OTHER
+        if role == "weighted":
+            mod = self.gm.get_submodule(str(node.target))
+            self._quantize_inputs(node, self._qconfig_of_module(mod))
+            return _QUANT if mod.activation_post_process is not None else _FLOAT
+        if role == "float_by_config":
+            return _FLOAT
+        if not self.tensors.get(node, True):
+            return _OTHER
+        if node.op == "call_module":
+            return self._visit_module(node)
+        return self._visit_function(node)
+
+    def _qconfig_of_module(self, mod: nn.Module) -> Any:
+        return getattr(mod, "qconfig", None)
+
+    def _visit_module(self, node: fx.Node) -> str:
+        mod = self.gm.get_submodule(str(node.target))
+        if isinstance(mod, QuantStub):
+            return self._visit_quant_stub(node, mod)
+        if isinstance(mod, FLOAT_BOUNDARY_MODULES):
+            return _FLOAT
+        if isinstance(mod, PASSTHROUGH_MODULES):
+            return self._first_input_state(node)
+        if isinstance(mod, qat.OutputQuantMixin):  # a shared module already converted
+            self._quantize_inputs(node, None)
+            return _QUANT if mod.activation_post_process is not None else _FLOAT
+        qconfig = self._qconfig(node)
+        if type(mod) in qat.OUTPUT_QUANTIZED_MODULES:
+            if qconfig is None:
+                return _FLOAT
+            fq = qconfig.activation() if qconfig.activation is not None else None
+            new = qat.output_quantized(mod, fq)
+            new.qconfig = qconfig
+            self._set_module(str(node.target), new)
+            self._quantize_inputs(node, qconfig)
+            return _QUANT if fq is not None else _FLOAT
+        if qconfig is not None:
+            self.float_ops.setdefault(type(mod).__name__, []).append(self.names[node])
+        return _FLOAT
+
+    def _visit_quant_stub(self, node: fx.Node, stub: QuantStub) -> str:
+        qconfig = self._qconfig(node)
+        if qconfig is None or (qconfig.activation is None and stub.scale is None):
+            return _FLOAT
+        kwargs: dict[str, Any] = {}
+        if stub.dtype is not None:
+            kwargs["dtype"] = stub.dtype
+        if stub.scale is not None:
+            fq = FakeQuantize(observer=FixedScaleObserver, scale=stub.scale, **kwargs)
+        else:
+            fq = qconfig.activation(**kwargs)
+        new = qat.QuantStub(fq)
+        new.qconfig = qconfig
+        self._set_module(str(node.target), new)
+        return _QUANT
+
+    def _visit_function(self, node: fx.Node) -> str:
+        target = node.target
+        if node.op == "call_method" and target in NON_TENSOR_METHODS:
+            return _OTHER
+        if node.op == "call_function" and target in NON_TENSOR_FUNCTIONS:
+            return _OTHER
+        if (node.op == "call_method" and target in PASSTHROUGH_METHODS) or (
+                node.op == "call_function" and target in PASSTHROUGH_FUNCTIONS):
+            return self._first_input_state(node)
+        kind = self.op_kinds.get(node)
+        qconfig = self._qconfig(node)
+        if kind is None:
+            if qconfig is not None:
+                label = op_base_name(node)
+                self.float_ops.setdefault(label, []).append(self.names[node])
+            return _FLOAT
+        if qconfig is None:
+            return _FLOAT
+        fn = self._function(node)
+        fq = qconfig.activation() if qconfig.activation is not None else None
+        op_mod = qat.FunctionalOp(kind, fn, fq)
+        op_mod.qconfig = qconfig
+        name = _module_name(self.names[node], self.taken)
+        self.gm.add_submodule(name, op_mod)
+        self._quantize_inputs(node, qconfig)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, args=node.args, kwargs=node.kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        self.state[new] = _QUANT if fq is not None else _FLOAT
+        return self.state[new]
+
+    def _function(self, node: fx.Node) -> Callable:
+        if node.op == "call_method":
+            name = str(node.target)
+            if name.endswith("_") and not name.endswith("__"):
+                name = name[:-1]
+            return getattr(torch.Tensor, name)
+        return OUT_OF_PLACE.get(node.target, node.target)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _first_input_state(self, node: fx.Node) -> str:
+        for a in node.all_input_nodes:
+            st = self.state.get(a)
+            if st in (_QUANT, _FLOAT):
+                return st
+        return _OTHER
+
+    def _quantize_inputs(self, node: fx.Node, qconfig: Any) -> None:
+        """Insert a QuantStub after every float-tensor producer feeding ``node``."""
+        def fix(arg: Any) -> Any:
+            if isinstance(arg, fx.Node) and self.state.get(arg) == _FLOAT:
+                return self._quant_node(arg, qconfig)
+            return arg
+
+        node.args = fx.node.map_aggregate(node.args, fix)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, fix)
+
+    def _quant_node(self, producer: fx.Node, qconfig: Any) -> fx.Node:
+        if producer in self.quant_of:
+            return self.quant_of[producer]
+        if qconfig is None or qconfig.activation is None:
+            qconfig = self.resolver.global_qconfig
+        if qconfig is None or qconfig.activation is None:
+            from ..qconfig import default_qat_8bit_fake_quant_qconfig as qconfig
+        float_name = producer.meta.get(META_FLOAT_NAME, producer.name)
+        name = _module_name(f"{float_name}_quant", self.taken)
+        stub = qat.QuantStub(qconfig.activation())
+        stub.qconfig = qconfig
+        self.gm.add_submodule(name, stub)
+        with self.gm.graph.inserting_after(producer):
+            qnode = self.gm.graph.call_module(name, args=(producer,))
+        qnode.meta = {k: v for k, v in producer.meta.items() if k != META_ROLE}
+        qnode.meta[META_FLOAT_NAME] = float_name
+        self.quant_of[producer] = qnode
+        self.state[qnode] = _QUANT
+        return qnode
+
+    def _set_module(self, target: str, mod: nn.Module) -> None:
+        parent, _, leaf = target.rpartition(".")
+        setattr(self.gm.get_submodule(parent) if parent else self.gm, leaf, mod)

@@ -1,0 +1,156 @@
+"""Resolve a ``qconfig_dict`` to the QConfig of every node of a traced model.
+
+Keys (priority from low to high):
+
+* ``""``: the global qconfig;
+* ``"module_type"``: ``[(type_or_function_or_op_name, qconfig), ...]`` — a module class
+  (``nn.Conv2d``), a function (``torch.cat``, ``operator.add``) or an op kind (``"add"``);
+* ``"module_name"``: ``[(name, qconfig), ...]`` — a float name (``layer1.0.conv1``,
+  ``layer1.0.add``) or a prefix of names (``layer1`` covers everything inside it);
+  the longest matching name wins;
+* a module's own ``.qconfig`` attribute, which also covers everything inside that module.
+
+``qconfig=None`` keeps the op float.  A name or type that matches nothing is an error that
+lists the closest existing names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+from torch import fx, nn
+
+from ..qconfig import QConfig
+
+__all__ = ["QConfigResolver", "UNSET"]
+
+UNSET: Any = object()
+
+
+def _check_qconfig(key: str, qc: Any) -> None:
+    if qc is not None and not isinstance(qc, QConfig):
+        raise ValueError(
+            f"qconfig_dict entry {key!r} maps to {qc!r}; expected a qatkit.QConfig (e.g. "
+            "qatkit.default_qat_8bit_fake_quant_qconfig) or None to keep it float"
+        )
+
+
+def _pairs(qconfig_dict: dict, key: str) -> list[tuple[Any, Any]]:
+    entries = qconfig_dict.get(key, [])
+    if isinstance(entries, dict):
+        entries = list(entries.items())
+    out = []
+    for item in entries:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"qconfig_dict[{key!r}] must be a list of (key, qconfig) pairs, "
+                             f"got {item!r}")
+        _check_qconfig(f"{key}: {item[0]!r}", item[1])
+        out.append((item[0], item[1]))
+    return out
+
+
+class QConfigResolver:
+    """Answer "which qconfig does this node get?" for one traced model.
+
+    Args:
+        qconfig_dict: see the module docstring.
+        gm: the traced float model.
+        names: float names of its nodes (:func:`qatkit.fx.naming.float_node_names`).
+        op_kinds: the op kind of each functional node (``"add"``...), for type keys.
+        float_overrides: extra ``module_name``/``module_type`` entries forced to float
+            (hybrid mode), checked like the others.
+    """
+
+    def __init__(self, qconfig_dict: dict, gm: fx.GraphModule, names: dict[fx.Node, str],
+                 op_kinds: dict[fx.Node, str], float_overrides: dict | None = None,
+                 float_overrides_label: str = "hybrid_dict") -> None:
+        if not isinstance(qconfig_dict, dict):
+            raise ValueError(f"qconfig_dict must be a dict such as {{'': qconfig}}, got "
+                             f"{type(qconfig_dict).__name__}")
+        unknown = set(qconfig_dict) - {"", "module_type", "module_name"}
+        if unknown:
+            raise ValueError(f"unknown qconfig_dict keys {sorted(unknown)}: use '', "
+                             "'module_type' and 'module_name'")
+        self.global_qconfig = qconfig_dict.get("", None)
+        _check_qconfig("''", self.global_qconfig)
+        self.by_type = _pairs(qconfig_dict, "module_type")
+        self.by_name = _pairs(qconfig_dict, "module_name")
+        self.modules = dict(gm.named_modules())
+        self.float_names = sorted(set(self._all_names(names)))
+        self._check("qconfig_dict['module_name']", [k for k, _ in self.by_name])
+        self._check_types("qconfig_dict['module_type']", [k for k, _ in self.by_type], gm,
+                          op_kinds)
+        if float_overrides:
+            bad = set(float_overrides) - {"module_name", "module_type"}
+            if bad:
+                raise ValueError(f"unknown {float_overrides_label} keys {sorted(bad)}: use "
+                                 "'module_name' and 'module_type'")
+            fnames = list(float_overrides.get("module_name", []))
+            ftypes = list(float_overrides.get("module_type", []))
+            self._check(f"{float_overrides_label}['module_name']", fnames)
+            self._check_types(f"{float_overrides_label}['module_type']", ftypes, gm, op_kinds)
+            self.by_name += [(n, None) for n in fnames]
+            self.by_type += [(t, None) for t in ftypes]
+            self._forced_float = set(fnames)
+        else:
+            self._forced_float = set()
+
+    def _all_names(self, names: dict[fx.Node, str]) -> Iterable[str]:
+        yield from (n for n in self.modules if n)
+        for node, name in names.items():
+            if node.op in ("call_function", "call_method"):
+                yield name
+
+    def _check(self, label: str, keys: list[str]) -> None:
+        for key in keys:
+            if not isinstance(key, str):
+                raise ValueError(f"{label} entries must be module names (str), got {key!r}")
+            if any(n == key or n.startswith(key + ".") for n in self.float_names):
+                continue
+            close = difflib.get_close_matches(key, self.float_names, n=5, cutoff=0.5)
+            raise ValueError(f"{label}: no module or op is named {key!r}. Closest names: "
+                             f"{close or self.float_names[:5]}")
+
+    def _check_types(self, label: str, keys: list[Any], gm: fx.GraphModule,
+                     op_kinds: dict[fx.Node, str]) -> None:
+        present: set[Any] = {type(m) for m in self.modules.values()}
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                present.add(node.target)
+        present |= set(op_kinds.values())
+        for key in keys:
+            if key in present:
+                continue
+            shown = sorted({getattr(p, "__name__", str(p)) for p in present
+                            if isinstance(p, (type, str))})
+            raise ValueError(f"{label}: {getattr(key, '__name__', key)!r} occurs nowhere in the "
+                             f"model. Types and ops present include: {shown[:15]}")
+
+    def resolve(self, name: str, scope: str, module: nn.Module | None, type_keys: tuple) -> Any:
+        """The QConfig (or None) of the op called ``name`` inside module ``scope``.
+
+        ``type_keys`` are what a ``module_type`` entry may match (the module class, the
+        function, the op kind).
+        """
+        qc = self.global_qconfig
+        for key, value in self.by_type:
+            if any(key is t or key == t for t in type_keys):
+                qc = value
+        best = -1
+        for key, value in self.by_name:
+            if (name == key or name.startswith(key + ".")) and len(key) > best:
+                best, qc = len(key), value
+        own = self._own_qconfig(name if module is not None else scope, include_self=True)
+        if own is not UNSET and not any(name == k or name.startswith(k + ".")
+                                        for k in self._forced_float):
+            qc = own
+        return qc
+
+    def _own_qconfig(self, path: str, include_self: bool) -> Any:
+        parts = path.split(".") if path else []
+        for i in range(len(parts), -1, -1):
+            mod = self.modules.get(".".join(parts[:i]))
+            if mod is not None and "qconfig" in mod.__dict__:
+                return mod.__dict__["qconfig"]
+        return UNSET

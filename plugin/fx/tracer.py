@@ -1,0 +1,168 @@
+"""Symbolic tracing for qatkit: leaf modules, wrapped functions, and errors that say the fix.
+
+``symbolic_trace(model)`` is ``torch.fx.symbolic_trace`` plus three escape hatches users
+need on real models, kept in registries that can be listed:
+
+* :func:`register_leaf_module` — a module class (or one instance's name) is not traced
+  through; it becomes one opaque ``call_module`` node (it stays float unless qatkit knows it);
+* :func:`wrap` — a function that cannot be traced becomes one opaque ``call_function`` node;
+* ``concrete_args`` — fixes keyword arguments (flags, modes) that steer Python control flow.
+
+When tracing fails (control flow on tensors, iterating over a Proxy, ...), the error names the
+module being traced and the source line, and says which of the three fixes applies.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+from ..nn.stubs import DeQuantStub, QuantStub
+
+__all__ = ["QatkitTracer", "TraceFailure", "register_leaf_module", "wrap", "symbolic_trace",
+           "list_leaf_modules", "list_wrapped_functions"]
+
+_LEAF_MODULE_TYPES: set[type] = {QuantStub, DeQuantStub}
+_WRAPPED_FUNCTIONS: list[Callable] = []
+
+
+def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Never trace through modules of this class (usable as a class decorator).
+
+    Example::
+
+        >>> @qatkit.fx.register_leaf_module
+        ... class MyNMS(nn.Module): ...
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_leaf_module takes an nn.Module subclass, got {cls!r}")
+    _LEAF_MODULE_TYPES.add(cls)
+    return cls
+
+
+def wrap(fn: Callable) -> Callable:
+    """Keep calls of ``fn`` as one opaque node instead of tracing into it (a decorator).
+
+    The function must be called through a module-level name in the model's source.
+
+    Example::
+
+        >>> @qatkit.fx.wrap
+        ... def decode(x):
+        ...     return x if x.sum() > 0 else -x
+    """
+    if not callable(fn):
+        raise TypeError(f"wrap takes a function, got {fn!r}")
+    if fn not in _WRAPPED_FUNCTIONS:
+        _WRAPPED_FUNCTIONS.append(fn)
+    return fn
+
+
+def list_leaf_modules() -> list[type]:
+    """The registered leaf module classes."""
+    return sorted(_LEAF_MODULE_TYPES, key=lambda c: c.__qualname__)
+
+
+def list_wrapped_functions() -> list[Callable]:
+    """The functions registered with :func:`wrap`."""
+    return list(_WRAPPED_FUNCTIONS)
+
+
+class TraceFailure(RuntimeError):
+    """Tracing failed; the message names the module, the source line and the fix."""
+
+
+class QatkitTracer(fx.Tracer):
+    """An FX tracer honouring qatkit's leaf modules and wrapped functions.
+
+    Args:
+        leaf_modules: extra leaf module classes for this trace.
+        leaf_module_names: qualified names of module instances not to trace through.
+        wrapped_functions: extra functions to keep opaque for this trace.
+    """
+
+    def __init__(self, leaf_modules: Iterable[type] = (), leaf_module_names: Iterable[str] = (),
+                 wrapped_functions: Iterable[Callable] = ()) -> None:
+        super().__init__(autowrap_functions=tuple(_WRAPPED_FUNCTIONS) + tuple(wrapped_functions))
+        self.leaf_types = tuple(_LEAF_MODULE_TYPES | set(leaf_modules))
+        self.leaf_names = set(leaf_module_names)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        if getattr(m, "_qatkit_leaf", False):  # qatkit's own QAT / quantized modules
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module, concrete_args: dict[str, Any] | None = None,
+                   leaf_modules: Iterable[type] = (), leaf_module_names: Iterable[str] = (),
+                   wrapped_functions: Iterable[Callable] = ()) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule with qatkit's tracer (the model is not modified).
+
+    Raises:
+        TraceFailure: naming the module and source line that cannot be traced, and the fix.
+
+    Example::
+
+        >>> gm = qatkit.fx.symbolic_trace(torchvision.models.resnet18())
+    """
+    tracer = QatkitTracer(leaf_modules, leaf_module_names, wrapped_functions)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise TraceFailure(_explain(model, tracer, e)) from e
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.training = model.training
+    return gm
+
+
+_CONTROL_FLOW_HINTS = ("control flow", "cannot be iterated", "iterate", "__bool__", "__len__",
+                       "len(", "bool(")
+
+
+def _explain(model: nn.Module, tracer: QatkitTracer, err: Exception) -> str:
+    stack = list(getattr(tracer, "module_stack", {}).values())
+    module_name, module_type = (stack[-1] if stack else ("", type(model)))
+    module_label = f"'{module_name}' ({module_type.__name__})" if module_name else (
+        f"the root module ({type(model).__name__})")
+    frame = _user_frame(err)
+    where = ""
+    fn_name = ""
+    if frame is not None:
+        line = (frame.line or "").strip()
+        where = f" at {frame.filename}:{frame.lineno} in {frame.name}(): `{line}`"
+        fn_name = frame.name
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    control_flow = any(h in str(err) for h in _CONTROL_FLOW_HINTS)
+    if fn_name and fn_name != "forward":
+        fix = (f"wrap the function `{fn_name}` so it is kept as one opaque node: decorate it "
+               f"with @qatkit.fx.wrap (it must be called through its module-level name)")
+    elif control_flow and module_name:
+        fix = (f"register the module as a leaf so it is not traced through: "
+               f"qatkit.fx.register_leaf_module({module_type.__name__}) or "
+               f"prepare_custom_config_dict={{'leaf_module_names': ['{module_name}']}} "
+               "(it then stays float)")
+    else:
+        fix = ("if the branch depends on a forward() keyword argument, fix its value with "
+               "prepare_custom_config_dict={'concrete_args': {'<arg>': <value>}}; otherwise "
+               "register the module as a leaf (qatkit.fx.register_leaf_module) or wrap the "
+               "function (@qatkit.fx.wrap)")
+    kind = "control flow / iteration on a traced tensor" if control_flow else "tracing error"
+    return (f"cannot trace {type(model).__name__}: {kind} in module {module_label}{where}: "
+            f"{type(err).__name__}: {msg}\nFix: {fix}.")
+
+
+def _user_frame(err: Exception) -> traceback.FrameSummary | None:
+    """The innermost traceback frame outside torch and qatkit (the user's source line)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    torch_dir = torch.__file__.rsplit("/", 1)[0]
+    qatkit_dir = __file__.rsplit("/", 2)[0]
+    for fr in reversed(frames):
+        if not fr.filename.startswith(torch_dir) and not fr.filename.startswith(qatkit_dir):
+            return fr
+    return None

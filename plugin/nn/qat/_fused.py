@@ -1,0 +1,303 @@
+"""The fusion logic shared by the QAT weighted modules (conv / conv-transpose / linear).
+
+One QAT class per float class (``qatkit.nn.qat.Conv2d``, ``Linear``...), each able to fuse,
+by configuration, a BatchNorm, a residual add and a ReLU/ReLU6::
+
+    y = act(bn(op(x, W, b)) + other)            # the float pattern it replaces
+
+In training mode a BatchNorm is folded *approximately* (Krishnamoorthi 2018, as torch's
+``ConvBn``): the weight seen by the weight fake quant is the one the integer model will use,
+``W * gamma / sqrt(running_var + eps)``, while the BatchNorm still normalizes with the batch
+statistics and updates its running statistics::
+
+    sf = gamma / sqrt(running_var + eps)
+    y  = bn(op(x, fq_w(W * sf)) / sf + b)        # sf == 0 divides by 1: no NaN, no inf
+
+In eval mode, with :attr:`~_FusedMixin.freeze_bn`, or without a BatchNorm, the module runs
+what the integer model computes: ``op(x, fq_w(W_fold), b_fold)`` with
+``W_fold, b_fold = folded_weight_bias()``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ACTIVATIONS", "freeze_bn_stats", "unfreeze_bn_stats"]
+
+#: fused activations: name -> the function applied after the (optional) add
+ACTIVATIONS: dict[str | None, Any] = {
+    None: None,
+    "relu": F.relu,
+    "relu6": functools.partial(F.hardtanh, min_val=0.0, max_val=6.0),
+}
+_ACT_NAMES = {None: "", "relu": "ReLU", "relu6": "ReLU6"}
+
+
+class _FusedMixin:
+    """Fusion, fake quantization and BN folding for a float ``Conv*``/``Linear`` subclass.
+
+    A concrete class sets ``_FLOAT_MODULE`` (the float class it replaces), ``_BN_MODULE``
+    (the BatchNorm class it fuses), ``_KIND`` ("Conv", "ConvTranspose", "Linear"),
+    ``_SUFFIX`` ("2d"...) and ``_OUT_AXIS`` (the weight's output-channel axis), and implements
+    ``_op(x, weight, bias, output_size)``.
+    """
+
+    _FLOAT_MODULE: type[nn.Module]
+    _BN_MODULE: type[nn.Module]
+    _KIND: str
+    _SUFFIX: str
+    _OUT_AXIS: int = 0
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(self, *args: Any, qconfig: Any, bn: nn.Module | None = None,
+                 act: str | None = None, add: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup_fusion(qconfig, bn, act, add)
+
+    def _setup_fusion(self, qconfig: Any, bn: nn.Module | None, act: str | None,
+                      add: bool) -> None:
+        if act not in ACTIVATIONS:
+            raise ValueError(
+                f"{type(self).__name__}: unsupported fused activation {act!r}; choose one of "
+                f"{list(ACTIVATIONS)} (None = no activation)"
+            )
+        if qconfig is None or not hasattr(qconfig, "activation") or not hasattr(qconfig,
+                                                                                 "weight"):
+            raise ValueError(
+                f"{type(self).__name__} needs a qatkit.QConfig, got {qconfig!r}; a layer that "
+                "must stay float gets no QAT module (qconfig None in the qconfig_dict)"
+            )
+        if bn is not None:
+            self._check_bn(bn)
+        self.qconfig = qconfig
+        self.bn = bn
+        self.with_add = bool(add)
+        self.act = act
+        self.freeze_bn = False
+        device = self.weight.device if self.weight.device.type != "meta" else None
+        self.weight_fake_quant = _make_fq(qconfig.weight, device)
+        wfq = self.weight_fake_quant
+        if wfq is not None and wfq.ch_axis is not None:
+            wfq.ch_axis = self._OUT_AXIS
+            wfq.observer.ch_axis = self._OUT_AXIS
+        self.activation_post_process = _make_fq(qconfig.activation, device)
+
+    def _check_bn(self, bn: nn.Module) -> None:
+        allowed = (self._BN_MODULE, nn.SyncBatchNorm)
+        name = type(self).__name__
+        if not isinstance(bn, allowed):
+            raise ValueError(
+                f"{name} fuses a {self._BN_MODULE.__name__}, got {type(bn).__name__}"
+            )
+        if bn.num_features != self._out_channels:
+            raise ValueError(
+                f"{name}: the BatchNorm has num_features={bn.num_features} but the layer has "
+                f"{self._out_channels} output channels; fuse the BatchNorm that follows it"
+            )
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"{name}: cannot fold a BatchNorm without running statistics "
+                "(track_running_stats=False); keep it unfused or enable track_running_stats"
+            )
+
+    @property
+    def _out_channels(self) -> int:
+        if self._KIND == "Linear":
+            return self.out_features
+        return self.out_channels
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig: Any, bn: nn.Module | None = None,
+                   act: str | None = None, add: bool = False) -> _FusedMixin:
+        """Build the QAT module from a float module, sharing its parameters (no copy).
+
+        Args:
+            mod: the float module, exactly of type ``cls._FLOAT_MODULE``.
+            qconfig: a :class:`qatkit.QConfig`.
+            bn: the float BatchNorm that follows ``mod`` (becomes the child ``bn``).
+            act: ``None``, ``"relu"`` or ``"relu6"``.
+            add: fuse a residual add: ``forward(x, other)``.
+
+        Raises:
+            ValueError: wrong float type, BatchNorm, or activation.
+
+        Example::
+
+            >>> qconv = qatkit.nn.qat.Conv2d.from_float(
+            ...     conv, qatkit.default_qat_8bit_fake_quant_qconfig, bn=bn, act="relu")
+        """
+        if type(mod) is not cls._FLOAT_MODULE:
+            raise ValueError(
+                f"{cls.__name__}.from_float expects a {cls._FLOAT_MODULE.__name__}, got "
+                f"{type(mod).__name__}; use qatkit.nn.qat.from_float to dispatch on the type"
+            )
+        kwargs = cls._init_kwargs(mod)
+        kwargs["bias"] = mod.bias is not None
+        qat = cls(**kwargs, device="meta", qconfig=qconfig, bn=bn, act=act, add=add)
+        qat.weight = mod.weight
+        if mod.bias is not None:
+            qat.bias = mod.bias
+        device = mod.weight.device
+        for fq in (qat.weight_fake_quant, qat.activation_post_process):
+            if fq is not None:
+                fq.to(device)
+        bn_training = bn.training if bn is not None else False
+        qat.train(mod.training)
+        if bn is not None:
+            bn.train(bn_training)  # a BatchNorm the user put in eval mode stays frozen
+        return qat
+
+    @classmethod
+    def _init_kwargs(cls, mod: nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- names ------------------------------------------------------------------------------
+    @property
+    def fused_name(self) -> str:
+        """The fused kind, e.g. ``"ConvBnAddReLU2d"``, ``"LinearReLU"``, ``"LinearBn1d"``."""
+        suffix = self._SUFFIX
+        if self._KIND == "Linear":
+            suffix = "1d" if self.bn is not None else ""
+        return (f"{self._KIND}{'Bn' if self.bn is not None else ''}"
+                f"{'Add' if self.with_add else ''}{_ACT_NAMES[self.act]}{suffix}")
+
+    def _get_name(self) -> str:
+        return self.fused_name
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        return extra + (", freeze_bn=True" if self.freeze_bn else "")
+
+    # -- numerics ---------------------------------------------------------------------------
+    @property
+    def _channel_shape(self) -> tuple[int, ...]:
+        """Shape that broadcasts a per-output-channel vector against the output."""
+        return (-1,) + (1,) * len(getattr(self, "kernel_size", ()))
+
+    def _scale_weight(self, weight: Tensor, sf: Tensor) -> Tensor:
+        """``weight`` with output channel ``o`` multiplied by ``sf[o]``."""
+        return weight * sf.reshape(self._channel_shape + (1,))
+
+    def _bn_scale(self) -> Tensor:
+        bn = self.bn
+        std = torch.sqrt(bn.running_var + bn.eps)
+        return std.reciprocal() if bn.weight is None else bn.weight / std
+
+    def folded_weight_bias(self) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias with the BatchNorm folded in, using its running statistics.
+
+        ``W * sf`` and ``(b - running_mean) * sf + beta`` with ``sf = gamma /
+        sqrt(running_var + eps)`` (``b = 0`` without a layer bias); ``(weight, bias)`` when
+        no BatchNorm is fused.  Differentiable: the QAT forward uses it.
+
+        Example::
+
+            >>> w, b = qconv.eval().folded_weight_bias()
+            >>> y = F.conv2d(x, w, b)            # == bn(conv(x)) in eval mode
+        """
+        bn = self.bn
+        if bn is None:
+            return self.weight, self.bias
+        sf = self._bn_scale()
+        weight = self._scale_weight(self.weight, sf)
+        shift = -bn.running_mean if self.bias is None else self.bias - bn.running_mean
+        bias = shift * sf
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        return weight, bias
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+            output_size: list[int] | None) -> Tensor:
+        raise NotImplementedError
+
+    def _fused_forward(self, x: Tensor, other: Tensor | None,
+                       output_size: list[int] | None = None) -> Tensor:
+        if (other is not None) != self.with_add:
+            raise ValueError(
+                f"{self.fused_name}: "
+                + ("a fused add needs forward(x, other)" if self.with_add
+                   else "got a second input but no add is fused (add=False)")
+            )
+        wfq = self.weight_fake_quant
+        bn = self.bn
+        if bn is not None and self.training and bn.training and not self.freeze_bn:
+            sf = self._bn_scale()
+            weight = self._scale_weight(self.weight, sf)
+            if wfq is not None:
+                weight = wfq(weight)
+            y = self._op(x, weight, None, output_size)
+            shape = self._channel_shape
+            y = y / sf.masked_fill(sf == 0, 1.0).reshape(shape)
+            if self.bias is not None:
+                y = y + self.bias.reshape(shape)
+            y = bn(y)
+        else:
+            weight, bias = self.folded_weight_bias()
+            if wfq is not None:
+                weight = wfq(weight)
+            y = self._op(x, weight, bias, output_size)
+        if other is not None:
+            y = y + other
+        act = ACTIVATIONS[self.act]
+        if act is not None:
+            y = act(y)
+        if self.activation_post_process is not None:
+            y = self.activation_post_process(y)
+        return y
+
+
+def _make_fq(factory: Any, device: torch.device | None) -> nn.Module | None:
+    if factory is None:
+        return None
+    fq = factory()
+    return fq if device is None else fq.to(device)
+
+
+def _set_freeze_bn(model: nn.Module, value: bool) -> int:
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, _FusedMixin) and mod.bn is not None:
+            mod.freeze_bn = value
+            count += 1
+    return count
+
+
+def freeze_bn_stats(model: nn.Module) -> int:
+    """Stop the fused BatchNorms of ``model`` from updating: train on the folded weights.
+
+    For the last epochs of QAT.  Every QAT conv/linear with a fused BatchNorm then runs the
+    folded path (running statistics, as the integer model) even in training mode.
+
+    Args:
+        model: a prepared QAT model.
+
+    Returns:
+        How many modules with a fused BatchNorm were frozen.
+
+    Example::
+
+        >>> freeze_bn_stats(qat_model)
+        12
+    """
+    return _set_freeze_bn(model, True)
+
+
+def unfreeze_bn_stats(model: nn.Module) -> int:
+    """Undo :func:`freeze_bn_stats`: fused BatchNorms use batch statistics in training again.
+
+    Returns:
+        How many modules with a fused BatchNorm were unfrozen.
+
+    Example::
+
+        >>> unfreeze_bn_stats(qat_model)
+        12
+    """
+    return _set_freeze_bn(model, False)
