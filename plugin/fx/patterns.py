@@ -23,6 +23,11 @@ from torch import nn
 
 from ..nn.stubs import DeQuantStub
 
+try:  # the check torch.fx adds for a ``concrete_args`` entry fixed to None
+    from torch.fx._symbolic_trace import _assert_is_none
+except ImportError:  # pragma: no cover - private in torch.fx
+    _assert_is_none = torch._assert
+
 try:  # torchvision's stochastic depth: dropout of whole residual branches
     from torchvision.ops import StochasticDepth as _StochasticDepth
     from torchvision.ops import stochastic_depth as _stochastic_depth
@@ -94,7 +99,8 @@ PASSTHROUGH_FUNCTIONS: tuple[object, ...] = (
     torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.roll, torch.flip,
     torch.movedim, torch.swapaxes, torch.t, operator.getitem,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-    F.dropout, F.dropout1d, F.dropout2d, F.pixel_shuffle, F.pixel_unshuffle,
+    torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
+    F.dropout, F.dropout1d, F.dropout2d, torch.dropout, F.pixel_shuffle, F.pixel_unshuffle,
     torch.channel_shuffle, torch.nn.functional.pad, _stochastic_depth,
 )
 PASSTHROUGH_METHODS: tuple[str, ...] = (
@@ -107,7 +113,8 @@ PASSTHROUGH_METHODS: tuple[str, ...] = (
 NON_TENSOR_METHODS: tuple[str, ...] = ("size", "dim", "numel", "tolist", "item", "__len__",
                                        "type", "is_contiguous", "stride", "data_ptr")
 NON_TENSOR_FUNCTIONS: tuple[object, ...] = (
-    getattr, len, operator.floordiv, operator.mod, torch._assert, torch.Size, int, float,
+    getattr, len, operator.floordiv, operator.mod, torch._assert, _assert_is_none, torch.Size,
+    int, float,
     isinstance, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     operator.not_, operator.and_, operator.or_, operator.neg, operator.pos, operator.truth,
 )

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...fake_quantize import FakeQuantState
+
 __all__ = ["ACTIVATIONS", "freeze_bn_stats", "unfreeze_bn_stats"]
 
 #: fused activations: name -> the function applied after the (optional) add
@@ -227,16 +229,36 @@ class _FusedMixin:
             )
         wfq = self.weight_fake_quant
         bn = self.bn
-        if bn is not None and self.training and bn.training and not self.freeze_bn:
-            sf = self._bn_scale()
+        if bn is not None and (wfq is None or wfq.state is FakeQuantState.CALIBRATION):
+            # Weights are not fake-quantized: run the float model's own ops, so that
+            # CALIBRATION reproduces the float model exactly; the weight observer still
+            # sees the folded weight it will quantize.
+            if wfq is not None:
+                with torch.no_grad():
+                    wfq(self.folded_weight_bias()[0])
+            y = self._op(x, self.weight, self.bias, output_size)
+            if self.freeze_bn and self.training:  # running statistics, no update
+                y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                 False, 0.0, bn.eps)
+            else:
+                y = bn(y)
+        elif bn is not None and self.training and bn.training and not self.freeze_bn:
+            # Simulated folding (Krishnamoorthi 2018): quantize the folded weight, undo the
+            # fold on the output, let the BN normalize with batch statistics.  ``sf`` is
+            # detached: through the fold and its undoing its gradient cancels (up to the
+            # straight-through estimator), and gamma still gets its gradient through bn(y).
+            # That saves three full passes over the output in backward.
+            sf = self._bn_scale().detach()
             weight = self._scale_weight(self.weight, sf)
             if wfq is not None:
                 weight = wfq(weight)
             y = self._op(x, weight, None, output_size)
             shape = self._channel_shape
-            y = y / sf.masked_fill(sf == 0, 1.0).reshape(shape)
+            inv = sf.masked_fill(sf == 0, 1.0).reciprocal().reshape(shape)
             if self.bias is not None:
-                y = y + self.bias.reshape(shape)
+                y = torch.addcmul(self.bias.reshape(shape), y, inv)
+            else:
+                y = y * inv
             y = bn(y)
         else:
             weight, bias = self.folded_weight_bias()
