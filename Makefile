@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test bench lint venv clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PINS)
@@ -21,6 +21,7 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) examples/quickstart.py
 
+# -q still ends with pytest's summary line ("N passed, M deselected in Xs")
 test: venv
 	$(PY) -m pytest -q
 

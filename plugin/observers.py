@@ -25,6 +25,7 @@ Every observer accepts ``ch_axis`` for per-channel statistics (weights), except 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any
 
@@ -69,12 +70,24 @@ def dtype_to_bits(dtype: Any) -> int:
 
 
 def qrange(bits: int) -> tuple[int, int]:
-    """The signed integer range ``(quant_min, quant_max)`` of ``bits``: (-128, 127) for 8."""
+    """The signed integer range ``(quant_min, quant_max)`` of ``bits``.
+
+    Example::
+
+        >>> qrange(8), qrange(16)
+        ((-128, 127), (-32768, 32767))
+    """
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def scale_from_amax(amax: Tensor, bits: int) -> Tensor:
-    """``amax / 2**(bits-1)`` as float32, never below ``float32.eps`` (no division by zero)."""
+    """``amax / 2**(bits-1)`` as float32, never below ``float32.eps`` (no division by zero).
+
+    Example::
+
+        >>> scale_from_amax(torch.tensor([1.0, 0.0]), 8)
+        tensor([7.8125e-03, 1.1921e-07])
+    """
     return (amax.to(torch.float32) / float(2 ** (bits - 1))).clamp_min(_MIN_SCALE)
 
 
@@ -120,15 +133,22 @@ class ObserverBase(nn.Module):
                     f"shape {tuple(data.shape)}; set ch_axis to a valid axis or None"
                 )
             data = data.transpose(0, self.ch_axis).reshape(data.shape[self.ch_axis], -1)
+            bmin, bmax = torch.aminmax(data, dim=1)
         else:
-            data = data.reshape(1, -1)
-        bmin, bmax = torch.aminmax(data, dim=1)
-        if not bool(torch.isfinite(bmin).all() & torch.isfinite(bmax).all()):
-            data, bmin, bmax = self._drop_nonfinite(data)
+            # a full reduction: much faster than aminmax(dim=1) of a [1, N] view on CPU
+            bmin, bmax = torch.aminmax(data)
+            bmin, bmax = bmin.reshape(1), bmax.reshape(1)
+        finite = bool(torch.isfinite(torch.cat([bmin, bmax])).all())
+        if self.ch_axis is None and (self.is_histogram or not finite):
+            data = data.reshape(1, -1)  # [1, N]: only the histogram (or the NaN path) needs it
+        valid = None
+        if not finite:
+            data, bmin, bmax, valid = self._drop_nonfinite(data)
             if data is None:
                 return x
-        self._update_min_max(bmin, bmax)
-        self._observe(data, bmin, bmax)
+        # statistics are float32 whatever the input dtype (half, bfloat16, float64)
+        self._update_min_max(bmin.to(torch.float32), bmax.to(torch.float32))
+        self._observe(data, bmin, bmax, valid)
         self.num_batches += 1
         return x
 
@@ -144,14 +164,14 @@ class ObserverBase(nn.Module):
             stacklevel=3,
         )
         if not finite.any(dim=1).all():
-            return None, None, None
+            return None, None, None, None
         big = torch.finfo(data.dtype).max
         bmin = torch.where(finite, data, torch.full_like(data, big)).amin(dim=1)
         bmax = torch.where(finite, data, torch.full_like(data, -big)).amax(dim=1)
-        # Replace non-finite entries by a finite in-range value (the channel's min) so that
-        # histograms never count them.
+        # Replace non-finite entries by a finite in-range value (the channel's min); `finite`
+        # tells the histogram observers not to count them.
         data = torch.where(finite, data, bmin[:, None].expand_as(data))
-        return data, bmin, bmax
+        return data, bmin, bmax, finite
 
     def _update_min_max(self, bmin: Tensor, bmax: Tensor) -> None:
         if self.min_val.numel() == 0:
@@ -170,8 +190,13 @@ class ObserverBase(nn.Module):
                 "different channel counts; use one observer per tensor"
             )
 
-    def _observe(self, data: Tensor, bmin: Tensor, bmax: Tensor) -> None:
-        """Hook for subclasses; ``min_val``/``max_val`` are already updated."""
+    def _observe(self, data: Tensor, bmin: Tensor, bmax: Tensor,
+                 valid: Tensor | None = None) -> None:
+        """Hook for subclasses; ``min_val``/``max_val`` are already updated.
+
+        ``valid`` (same shape as ``data``) is ``None`` when every value is finite, otherwise
+        it is False where ``data`` held a non-finite value (replaced by a finite one).
+        """
 
     # -- results ----------------------------------------------------------------------------
     @property
@@ -259,7 +284,10 @@ class MovingAverageMinMaxObserver(ObserverBase):
             return
         self._check_channels(bmin)
         c = self.averaging_constant
-        if c != 0.0:
+        if c == 1.0:  # exactly the last batch (m + 1 * (b - m) can round away from b)
+            self.min_val.copy_(bmin)
+            self.max_val.copy_(bmax)
+        elif c != 0.0:
             self.min_val.add_(bmin - self.min_val, alpha=c)
             self.max_val.add_(bmax - self.max_val, alpha=c)
 
@@ -278,7 +306,8 @@ class FixedScaleObserver(ObserverBase):
 
     def __init__(self, scale: float, dtype: Any = "qint8", ch_axis: int | None = None) -> None:
         super().__init__(dtype=dtype, ch_axis=ch_axis)
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+                and math.isfinite(scale) and scale > 0):
             raise ValueError(f"FixedScaleObserver needs a positive finite scale, got {scale!r}")
         self.scale = float(scale)
 
@@ -292,8 +321,9 @@ class FixedScaleObserver(ObserverBase):
 class _HistogramObserver(ObserverBase):
     """Histogram of |x| with ``bins`` bins over ``[0, bin_width * bins)``, per channel.
 
-    When data exceed the range, the range of that channel doubles as often as needed and
-    adjacent bins merge pairwise, so counts stay exact.  The first batch sets the range.
+    The first batch sets the range (``bin_width = max|x| / (bins - 0.5)``).  When data reach
+    beyond the range, the range of that channel doubles as often as needed and adjacent bins
+    merge pairwise, so counts stay exact: the histogram equals one built at the final width.
     """
 
     is_histogram = True
@@ -306,45 +336,50 @@ class _HistogramObserver(ObserverBase):
         self.register_buffer("histogram", torch.tensor([], dtype=torch.float64))
         self.register_buffer("bin_width", torch.tensor([], dtype=torch.float64))
 
-    def _observe(self, data: Tensor, bmin: Tensor, bmax: Tensor) -> None:
+    def _observe(self, data: Tensor, bmin: Tensor, bmax: Tensor,
+                 valid: Tensor | None = None) -> None:
         absmax = torch.maximum(bmin.abs(), bmax.abs()).to(torch.float64)
         channels = data.shape[0]
         if self.histogram.numel() == 0:
             self.histogram = torch.zeros(channels, self.bins, dtype=torch.float64,
                                          device=data.device)
-            # a channel of zeros gets a tiny positive width
-            self.bin_width = (absmax / self.bins).clamp_min(1e-30)
+            # max|x| falls in the middle of the last bin, strictly inside the range, so that
+            # no value ever sits on the top edge (it would land in the wrong bin after the
+            # range grows); a channel of zeros gets a tiny positive width
+            self.bin_width = (absmax / (self.bins - 0.5)).clamp_min(1e-30)
         self._grow(absmax)
         width = self.bin_width[:, None]
         idx = (data.abs().to(torch.float64) / width).floor().clamp_(0, self.bins - 1).long()
         idx += torch.arange(channels, device=data.device)[:, None] * self.bins
-        counts = torch.bincount(idx.reshape(-1), minlength=channels * self.bins)
+        idx = idx.reshape(-1) if valid is None else idx[valid]  # non-finite values: not counted
+        counts = torch.bincount(idx, minlength=channels * self.bins)
         self.histogram += counts.view(channels, self.bins).to(torch.float64)
 
     def _grow(self, absmax: Tensor) -> None:
         limit = self.bin_width * self.bins
         ratio = absmax / limit
-        need = ratio > 1.0
+        need = ratio >= 1.0  # the range [0, limit) must hold absmax strictly
         if not bool(need.any()):
             return
         steps = torch.zeros_like(absmax, dtype=torch.long)
         steps[need] = torch.ceil(torch.log2(ratio[need])).long()
         # floating point: make sure the grown range really covers absmax
         while True:
-            under = (self.bin_width * 2.0 ** steps * self.bins) < absmax
+            under = (self.bin_width * torch.pow(2.0, steps.double()) * self.bins) <= absmax
             if not bool(under.any()):
                 break
             steps[under] += 1
         for k in torch.unique(steps[need]).tolist():
             rows = (steps == k).nonzero().flatten()
-            factor = 2 ** int(k)
+            factor = 2.0 ** int(k)  # a float: k can exceed 63 after an all-zero batch
             hist = self.histogram[rows]
             if factor >= self.bins:
                 merged = torch.zeros_like(hist)
                 merged[:, 0] = hist.sum(dim=1)
             else:
                 merged = torch.zeros_like(hist)
-                merged[:, : self.bins // factor] = hist.view(len(rows), -1, factor).sum(dim=2)
+                f = int(factor)
+                merged[:, : self.bins // f] = hist.view(len(rows), -1, f).sum(dim=2)
             self.histogram[rows] = merged
             self.bin_width[rows] = self.bin_width[rows] * factor
 
@@ -369,7 +404,8 @@ class PercentileObserver(_HistogramObserver):
     """amax = the ``percentile``-th percentile of |x| over all calibration data.
 
     The percentile is read from the histogram with linear interpolation inside the bin, so it
-    is exact to within one bin width (``max|x| / bins`` or less).
+    is exact to within one bin width (``bin_width``: about ``max|x| / bins`` when one batch set
+    the range, up to twice that after the range grew).
 
     Example::
 
@@ -412,9 +448,11 @@ class MSEObserver(_HistogramObserver):
 
     Example::
 
+        >>> _ = torch.manual_seed(0)
         >>> obs = MSEObserver()
-        >>> _ = obs(torch.distributions.StudentT(2.0).sample((100000,)))
-        >>> bool(obs.calculate_scale() * 128 < obs.max_val.abs().max())
+        >>> x = torch.distributions.StudentT(2.0).sample((100000,))  # heavy tails
+        >>> _ = obs(x)
+        >>> bool(obs.calculate_scale() * 128 < x.abs().max())  # clips the outliers
         True
     """
 
@@ -452,9 +490,11 @@ class KLObserver(_HistogramObserver):
 
     Example::
 
+        >>> _ = torch.manual_seed(0)
         >>> obs = KLObserver()
-        >>> _ = obs(torch.randn(100000))
-        >>> 2.5 < float(obs.calculate_scale()) * 128 < 4.6
+        >>> x = torch.randn(100000)
+        >>> _ = obs(x)
+        >>> 2.5 < float(obs.calculate_scale()) * 128 < float(x.abs().max())
         True
     """
 
@@ -472,6 +512,11 @@ class KLObserver(_HistogramObserver):
         levels = 2 ** (self.bits - 1)
         nbins = len(hist)
         used = int(np.nonzero(hist)[0].max()) + 1 if hist.any() else 0
+        if nbins > 1:
+            # The spike of exact zeros (half of a ReLU's output) would dominate the KL and
+            # pull the threshold far down; like NVIDIA's entropy calibrator, flatten it.
+            hist = hist.copy()
+            hist[0] = hist[1]
         if used <= levels:  # the quantized histogram is lossless: no reason to clip
             return absmax
         best_i, best_kl = used, math.inf

@@ -8,7 +8,9 @@ residual add (``ADD_FUNCTIONS``/``ADD_METHODS``), then optionally a relu/relu6
 A weighted module called more than once is never fused (its weights are shared); a shared
 BatchNorm is not fused either.  A shared *stateless* activation module (torchvision's
 ``BasicBlock.relu``) is fused into each call site, each with its own output scale.  Every
-such decision is reported in a warning naming the module.
+such decision is reported in a warning naming the module.  The chain of a quantized layer
+stops before an op that must stay float (qconfig None, hybrid island); a float layer keeps its
+whole chain float.
 
 Each fused chain becomes one ``call_module`` node on the weighted module's name, holding a
 QAT module from :mod:`qatkit.nn.qat`; its ``meta["qatkit_float_name"]`` is the float name of
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import Counter
+from typing import Callable
 
 from torch import fx, nn
 
@@ -88,13 +91,30 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def find_fusion_groups(gm: fx.GraphModule) -> list[FusionGroup]:
-    """Find every weighted-module chain of ``gm`` (each weighted call is one group)."""
+def _unless_float(node: fx.Node | None,
+                  stays_float: Callable[[fx.Node], bool] | None) -> fx.Node | None:
+    """``node``, or None (the chain stops) when it must stay float."""
+    if node is None or (stays_float is not None and stays_float(node)):
+        return None
+    return node
+
+
+def find_fusion_groups(gm: fx.GraphModule,
+                       stays_float: Callable[[fx.Node], bool] | None = None) -> list[FusionGroup]:
+    """Find every weighted-module chain of ``gm`` (each weighted call is one group).
+
+    Args:
+        gm: the traced float model.
+        stays_float: says whether a node must stay float (qconfig None, hybrid island); the
+            chain of a quantized weighted module stops before such a node, so that a float
+            BatchNorm/add/activation is not fused into a quantized layer.
+    """
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     groups: list[FusionGroup] = []
     claimed: set[fx.Node] = set()
-    shared_acts: dict[str, int] = {}
+    shared_acts: Counter = Counter()  # shared activation module -> call sites fused
+    shared_weighted: set = set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) not in WEIGHTED_MODULES:
             continue
@@ -102,14 +122,18 @@ def find_fusion_groups(gm: fx.GraphModule) -> list[FusionGroup]:
         group = FusionGroup(weighted=node)
         groups.append(group)
         if calls[node.target] > 1:
-            warnings.warn(
-                f"prepare: module '{node.target}' ({type(wmod).__name__}) is called "
-                f"{calls[node.target]} times, so it is not fused with what follows it and all "
-                "its calls share one output scale. Fix: give each call site its own module",
-                UserWarning, stacklevel=3)
+            if node.target not in shared_weighted:  # one warning per module, not per call
+                shared_weighted.add(node.target)
+                warnings.warn(
+                    f"prepare: module '{node.target}' ({type(wmod).__name__}) is called "
+                    f"{calls[node.target]} times, so it is not fused with what follows it and "
+                    "all its calls share one output scale. Fix: give each call site its own "
+                    "module", UserWarning, stacklevel=3)
             continue
         cur = node
-        nxt = _only_user(cur)
+        # a float layer keeps its whole chain float; a quantized one stops before float ops
+        keep_float = stays_float if stays_float is not None and not stays_float(node) else None
+        nxt = _unless_float(_only_user(cur), keep_float)
         if (nxt is not None and nxt.op == "call_module" and nxt not in claimed
                 and isinstance(modules[nxt.target], BN_FOR[type(wmod)])
                 and modules[nxt.target].num_features == _out_channels(wmod)):
@@ -120,24 +144,25 @@ def find_fusion_groups(gm: fx.GraphModule) -> list[FusionGroup]:
                     UserWarning, stacklevel=3)
             else:
                 group.bn, cur = nxt, nxt
-                nxt = _only_user(cur)
+                nxt = _unless_float(_only_user(cur), keep_float)
         if nxt is not None and _is_add(nxt) and nxt not in claimed:
             others = [a for a in nxt.args if a is not cur]
             if len(others) == 1 and isinstance(others[0], fx.Node) and others[0].op != "get_attr":
                 group.add, group.other, cur = nxt, others[0], nxt
-                nxt = _only_user(cur)
+                nxt = _unless_float(_only_user(cur), keep_float)
         if nxt is not None and nxt not in claimed:
             kind = _act_kind(nxt, modules)
             if kind is not None:
                 group.act, group.act_kind = nxt, kind
                 if nxt.op == "call_module" and calls[nxt.target] > 1:
-                    shared_acts[str(nxt.target)] = calls[nxt.target]
+                    shared_acts[str(nxt.target)] += 1
         claimed.update(group.nodes)
     if shared_acts:
-        listing = ", ".join(f"'{t}' ({n} calls)" for t, n in shared_acts.items())
+        listing = ", ".join(f"'{t}' ({n} of {calls[t]} calls fused)"
+                            for t, n in shared_acts.items())
         warnings.warn(
-            f"prepare: shared activation module(s) {listing}: each call was fused into the "
-            "layer before it and gets its own output scale", UserWarning, stacklevel=3)
+            f"prepare: shared activation module(s) {listing}: each call site fused into the "
+            "layer before it gets its own output scale", UserWarning, stacklevel=3)
     return groups
 
 
@@ -167,18 +192,23 @@ def fuse_weighted_modules(gm: fx.GraphModule, groups: list[FusionGroup], qconfig
                 n.meta[META_ROLE] = "float_by_config"
             continue
         target = str(group.weighted.target)
-        float_mod = gm.get_submodule(target)
-        bn = gm.get_submodule(group.bn.target) if group.bn is not None else None
-        qat_mod = qat.from_float(float_mod, qconfig, bn=bn, act=group.act_kind,
-                                 add=group.add is not None)
-        qat_mod.qconfig = qconfig
-        _set_module(gm, target, qat_mod)
-        created[target] = qat_mod
+        if target not in created:  # a shared (unfused) module: all its calls run one QAT module
+            float_mod = gm.get_submodule(target)
+            bn = gm.get_submodule(group.bn.target) if group.bn is not None else None
+            qat_mod = qat.from_float(float_mod, qconfig, bn=bn, act=group.act_kind,
+                                     add=group.add is not None)
+            qat_mod.qconfig = qconfig
+            _set_module(gm, target, qat_mod)
+            created[target] = qat_mod
         last = group.last
         other = replaced.get(group.other, group.other)
-        args = (group.weighted.args[0],) + ((other,) if group.add is not None else ())
+        kwargs = dict(group.weighted.kwargs)
+        inp = group.weighted.args[0] if group.weighted.args else kwargs.pop("input")
+        if len(group.weighted.args) > 1:  # ConvTranspose's output_size, given positionally
+            kwargs["output_size"] = group.weighted.args[1]
+        args = (inp,) + ((other,) if group.add is not None else ())
         with gm.graph.inserting_after(last):
-            new = gm.graph.call_module(target, args=args)
+            new = gm.graph.call_module(target, args=args, kwargs=kwargs)
         new.meta = dict(last.meta)
         new.meta[META_FLOAT_NAME] = names[last]
         new.meta[META_ROLE] = "weighted"

@@ -19,12 +19,14 @@ weighted chains into QAT modules (:mod:`.fuse`), then one walk over the graph th
 from __future__ import annotations
 
 import copy
+import operator
 import re
 import warnings
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ..fake_quantize import FakeQuantize
 from ..nn import qat
@@ -54,6 +56,9 @@ _CUSTOM_KEYS = {"concrete_args", "leaf_module_types", "leaf_module_names", "wrap
 
 # quantization state of a node's output
 _FLOAT, _QUANT, _OTHER = "float", "quant", "other"
+# data-moving ops whose input or output is a tuple: a QuantStub cannot move before them
+_MULTI_OUTPUT = (operator.getitem, torch.chunk, torch.split, torch.unbind, torch.tensor_split,
+                 "chunk", "split", "unbind", "tensor_split", "__getitem__")
 
 
 def prepare_qat_fx(
@@ -92,7 +97,10 @@ def prepare_qat_fx(
         raise ValueError(f"unknown prepare_custom_config_dict keys {sorted(bad)}; valid: "
                          f"{sorted(_CUSTOM_KEYS)}")
     float_islands = check_hybrid_args(hybrid, hybrid_dict)
-    model = copy.deepcopy(model)
+    # qconfigs are values shared by reference: the copy keeps the user's own objects
+    memo = {id(m.__dict__["qconfig"]): m.__dict__["qconfig"] for m in model.modules()
+            if "qconfig" in m.__dict__}
+    model = copy.deepcopy(model, memo)
     gm = symbolic_trace(model, concrete_args=custom.get("concrete_args"),
                         leaf_modules=custom.get("leaf_module_types", ()),
                         leaf_module_names=custom.get("leaf_module_names", ()),
@@ -101,12 +109,14 @@ def prepare_qat_fx(
     modules = dict(gm.named_modules())
     op_kinds = {n: _op_kind(n, modules) for n in gm.graph.nodes}
     op_kinds = {n: k for n, k in op_kinds.items() if k is not None}
-    resolver = QConfigResolver(qconfig_dict, gm, names, op_kinds, float_overrides=float_islands)
+    resolver = QConfigResolver(qconfig_dict, gm, names, op_kinds, float_overrides=float_islands,
+                               root=model)
     tensors = _float_tensor_nodes(gm, example_inputs)
     for node in gm.graph.nodes:
         node.meta[META_FLOAT_NAME] = names[node]
 
-    groups = find_fusion_groups(gm)
+    groups = find_fusion_groups(
+        gm, lambda n: _node_qconfig(n, names, modules, resolver, op_kinds) is None)
     qconfigs = {g.weighted: _node_qconfig(g.weighted, names, modules, resolver, op_kinds)
                 for g in groups}
     fuse_weighted_modules(gm, groups, qconfigs, names)
@@ -152,6 +162,8 @@ def _record_provenance(gm: fx.GraphModule) -> None:
         if float_name is not None:
             prov[names[node]] = float_name
     setattr(gm, PROVENANCE_ATTR, prov)
+    # GraphModule.__deepcopy__ keeps only graph-referenced attributes and these ones
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[PROVENANCE_ATTR] = prov
 
 
 def _op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -181,7 +193,9 @@ def _float_tensor_nodes(gm: fx.GraphModule, example_inputs: tuple | None) -> dic
         return _run_types(gm, example_inputs)
     out: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr", "call_module"):
+        if node.op == "placeholder":  # an argument with a number/str/bool default: not a tensor
+            out[node] = not node.args or node.args[0] is None or isinstance(node.args[0], Tensor)
+        elif node.op in ("get_attr", "call_module"):
             out[node] = True
         elif node.op == "output":
             out[node] = False
@@ -251,6 +265,8 @@ class _Rewriter:
         self.quant_of: dict[fx.Node, fx.Node] = {}
         self.taken = {n for n, _ in gm.named_modules()}
         self.float_ops: dict[str, list[str]] = {}
+        self.moved_from: dict[fx.Node, fx.Node] = {}  # float data-moving op -> its input
+        self.shared_scales: set[str] = set()  # modules whose call sites share one fake quant
         self.wrapped: set[str] = set()
 
     def run(self) -> None:
@@ -263,6 +279,11 @@ class _Rewriter:
                 f"prepare: {sum(map(len, self.float_ops.values()))} op(s) have no quantized "
                 f"implementation and stay float (their outputs are re-quantized where "
                 f"quantized ops use them): {listing}", UserWarning, stacklevel=3)
+        if self.shared_scales:
+            warnings.warn(
+                f"prepare: module(s) {sorted(self.shared_scales)} are called at several places "
+                "that are not fused into a layer: all those calls share one output scale. "
+                "Fix: give each call site its own module", UserWarning, stacklevel=3)
 
     def _modules(self) -> dict[str, nn.Module]:
         return dict(self.gm.named_modules())
@@ -301,8 +322,11 @@ class _Rewriter:
         if isinstance(mod, PASSTHROUGH_MODULES):
             return self._first_input_state(node)
         if isinstance(mod, qat.OutputQuantMixin):  # a shared module already converted
-            self._quantize_inputs(node, None)
-            return _QUANT if mod.activation_post_process is not None else _FLOAT
+            self._quantize_inputs(node, getattr(mod, "qconfig", None))
+            if mod.activation_post_process is None:
+                return _FLOAT
+            self.shared_scales.add(str(node.target))
+            return _QUANT
         qconfig = self._qconfig(node)
         if type(mod) in qat.OUTPUT_QUANTIZED_MODULES:
             if qconfig is None:
@@ -376,17 +400,33 @@ class _Rewriter:
 
     # -- helpers -----------------------------------------------------------------------------
     def _first_input_state(self, node: fx.Node) -> str:
+        """The state of a data-moving op: that of the tensor it moves."""
         for a in node.all_input_nodes:
             st = self.state.get(a)
             if st in (_QUANT, _FLOAT):
+                if st == _FLOAT and (node.op == "call_module" or node.target not in _MULTI_OUTPUT):
+                    self.moved_from[node] = a
                 return st
         return _OTHER
 
     def _quantize_inputs(self, node: fx.Node, qconfig: Any) -> None:
-        """Insert a QuantStub after every float-tensor producer feeding ``node``."""
+        """Insert a QuantStub after every float-tensor producer feeding ``node`` (before the
+        data-moving ops between them, so that a tensor is quantized once, where it is made)."""
         def fix(arg: Any) -> Any:
-            if isinstance(arg, fx.Node) and self.state.get(arg) == _FLOAT:
-                return self._quant_node(arg, qconfig)
+            if not (isinstance(arg, fx.Node) and self.state.get(arg) == _FLOAT):
+                return arg
+            # quantize a float tensor once, where it is made (``x_quant``), not after each
+            # reshape/transpose/... that moves it
+            src, chain = arg, []
+            while src in self.moved_from and self.state.get(src) == _FLOAT:
+                chain.append(src)
+                src = self.moved_from[src]
+            qnode = self._quant_node(src, qconfig)
+            if not chain:
+                return qnode
+            chain[-1].replace_input_with(src, qnode)
+            for n in chain:
+                self.state[n] = _QUANT
             return arg
 
         node.args = fx.node.map_aggregate(node.args, fix)

@@ -5,6 +5,8 @@ Keys (priority from low to high):
 * ``""``: the global qconfig;
 * ``"module_type"``: ``[(type_or_function_or_op_name, qconfig), ...]`` — a module class
   (``nn.Conv2d``), a function (``torch.cat``, ``operator.add``) or an op kind (``"add"``);
+  a container class (``BasicBlock``) covers everything inside its instances unless an op
+  matches a type entry itself;
 * ``"module_name"``: ``[(name, qconfig), ...]`` — a float name (``layer1.0.conv1``,
   ``layer1.0.add``) or a prefix of names (``layer1`` covers everything inside it);
   the longest matching name wins;
@@ -59,12 +61,15 @@ class QConfigResolver:
         names: float names of its nodes (:func:`qatkit.fx.naming.float_node_names`).
         op_kinds: the op kind of each functional node (``"add"``...), for type keys.
         float_overrides: extra ``module_name``/``module_type`` entries forced to float
-            (hybrid mode), checked like the others.
+            (hybrid mode), checked like the others; they win over everything else.
+        root: the float model ``gm`` was traced from: its container modules (and their
+            types and ``.qconfig`` attributes), which ``gm`` does not keep.
     """
 
     def __init__(self, qconfig_dict: dict, gm: fx.GraphModule, names: dict[fx.Node, str],
                  op_kinds: dict[fx.Node, str], float_overrides: dict | None = None,
-                 float_overrides_label: str = "hybrid_dict") -> None:
+                 float_overrides_label: str = "hybrid_dict", root: nn.Module | None = None,
+                 ) -> None:
         if not isinstance(qconfig_dict, dict):
             raise ValueError(f"qconfig_dict must be a dict such as {{'': qconfig}}, got "
                              f"{type(qconfig_dict).__name__}")
@@ -77,6 +82,8 @@ class QConfigResolver:
         self.by_type = _pairs(qconfig_dict, "module_type")
         self.by_name = _pairs(qconfig_dict, "module_name")
         self.modules = dict(gm.named_modules())
+        if root is not None:  # the containers gm replaced by plain nn.Module()
+            self.modules.update(root.named_modules())
         self.float_names = sorted(set(self._all_names(names)))
         self._check("qconfig_dict['module_name']", [k for k, _ in self.by_name])
         self._check_types("qconfig_dict['module_type']", [k for k, _ in self.by_type], gm,
@@ -90,11 +97,9 @@ class QConfigResolver:
             ftypes = list(float_overrides.get("module_type", []))
             self._check(f"{float_overrides_label}['module_name']", fnames)
             self._check_types(f"{float_overrides_label}['module_type']", ftypes, gm, op_kinds)
-            self.by_name += [(n, None) for n in fnames]
-            self.by_type += [(t, None) for t in ftypes]
-            self._forced_float = set(fnames)
+            self._float_names, self._float_types = set(fnames), list(ftypes)
         else:
-            self._forced_float = set()
+            self._float_names, self._float_types = set(), []
 
     def _all_names(self, names: dict[fx.Node, str]) -> Iterable[str]:
         yield from (n for n in self.modules if n)
@@ -133,19 +138,35 @@ class QConfigResolver:
         ``type_keys`` are what a ``module_type`` entry may match (the module class, the
         function, the op kind).
         """
+        path = name if module is not None else scope
+        containers = self._container_types(path, include_self=module is None)
+        if any(name == k or name.startswith(k + ".") for k in self._float_names) or any(
+                _matches(key, keys) for key in self._float_types
+                for keys in (type_keys, *containers)):
+            return None  # a float island
         qc = self.global_qconfig
-        for key, value in self.by_type:
-            if any(key is t or key == t for t in type_keys):
-                qc = value
+        for keys in (type_keys, *containers):  # the op's own type, then its containers'
+            matched = [value for key, value in self.by_type if _matches(key, keys)]
+            if matched:
+                qc = matched[-1]
+                break
         best = -1
         for key, value in self.by_name:
             if (name == key or name.startswith(key + ".")) and len(key) > best:
                 best, qc = len(key), value
-        own = self._own_qconfig(name if module is not None else scope, include_self=True)
-        if own is not UNSET and not any(name == k or name.startswith(k + ".")
-                                        for k in self._forced_float):
-            qc = own
-        return qc
+        own = self._own_qconfig(path, include_self=True)
+        return qc if own is UNSET else own
+
+    def _container_types(self, path: str, include_self: bool) -> list[tuple[type]]:
+        """Types of the modules enclosing module ``path`` (``path`` itself if
+        ``include_self``), innermost first, the root last."""
+        parts = path.split(".") if path else []
+        out = []
+        for i in range(len(parts) if include_self else len(parts) - 1, -1, -1):
+            mod = self.modules.get(".".join(parts[:i]))
+            if mod is not None:
+                out.append((type(mod),))
+        return out
 
     def _own_qconfig(self, path: str, include_self: bool) -> Any:
         parts = path.split(".") if path else []
@@ -154,3 +175,7 @@ class QConfigResolver:
             if mod is not None and "qconfig" in mod.__dict__:
                 return mod.__dict__["qconfig"]
         return UNSET
+
+
+def _matches(key: Any, type_keys: tuple) -> bool:
+    return any(key is t or key == t for t in type_keys)

@@ -14,7 +14,10 @@ module being traced and the source line, and says which of the three fixes appli
 
 from __future__ import annotations
 
+import inspect
+import re
 import traceback
+from types import FunctionType
 from typing import Any, Callable, Iterable
 
 import torch
@@ -115,10 +118,26 @@ def symbolic_trace(model: nn.Module, concrete_args: dict[str, Any] | None = None
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise TraceFailure(_explain(model, tracer, e)) from e
+    _restore_concrete_arg_names(graph, concrete_args)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.training = model.training
     return gm
+
+
+def _restore_concrete_arg_names(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> None:
+    """Give a concrete argument's placeholder back its parameter name.
+
+    torch.fx names it ``<name>_1``, which would change the GraphModule's signature: calling it
+    with the model's own keyword (``mode="a"``) would raise a TypeError.
+    """
+    if not concrete_args:
+        return
+    targets = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    for name in concrete_args:
+        node = targets.get(f"{name}_1")
+        if node is not None and name not in targets and f"{name}_2" not in targets:
+            node.target = name
 
 
 _CONTROL_FLOW_HINTS = ("control flow", "cannot be iterated", "iterate", "__bool__", "__len__",
@@ -130,8 +149,9 @@ def _explain(model: nn.Module, tracer: QatkitTracer, err: Exception) -> str:
     module_name, module_type = (stack[-1] if stack else ("", type(model)))
     module_label = f"'{module_name}' ({module_type.__name__})" if module_name else (
         f"the root module ({type(model).__name__})")
-    frame = _user_frame(err)
+    frame, is_function = _user_frame(err)
     where = ""
+    line = ""
     fn_name = ""
     if frame is not None:
         line = (frame.line or "").strip()
@@ -139,14 +159,23 @@ def _explain(model: nn.Module, tracer: QatkitTracer, err: Exception) -> str:
         fn_name = frame.name
     msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     control_flow = any(h in str(err) for h in _CONTROL_FLOW_HINTS)
-    if fn_name and fn_name != "forward":
+    flags = {k: v for k, v in _keyword_defaults(model).items()
+             if re.search(rf"\b{re.escape(k)}\b", line)} if not module_name else {}
+    if is_function:
         fix = (f"wrap the function `{fn_name}` so it is kept as one opaque node: decorate it "
                f"with @qatkit.fx.wrap (it must be called through its module-level name)")
+    elif flags:
+        fix = ("the branch depends on a forward() keyword argument: fix its value with "
+               f"prepare_custom_config_dict={{'concrete_args': {flags!r}}}")
     elif control_flow and module_name:
         fix = (f"register the module as a leaf so it is not traced through: "
                f"qatkit.fx.register_leaf_module({module_type.__name__}) or "
                f"prepare_custom_config_dict={{'leaf_module_names': ['{module_name}']}} "
                "(it then stays float)")
+    elif control_flow:  # on a tensor, in the root's forward
+        fix = ("the root module cannot be a leaf: move this code into a module-level function "
+               "decorated with @qatkit.fx.wrap (kept as one opaque node), or into a submodule "
+               "registered with qatkit.fx.register_leaf_module")
     else:
         fix = ("if the branch depends on a forward() keyword argument, fix its value with "
                "prepare_custom_config_dict={'concrete_args': {'<arg>': <value>}}; otherwise "
@@ -157,12 +186,31 @@ def _explain(model: nn.Module, tracer: QatkitTracer, err: Exception) -> str:
             f"{type(err).__name__}: {msg}\nFix: {fix}.")
 
 
-def _user_frame(err: Exception) -> traceback.FrameSummary | None:
-    """The innermost traceback frame outside torch and qatkit (the user's source line)."""
-    frames = traceback.extract_tb(err.__traceback__)
+def _keyword_defaults(model: nn.Module) -> dict[str, Any]:
+    """The root forward()'s arguments that have a default value (flags, modes, options)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _user_frame(err: Exception) -> tuple[traceback.FrameSummary | None, bool]:
+    """The innermost traceback frame outside torch and qatkit (the user's source line), and
+    whether it runs a module-level function (one that :func:`wrap` can keep opaque)."""
     torch_dir = torch.__file__.rsplit("/", 1)[0]
     qatkit_dir = __file__.rsplit("/", 2)[0]
-    for fr in reversed(frames):
-        if not fr.filename.startswith(torch_dir) and not fr.filename.startswith(qatkit_dir):
-            return fr
-    return None
+    tbs = []
+    tb = err.__traceback__
+    while tb is not None:
+        tbs.append(tb)
+        tb = tb.tb_next
+    for tb in reversed(tbs):
+        code = tb.tb_frame.f_code
+        if code.co_filename.startswith(torch_dir) or code.co_filename.startswith(qatkit_dir):
+            continue
+        summary = traceback.extract_tb(tb, limit=1)[0]
+        fn = tb.tb_frame.f_globals.get(code.co_name)
+        is_function = isinstance(fn, FunctionType) and fn.__code__ is code
+        return summary, is_function
+    return None, False

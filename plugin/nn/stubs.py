@@ -7,7 +7,12 @@ float output.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import Tensor, nn
+
+from ..observers import dtype_to_bits
 
 __all__ = ["QuantStub", "DeQuantStub"]
 
@@ -33,8 +38,16 @@ class QuantStub(nn.Module):
 
     def __init__(self, scale: float | None = None, dtype: str | None = None) -> None:
         super().__init__()
-        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"QuantStub scale must be a positive number or None, got {scale!r}")
+        if scale is not None and not (
+            isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+            and math.isfinite(scale) and scale > 0
+        ):
+            raise ValueError(
+                f"QuantStub scale must be a positive finite number (e.g. 1/128 for inputs in "
+                f"[-1, 1]) or None to calibrate it, got {scale!r}"
+            )
+        if dtype is not None:
+            dtype_to_bits(dtype)  # raises ValueError naming the valid choices
         self.scale = None if scale is None else float(scale)
         self.dtype = dtype
 
