@@ -9,6 +9,12 @@ The two are timed on the same ``8x64x56x56`` float32 tensor with ``requires_grad
 only and forward+backward, interleaved (A, B, A, B, ... so that machine noise hits both alike)
 after a warmup.  The script prints the median times and the ratio ours / torch.ao (goal <= 1.0).
 
+On CPU our fake quant is a few vectorized elementwise passes (bit-identical to the ATen kernel,
+which is a scalar loop): several times less CPU work, but more parallel regions per call.  On
+an oversubscribed machine (load average above the number of cores) every parallel region waits
+for a descheduled worker thread, so wall-clock times there measure the scheduler, not the
+kernels; the script prints the load average and says so.  Compare on an idle machine.
+
 Usage::
 
     python benchmarks/fake_quant.py                 # CPU, 2 threads
@@ -18,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s), "
           f"input {'x'.join(map(str, shape))} float32 requires_grad, "
           f"median of {args.iters} interleaved runs after {args.warmup} warmup")
+    load_before = _load_average()
     print(f"{'pass':<18}{'qatkit (ms)':>14}{'torch.ao (ms)':>16}{'ours/torch.ao':>16}")
     ratios: dict[str, float] = {}
     for label, backward in (("forward", False), ("forward+backward", True)):
@@ -109,7 +117,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"{label:<18}{ours * 1e3:>14.3f}{ref * 1e3:>16.3f}{ours / ref:>16.3f}")
     verdict = "OK" if max(ratios.values()) <= 1.0 else "SLOWER"
     print(f"goal ours/torch.ao <= 1.0: {verdict}")
+    cores = os.cpu_count() or 1
+    print(f"load average (1 min) before the runs: {load_before:.2f}, after: "
+          f"{_load_average():.2f}, on {cores} core(s)")
+    if device.type == "cpu" and load_before + args.threads > cores + 1:
+        print("WARNING: the machine is busy: thread wake-ups dominate the CPU times above; "
+              "re-run on an idle machine for a meaningful ratio")
     return ratios
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return 0.0
 
 
 if __name__ == "__main__":

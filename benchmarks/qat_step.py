@@ -15,12 +15,11 @@ import statistics
 import time
 import warnings
 
+import qatkit
 import torch
 import torchvision
 from torch.ao.quantization import get_default_qat_qconfig_mapping
 from torch.ao.quantization.quantize_fx import prepare_qat_fx as ao_prepare_qat_fx
-
-import qatkit
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):

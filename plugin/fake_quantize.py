@@ -230,11 +230,12 @@ class FakeQuantize(nn.Module):
         if orig_dtype != torch.float32:
             x = x.float()
         if x.device.type == "cpu" and not _is_tracing():
-            scale = self.scale
-            if self.ch_axis is not None:
+            if self.ch_axis is None:
+                scale = self.scale.view(())  # 0-d: the output keeps the shape of x
+            else:
                 shape = [1] * x.dim()
                 shape[self.ch_axis % x.dim()] = -1
-                scale = scale.view(shape)
+                scale = self.scale.view(shape)
             out = _FakeQuantizeSTE.apply(x, scale, self.quant_min, self.quant_max)
         elif self.ch_axis is None:
             out = torch.fake_quantize_per_tensor_affine(

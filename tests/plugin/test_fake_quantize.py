@@ -161,6 +161,16 @@ def test_other_float_dtypes_are_quantized_in_float32_and_keep_their_dtype(dtype)
     _exact(out, _ref(x.float(), scale, 8)[0].to(dtype))
 
 
+def test_output_has_the_shape_of_the_input():
+    fq = FakeQuantize(observer=MinMaxObserver)
+    x = torch.tensor(0.3)
+    out = fq(x)  # scale 0.3 / 128: 0.3 -> 128, clamped to 127
+    assert out.shape == ()
+    _exact(out, _ref(x, fq.scale, 8)[0].reshape(()))
+    _exact(out, (127 * fq.scale).reshape(()))
+    assert fq(torch.ones(2, 0, 3)).shape == (2, 0, 3)
+
+
 # -- gradient -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("ch_axis", [None, 1])
 @pytest.mark.parametrize("dtype", ["qint8", "qint16"])
