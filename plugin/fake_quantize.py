@@ -100,7 +100,9 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         inv_scale = torch.ones_like(scale).div_(scale)  # float32 1/scale, correctly rounded
         q = torch.mul(x, inv_scale).round_()  # round half to even
         if ctx.needs_input_grad[0]:  # the gradient is zero where the clamp is active
-            ctx.save_for_backward((q < quant_min).logical_or_(q > quant_max))
+            clamped = q.clamp(quant_min, quant_max)
+            ctx.save_for_backward(clamped != q)  # one pass, not three (lt, gt, or)
+            return clamped.mul_(scale)
         return q.clamp_(quant_min, quant_max).mul_(scale)
 
     @staticmethod
