@@ -11,8 +11,10 @@ from .fake_quantize import FakeQuantState as FakeQuantState
 from .fake_quantize import LSQFakeQuantize as LSQFakeQuantize
 from .fake_quantize import get_fake_quantize_state as get_fake_quantize_state
 from .fake_quantize import set_fake_quantize as set_fake_quantize
+from .fx import convert_fx as convert_fx
 from .fx import get_provenance as get_provenance
 from .fx import prepare_qat_fx as prepare_qat_fx
+from .fx import set_preserve_qat_mode as set_preserve_qat_mode
 from .nn import DeQuantStub as DeQuantStub
 from .nn import QuantStub as QuantStub
 from .nn.qat import freeze_bn_stats as freeze_bn_stats
@@ -60,6 +62,8 @@ __all__ = [
     "set_fake_quantize",
     "get_fake_quantize_state",
     "prepare_qat_fx",
+    "convert_fx",
+    "set_preserve_qat_mode",
     "get_provenance",
     "freeze_bn_stats",
     "unfreeze_bn_stats",

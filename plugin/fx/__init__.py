@@ -1,5 +1,7 @@
 """FX passes: tracing, naming, fusion, prepare, hybrid float islands (one pass per file)."""
 
+from .convert import convert_fx as convert_fx
+from .convert import set_preserve_qat_mode as set_preserve_qat_mode
 from .naming import float_node_names as float_node_names
 from .prepare import get_provenance as get_provenance
 from .prepare import prepare_qat_fx as prepare_qat_fx
@@ -11,7 +13,8 @@ from .tracer import symbolic_trace as symbolic_trace
 from .tracer import wrap as wrap
 
 __all__ = [
-    "prepare_qat_fx", "get_provenance", "float_node_names", "symbolic_trace",
+    "prepare_qat_fx", "convert_fx", "set_preserve_qat_mode", "get_provenance",
+    "float_node_names", "symbolic_trace",
     "register_leaf_module", "wrap", "list_leaf_modules", "list_wrapped_functions",
     "TraceFailure",
 ]

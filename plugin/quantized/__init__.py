@@ -1,1 +1,17 @@
-"""quantized"""
+"""The integer simulator: one module per op, integer math in plain torch ops.
+
+Importing this package registers every converter in :data:`CONVERTERS`.
+"""
+
+from . import stub as stub  # noqa: F401  (registers converters)
+from .base import CONVERTERS as CONVERTERS
+from .base import QuantizedModule as QuantizedModule
+from .base import TensorQParams as TensorQParams
+from .base import float_op as float_op
+from .base import quantize_multiplier as quantize_multiplier
+from .base import register_converter as register_converter
+from .base import requantize as requantize
+from .stub import Quantize as Quantize
+
+__all__ = ["CONVERTERS", "QuantizedModule", "TensorQParams", "register_converter",
+           "quantize_multiplier", "requantize", "float_op", "Quantize"]

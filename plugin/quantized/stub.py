@@ -1,0 +1,49 @@
+"""Integer version of qatkit.nn.qat.QuantStub: float in, values on the int grid out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import QuantizedModule, TensorQParams, register_converter
+
+__all__ = ["Quantize"]
+
+
+class Quantize(QuantizedModule):
+    """``clamp(round(x * float32(1/s)), qmin, qmax) * s``: the input quantization of an NPU.
+
+    Identical to the fake quant it replaces in VALIDATION state (round half to even).
+
+    Example::
+
+        >>> Quantize(TensorQParams(torch.tensor([1 / 128]), 8))(torch.tensor([0.3, 2.0]))
+        tensor([0.2969, 0.9922])
+    """
+
+    op = "quantize"
+
+    def __init__(self, qparams: TensorQParams) -> None:
+        super().__init__()
+        self.register_buffer("scale", qparams.scale.clone())
+        self.quant_min, self.quant_max = qparams.quant_min, qparams.quant_max
+
+    def forward(self, x: Any) -> Any:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            return x
+        inv = torch.ones_like(self.scale).div_(self.scale)
+        q = torch.round(x.float() * inv).clamp_(self.quant_min, self.quant_max)
+        return q * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale.tolist()}, range=[{self.quant_min}, {self.quant_max}]"
+
+
+@register_converter("quant_stub")
+def _convert_quant_stub(qat_module: nn.Module, in_qparams: list, out_qparams: TensorQParams | None,
+                        node: Any) -> nn.Module:
+    if out_qparams is None:
+        return nn.Identity()
+    return Quantize(out_qparams)
