@@ -126,6 +126,7 @@ def prepare_qat_fx(
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
+    _link_input_fake_quants(gm)
     _record_provenance(gm)
     return gm
 
@@ -150,6 +151,37 @@ def get_provenance(model: fx.GraphModule) -> dict[str, str]:
         raise ValueError(f"{type(model).__name__} has no qatkit provenance: it was not made by "
                          "qatkit.prepare_qat_fx")
     return dict(prov)
+
+
+def _link_input_fake_quants(gm: fx.GraphModule) -> None:
+    """Give each weighted QAT module (called once) the fake quant of its input, found through
+    data-moving ops, so it can put its bias on the integer accumulator grid."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args:
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if not hasattr(mod, "link_input_fake_quant"):
+            continue
+        fq = None
+        src = node.args[0]
+        while isinstance(src, fx.Node):
+            if src.op == "call_module":
+                producer = gm.get_submodule(str(src.target))
+                if isinstance(producer, PASSTHROUGH_MODULES):
+                    src = src.args[0] if src.args else None
+                    continue
+                fq = getattr(producer, "activation_post_process", None)
+            elif (src.op == "call_function" and src.target in PASSTHROUGH_FUNCTIONS) or (
+                    src.op == "call_method" and src.target in PASSTHROUGH_METHODS):
+                src = src.args[0] if src.args else None
+                continue
+            break
+        ok = isinstance(fq, FakeQuantize) and calls[str(node.target)] == 1
+        mod.link_input_fake_quant(fq if ok else None)
 
 
 def _record_provenance(gm: fx.GraphModule) -> None:

@@ -215,6 +215,34 @@ class _FusedMixin:
             bias = bias + bn.bias
         return weight, bias
 
+    def link_input_fake_quant(self, fq: nn.Module | None) -> None:
+        """Tell the module which fake quant quantizes its input (prepare does this).
+
+        With it, the folded bias is fake-quantized onto the integer accumulator grid
+        ``s_in * s_w`` (int32; 48 bits with 16-bit operands), as the NPU and the integer model
+        hold it, so the fake-quant model and ``convert_fx``'s model agree to the bit in almost
+        every element.  A plain reference, not a submodule: ``state_dict`` is unchanged.
+        """
+        object.__setattr__(self, "_input_fake_quant", fq)
+
+    def _fake_quant_bias(self, bias: Tensor | None) -> Tensor | None:
+        """``bias`` rounded to the accumulator grid (straight-through gradient), when known."""
+        in_fq = self.__dict__.get("_input_fake_quant")
+        wfq = self.weight_fake_quant
+        if (bias is None or in_fq is None or not in_fq.has_scale or not wfq.has_scale
+                or in_fq.state is FakeQuantState.CALIBRATION or in_fq.is_per_channel):
+            return bias
+        s_w = wfq.scale.detach().to(torch.float64)
+        if s_w.numel() == 1:
+            s_w = s_w.expand(bias.numel())
+        elif s_w.numel() != bias.numel():  # grouped ConvTranspose: channel g*opg + j uses s_w[j]
+            s_w = s_w.repeat(bias.numel() // s_w.numel())
+        acc_scale = in_fq.scale.detach().to(torch.float64) * s_w
+        limit = 2**31 if (in_fq.bits == 8 and wfq.bits == 8) else 2**47
+        q = torch.round(bias.detach().to(torch.float64) / acc_scale).clamp(-limit, limit - 1)
+        on_grid = (q * acc_scale).to(bias.dtype)
+        return bias + (on_grid - bias).detach()
+
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
             output_size: list[int] | None) -> Tensor:
         raise NotImplementedError
@@ -264,6 +292,7 @@ class _FusedMixin:
             weight, bias = self.folded_weight_bias()
             if wfq is not None:
                 weight = wfq(weight)
+                bias = self._fake_quant_bias(bias)
             y = self._op(x, weight, bias, output_size)
         if other is not None:
             y = y + other

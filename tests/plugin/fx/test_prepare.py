@@ -612,7 +612,11 @@ def test_32bit_out_qconfig_leaves_the_last_linear_unquantized():
     seen = {}
     gm.fc.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0]))
     out = gm(x)
-    expected = F.linear(seen["in"], gm.fc.weight_fake_quant(gm.fc.weight), gm.fc.bias)
+    # the bias sits on the int32 accumulator grid s_in * s_w, as the integer model holds it
+    s_acc = gm.mean.activation_post_process.scale.double() * gm.fc.weight_fake_quant.scale.double()
+    bias = (torch.round(gm.fc.bias.double() / s_acc) * s_acc).float()
+    assert not torch.equal(bias, gm.fc.bias)
+    expected = F.linear(seen["in"], gm.fc.weight_fake_quant(gm.fc.weight), bias)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 

@@ -302,3 +302,34 @@ def test_cuda_matches_cpu():
     scale = float(qat.activation_post_process.scale)
     # one output step at most: the conv sums in a different order on the GPU
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=0, atol=scale * 1.001)
+
+
+def test_bias_is_fake_quantized_on_the_accumulator_grid_when_the_input_is_linked():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4)
+    bn.eval()
+    qconv = qatkit.nn.qat.from_float(conv.eval(), qatkit.default_qat_8bit_fake_quant_qconfig,
+                                     bn=bn).eval()
+    in_fq = qatkit.FakeQuantize()
+    qconv.link_input_fake_quant(in_fq)
+    x = in_fq(torch.randn(2, 3, 8, 8))  # QAT state: observe, quantize the input
+    qconv(x)
+    qatkit.set_fake_quantize(qconv, "validation")
+    in_fq.set_state("validation")
+    w, b = qconv.folded_weight_bias()
+    s_acc = in_fq.scale.double() * qconv.weight_fake_quant.scale.double()
+    b_grid = qconv._fake_quant_bias(b)
+    # on the grid up to float32 representation of the (large) integer multiple
+    torch.testing.assert_close(b_grid.double() / s_acc, torch.round(b.double() / s_acc),
+                               rtol=1e-6, atol=0)
+    assert not torch.equal(b_grid, b)
+    # straight-through: the bias still gets the float gradient
+    b_leaf = b.detach().requires_grad_()
+    qconv._fake_quant_bias(b_leaf).sum().backward()
+    torch.testing.assert_close(b_leaf.grad, torch.ones_like(b_leaf.grad))
+    # no link, or a calibrating input: the bias stays float
+    in_fq.set_state("calibration")
+    assert torch.equal(qconv._fake_quant_bias(b), b)
+    qconv.link_input_fake_quant(None)
+    in_fq.set_state("validation")
+    assert torch.equal(qconv._fake_quant_bias(b), b)
