@@ -1,4 +1,4 @@
-"""qatkit quickstart: quantize a small CNN with prepare_qat_fx, calibrate it four ways, QAT it.
+"""qatkit quickstart: prepare a small CNN, calibrate it four ways, QAT it, convert it to integers.
 
 Run it with ``make demo`` (or ``.venv/bin/python examples/quickstart.py``).  It
 
@@ -11,7 +11,10 @@ Run it with ``make demo`` (or ``.venv/bin/python examples/quickstart.py``).  It
    (CALIBRATION state), freezes its scales (VALIDATION state) and measures its test accuracy;
 3. fine-tunes the min_max-calibrated model with quantization-aware training for two epochs
    (QAT state, SGD, small learning rate) and measures it again;
-4. prints float vs calibrated vs QAT accuracy.
+4. converts the QAT model with ``qatkit.convert_fx`` into the integer model an NPU runs (int8
+   weights, int32 bias, fixed-point requantization, in plain torch ops) and measures it;
+5. prints float vs calibrated vs QAT vs integer accuracy, and how often the integer model's
+   prediction equals the fake-quant model's.
 
 The float model is never modified: prepare works on a copy.
 """
@@ -80,10 +83,11 @@ def qat_finetune(model: nn.Module, data: DigitsData, epochs: int = QAT_EPOCHS) -
 
 
 def main(epochs: int = 12, verbose: bool = True) -> dict[str, float]:
-    """Train, calibrate with every method, fine-tune with QAT, and return the test accuracies.
+    """Train, calibrate with every method, fine-tune with QAT, convert; return test accuracies.
 
     Returns:
-        ``{"float": acc, "min_max": acc, "percentile": acc, "mse": acc, "kl": acc, "qat": acc}``.
+        ``{"float": acc, "min_max": acc, "percentile": acc, "mse": acc, "kl": acc, "qat": acc,
+        "integer": acc}``.
     """
     data = load_digits_data()
     test_set = (data.test_x, data.test_y)
@@ -96,16 +100,24 @@ def main(epochs: int = 12, verbose: bool = True) -> dict[str, float]:
             models[method] = prepare(float_model, method, data)
             calibrate(models[method], data)
             accuracy[method] = evaluate(models[method], test_set)
-        qat_finetune(models["min_max"], data)
-        accuracy["qat"] = evaluate(models["min_max"], test_set)
+        qat_model = models["min_max"]
+        qat_finetune(qat_model, data)
+        accuracy["qat"] = evaluate(qat_model, test_set)
+        int_model = qatkit.convert_fx(qat_model)
+        accuracy["integer"] = evaluate(int_model, test_set)
+        with torch.no_grad():
+            same = qat_model(data.test_x).argmax(1) == int_model(data.test_x).argmax(1)
+        agreement = float(same.float().mean())
     if verbose:
         print(f"DigitsNet, {len(data.test_y)} test images: int8 fake quant (per-channel weights)")
         print(f"{'model':<28}{'accuracy':>9}{'vs float':>10}")
         for name, acc in accuracy.items():
-            label = {"float": "float", "qat": f"QAT ({QAT_EPOCHS} epochs from min_max)"}.get(
-                name, f"calibrated, {name}")
+            label = {"float": "float", "qat": f"QAT ({QAT_EPOCHS} epochs from min_max)",
+                     "integer": "integer model (convert_fx)"}.get(name, f"calibrated, {name}")
             delta = "" if name == "float" else f"{100 * (acc - accuracy['float']):+.2f}"
             print(f"{label:<28}{100 * acc:>8.2f}%{delta:>10}".rstrip())
+        print(f"integer vs fake-quant QAT model: same prediction on {100 * agreement:.2f}% "
+              "of the test images")
     return accuracy
 
 

@@ -117,12 +117,19 @@ def test_evaluate_accepts_tensors_and_batches_and_restores_mode(data, float_mode
 # -- examples/quickstart.py --------------------------------------------------------------------
 def test_quickstart_reports_float_every_method_and_qat(quickstart_run):
     accuracy, printed = quickstart_run
-    assert list(accuracy) == ["float", *quickstart.CALIBRATION_METHODS, "qat"]
+    assert list(accuracy) == ["float", *quickstart.CALIBRATION_METHODS, "qat", "integer"]
     assert accuracy["float"] >= 0.95, f"float accuracy {accuracy['float']:.4f} < 0.95"
     assert f"{100 * accuracy['float']:.2f}%" in printed
     for method in quickstart.CALIBRATION_METHODS:
         assert f"calibrated, {method}" in printed
-    assert "QAT" in printed
+    assert "QAT" in printed and "integer model" in printed
+
+
+def test_quickstart_integer_model_keeps_the_qat_accuracy(quickstart_run):
+    accuracy, printed = quickstart_run
+    assert abs(accuracy["integer"] - accuracy["qat"]) <= 0.005, accuracy
+    agreement = float(printed.split("same prediction on ")[1].split("%")[0])
+    assert agreement >= 99.5, f"integer vs fake-quant argmax agreement {agreement}%"
 
 
 @pytest.mark.parametrize("method", quickstart.CALIBRATION_METHODS)

@@ -49,11 +49,11 @@ def _record(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, li
     """Each named module's (inputs, output) per call, for one forward of ``model``."""
     rec: dict[str, list[tuple]] = {n: [] for n in names}
 
-    def hook(m, args, out, n):
-        rec[n].append((args, out.detach().clone()))
+    def hook(m, args, kwargs, out, n):
+        rec[n].append((args, kwargs, out.detach().clone()))
 
     handles = [model.get_submodule(n).register_forward_hook(
-        lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
+        lambda m, a, k, o, n=n: hook(m, a, k, o, n), with_kwargs=True) for n in names]
     try:
         with torch.no_grad():
             model(x)
@@ -78,12 +78,12 @@ def exactness(qat_model: nn.Module, int_model: nn.Module, x: torch.Tensor,
     result = {}
     for n in names:
         scale = qat_model.get_submodule(n).activation_post_process.scale
-        for k, (args, a) in enumerate(fq_rec[n]):
+        for k, (args, kwargs, a) in enumerate(fq_rec[n]):
             if per_op:
                 with torch.no_grad():
-                    b = int_model.get_submodule(n)(*args)
+                    b = int_model.get_submodule(n)(*args, **kwargs)
             else:
-                b = int_rec[n][k][1]
+                b = int_rec[n][k][2]
             qa, qb = torch.round(a / scale), torch.round(b / scale)
             diff = (qa - qb).abs()
             key = n if len(fq_rec[n]) == 1 else f"{n}({k})"
@@ -91,8 +91,9 @@ def exactness(qat_model: nn.Module, int_model: nn.Module, x: torch.Tensor,
     return result
 
 
-def assert_exact_enough(qat_model: nn.Module, int_model: nn.Module, x: torch.Tensor) -> dict:
-    res = exactness(qat_model, int_model, x)
+def assert_exact_enough(qat_model: nn.Module, int_model: nn.Module, x: torch.Tensor,
+                        per_op: bool = True) -> dict:
+    res = exactness(qat_model, int_model, x, per_op=per_op)
     assert res, "no quantized op compared"
     worst_exact = min(res.items(), key=lambda kv: kv[1][0])
     worst_lsb = max(res.items(), key=lambda kv: kv[1][1])
@@ -135,6 +136,9 @@ def test_torchvision_integer_model_matches_fake_quant(name: str) -> None:
     im = qatkit.convert_fx(qm)
     assert_exact_enough(qm, im, x)
     assert not any(isinstance(m, qatkit.FakeQuantize) for m in im.modules())
+    if name in ("resnet18", "mobilenet_v3_small"):
+        # end to end too: rare 1-LSB tie flips propagate; on these nets they stay rare
+        assert_exact_enough(qm, im, x, per_op=False)
 
 
 def test_transformer_block_integer_model_matches_fake_quant() -> None:
@@ -144,6 +148,7 @@ def test_transformer_block_integer_model_matches_fake_quant() -> None:
     qm = _prepare_calibrated(model, x)
     im = qatkit.convert_fx(qm)
     res = assert_exact_enough(qm, im, x)
+    assert_exact_enough(qm, im, x, per_op=False)
     kinds = {op_kind(qm.get_submodule(n)) for n in res}
     assert {"linear", "matmul", "softmax", "layer_norm", "gelu"} <= kinds, kinds
 
@@ -173,6 +178,7 @@ def test_digits_integer_model_agrees_with_fake_quant(digits) -> None:
     qm = _prepare_calibrated(model, data.train_x[:256])
     im = qatkit.convert_fx(qm)
     assert_exact_enough(qm, im, data.test_x)
+    assert_exact_enough(qm, im, data.test_x, per_op=False)
     with torch.no_grad():
         agree = (qm(data.test_x).argmax(1) == im(data.test_x).argmax(1)).float().mean()
     assert agree >= 0.995, f"argmax agreement {float(agree):.4f}"
@@ -200,8 +206,10 @@ def test_preserve_qat_mode_keeps_fake_quant_form() -> None:
     model = TransformerBlock().eval()
     x = torch.randn(2, 8, 32)
     qm = _prepare_calibrated(model, x)
-    marked = qatkit.set_preserve_qat_mode(qm, prefixes=["fc1"], types=[nn.Softmax, "softmax"])
-    assert "fc1" in marked
+    marked = qatkit.set_preserve_qat_mode(qm, prefixes=["fc1"], types=["softmax"])
+    assert "fc1" in marked and "softmax" in marked
+    with pytest.raises(ValueError, match="Softmax"):  # the block uses the functional softmax
+        qatkit.set_preserve_qat_mode(qm, types=[nn.Softmax])
     im = qatkit.convert_fx(qm)
     assert isinstance(im.get_submodule("fc1"), qatkit.nn.qat.Linear)
     assert_exact_enough(qm, im, x)
