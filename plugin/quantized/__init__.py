@@ -3,7 +3,11 @@
 Importing this package registers every converter in :data:`CONVERTERS`.
 """
 
-from . import stub as stub  # noqa: F401  (registers converters)
+from . import conv as conv  # noqa: F401  (registers converters)
+from . import lut as lut  # noqa: F401
+from . import norm as norm  # noqa: F401
+from . import ops as ops  # noqa: F401
+from . import stub as stub  # noqa: F401
 from .base import CONVERTERS as CONVERTERS
 from .base import QuantizedModule as QuantizedModule
 from .base import TensorQParams as TensorQParams

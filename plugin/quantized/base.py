@@ -10,8 +10,10 @@ data-moving ops work unchanged; and every op can be compared with the fake-quant
 
 Requantization (docs/npu_numerics.md): a real multiplier ``M > 0`` is stored as an integer
 ``m`` in ``[2**30, 2**31)`` and a ``shift`` with ``M ~= m * 2**-shift``; an int64 accumulator
-``acc`` maps to ``(acc * m + 2**(shift - 1)) >> shift`` (arithmetic shift: round half up),
-then saturates to the output range.
+``acc`` maps to ``acc * m / 2**shift`` rounded half to even (the fake quant's ``torch.round``),
+computed exactly, then saturates to the output range.  This is the simulator's one rounding
+rule: every requantization (conv / linear, fused add, add, mul, matmul, cat, pools, ...)
+rounds half to even, exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["QuantizedModule", "TensorQParams", "quantize_multiplier", "requantize",
-           "to_int", "from_int", "register_converter", "CONVERTERS", "saturate", "float_op"]
+           "trailing_zeros", "to_int", "from_int", "register_converter", "CONVERTERS", "saturate",
+           "float_op"]
 
 
 class TensorQParams:
@@ -73,39 +76,62 @@ def quantize_multiplier(multiplier: Tensor) -> tuple[Tensor, Tensor]:
     return m, shift
 
 
-def requantize(acc: Tensor, m: Tensor, shift: Tensor, quant_min: int, quant_max: int) -> Tensor:
-    """``saturate(floor((acc * m + 2**(shift-1)) / 2**shift))`` exactly (round half up).
+def trailing_zeros(x: Tensor) -> Tensor:
+    """How many times 2 divides each int64 ``x != 0`` (``-1`` for ``x == 0``): its lowest set
+    bit ``x & -x`` is a power of two, exact in float64, whose exponent frexp returns."""
+    return torch.frexp((x & -x).to(torch.float64))[1].to(torch.int64) - 1
 
-    ``acc`` is int64 with ``|acc| < 2**62``; ``m`` (int64, ``< 2**31``) and ``shift`` broadcast
-    against it (per channel: shape ``[C, 1, 1]``).  ``acc * m`` may not fit in 64 bits (16-bit
-    activations), so ``acc`` is split as ``hi * 2**31 + lo`` and the product is shifted in two
-    exact steps; results beyond the output range saturate.
+
+def requantize(acc: Tensor, m: Tensor, shift: Tensor, quant_min: int, quant_max: int) -> Tensor:
+    """``saturate(round_half_even(acc * m / 2**shift))`` exactly.
+
+    ``acc`` is int64 with ``|acc| < 2**62``; ``m`` and ``shift`` are as
+    :func:`quantize_multiplier` makes them (int64, ``m`` in ``[2**30, 2**31)`` or ``0``, any
+    shift) and broadcast against ``acc`` (per channel: shape ``[C, 1, 1]``); the output range
+    lies within int32.  ``acc * m`` may not fit in 64 bits
+    (16-bit activations), so the half-up result ``floor((acc * m + 2**(shift-1)) / 2**shift)`` is
+    computed in exact 64-bit steps (below), and then corrected at exact ties: ``acc * m /
+    2**shift`` is a tie exactly when ``acc * m`` is an odd multiple of ``2**(shift-1)``, i.e.
+    when ``tz(acc) + tz(m) == shift - 1`` (``tz``: trailing zero bits, ``acc, m != 0``,
+    ``shift >= 1``); there the half-up result is ``floor + 1``, and clearing its last bit
+    (``q & -2``) gives the even neighbour.  Results beyond the output range saturate.
 
     Example::
 
         >>> m, s = quantize_multiplier(torch.tensor([0.5], dtype=torch.float64))
-        >>> requantize(torch.tensor([3, -3, 1000]), m, s, -128, 127)
-        tensor([   2,   -1,  127])
+        >>> requantize(torch.tensor([3, -3, 5, 1000]), m, s, -128, 127)
+        tensor([   2,   -2,    2,  127])
     """
     acc = acc.to(torch.int64)
     m = m.to(torch.int64)
-    shift = shift.to(torch.int64).clamp(max=93)
+    shift = shift.to(torch.int64)
+    s_cap = shift.clamp(max=93)
+    # shift in [1, 31]: M >= 1/2, so |acc| >= 2**32 gives |result| >= 2**31: saturated anyway;
+    # clamping acc first keeps every product below 2**63 and the result exact
+    acc_small = acc.clamp(-(2**32), 2**32)
+    s_small = s_cap.clamp(1, 31)
+    small = (acc_small * m + (torch.ones_like(s_small) << (s_small - 1))) >> s_small
+    # shift >= 32: split acc = hi * 2**31 + lo; floor((X + 2**(s-1)) / 2**s) with X = acc * m
+    # equals floor((floor(X / 2**31) + 2**(s-32)) / 2**(s-31))
     hi = acc >> 31
     lo = acc & (2**31 - 1)
-    a = hi * m  # |a| < 2**62
+    a = hi * m  # |a| < 2**62 for |acc| < 2**62
     b = lo * m  # < 2**62
-    # shift in [1, 31]: floor((a*2**31 + b + 2**(s-1)) / 2**s) = a*2**(31-s) + floor((b + r)/2**s);
-    # there the result is at least |acc| / 2, so a large hi saturates anyway (clamp a)
-    s_small = shift.clamp(1, 31)
-    small = ((a.clamp(-(2**31), 2**31) << (31 - s_small))
-             + ((b + (torch.ones_like(s_small) << (s_small - 1))) >> s_small))
-    # shift >= 32: floor((floor(X / 2**31) + 2**(s-32)) / 2**(s-31)), X = a*2**31 + b
-    s_large = shift.clamp(32, 93)
+    s_large = s_cap.clamp(32, 93)
     large = ((a + (b >> 31)) + (torch.ones_like(s_large) << (s_large - 32).clamp(max=61))) \
         >> (s_large - 31).clamp(max=62)
+    # shift >= 94: |acc * m| < 2**93 <= 2**(shift-1), strictly below one half: 0
+    large = torch.where(shift > 93, torch.zeros_like(large), large)
     pos = shift > 0
-    nonpos = (acc.clamp(-(2**31), 2**31) * m) << (-shift).clamp(0, 31)
+    # shift <= 0: M = m * 2**-shift >= 2**30 is an integer; |acc * M| >= 2**31 saturates, so
+    # clamping acc, the product and the shift at 2**31 keeps it exact and below 2**63
+    lim = 2**31
+    nonpos = ((acc.clamp(-lim, lim) * m).clamp(-lim, lim) << (-shift).clamp(0, 31)).clamp(-lim,
+                                                                                          lim)
     out = torch.where(shift > 31, large, torch.where(pos, small, nonpos))
+    # exact ties (acc * m an odd multiple of 2**(shift-1)): half up -> half to even
+    tie = (acc != 0) & (m != 0) & pos & (trailing_zeros(acc) + trailing_zeros(m) == shift - 1)
+    out = torch.where(tie, out & -2, out)
     return out.clamp_(quant_min, quant_max)
 
 
@@ -126,7 +152,7 @@ def to_int(x: Tensor, qp: TensorQParams) -> Tensor:
 
 def from_int(q: Tensor, qp: TensorQParams) -> Tensor:
     """``q * scale`` in float32: the same float the fake-quant model computes for ``q``."""
-    return q.to(torch.float32) * qp.scale.to(q.device)
+    return q.to(torch.float32) * qp.scale.to(q.device).reshape(())
 
 
 class QuantizedModule(nn.Module):
@@ -159,11 +185,13 @@ CONVERTERS: dict[str, Callable[..., nn.Module]] = {}
 def register_converter(*kinds: str) -> Callable[[Callable], Callable]:
     """Register a converter for op kinds (``"add"``, ``"conv"``, ``"sigmoid"``...).
 
-    A converter is called as ``fn(qat_module, in_qparams, out_qparams)`` where
+    A converter is called as ``fn(qat_module, in_qparams, out_qparams, node)`` where
     ``in_qparams`` is a list with one :class:`TensorQParams` (or ``None`` for a float /
     non-tensor argument) per tensor argument of the op, in the order the tensors appear in
     the op's flattened arguments, and ``out_qparams`` is the output's (``None`` for a 32-bit
-    output).  It returns a module with the same call signature as the QAT module.
+    output), and ``node`` is the op's ``torch.fx.Node`` (its non-Node arguments are the
+    constants the op is called with).  It returns a module with the same call signature as
+    the QAT module.
     """
     def deco(fn: Callable) -> Callable:
         for kind in kinds:

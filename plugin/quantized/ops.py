@@ -1,0 +1,568 @@
+"""Integer modules for the weightless ops: add/sub/mul, cat/stack, matmul/einsum, mean and
+average pools, interpolate (softmax and the norms are in :mod:`qatkit.quantized.norm`).
+
+Each module recovers its inputs' integers ``q = round(x / s)`` (see :mod:`.base`), computes in
+integers, and returns ``q_out * s_out``.  Three kinds of arithmetic (docs/npu_numerics_ops.md
+gives each op in C terms):
+
+* rescaling (add, sub, cat, stack, nearest interpolate): int64 fixed point with a 31-bit
+  multiplier at one common shift;
+* products (mul, matmul, einsum): the multiplier and shift of :func:`~.base.requantize`;
+* averages (mean, avg pools, other interpolations): IEEE double on exact integer sums.
+
+All three round ties to even, exactly: the simulator's one rounding rule (the same
+:func:`~.base.requantize` as conv / linear) and the fake quant's own.  Exact ties are common
+where scales are powers of two apart (a saturated sigmoid's scale is exactly 1/128, so
+``x * sigmoid(...)`` in a squeeze-excitation block lands on ties), and there both models then
+agree.
+
+A module whose output is float (``out_qparams is None``) runs the float op on its grid inputs,
+which is what the fake-quant model does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .base import (
+    QuantizedModule,
+    TensorQParams,
+    quantize_multiplier,
+    register_converter,
+    requantize,
+)
+
+__all__ = ["QuantizedAdd", "QuantizedMul", "QuantizedCat", "QuantizedMatmul",
+           "QuantizedAverage", "QuantizedInterpolate", "MODULE_FUNCTIONS"]
+
+#: float module class -> (the function its forward calls, the attributes passed as keywords)
+MODULE_FUNCTIONS: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
+    nn.AvgPool1d: (F.avg_pool1d, ("kernel_size", "stride", "padding", "ceil_mode",
+                                  "count_include_pad")),
+    nn.AvgPool2d: (F.avg_pool2d, ("kernel_size", "stride", "padding", "ceil_mode",
+                                  "count_include_pad", "divisor_override")),
+    nn.AvgPool3d: (F.avg_pool3d, ("kernel_size", "stride", "padding", "ceil_mode",
+                                  "count_include_pad", "divisor_override")),
+    nn.AdaptiveAvgPool1d: (F.adaptive_avg_pool1d, ("output_size",)),
+    nn.AdaptiveAvgPool2d: (F.adaptive_avg_pool2d, ("output_size",)),
+    nn.AdaptiveAvgPool3d: (F.adaptive_avg_pool3d, ("output_size",)),
+    nn.Upsample: (F.interpolate, ("size", "scale_factor", "mode", "align_corners",
+                                  "recompute_scale_factor")),
+    nn.Softmax: (F.softmax, ("dim",)),
+    nn.LogSoftmax: (F.log_softmax, ("dim",)),
+}
+
+_EXACT = 2**53  # float64 holds every integer below this exactly
+_NEAREST = ("nearest", "nearest-exact")
+
+
+# -- convert-time helpers --------------------------------------------------------------------
+class _In:
+    """An ``fx.Node`` argument at convert time, with its qparams (``None``: not quantized)."""
+
+    __slots__ = ("qp",)
+
+    def __init__(self, qp: TensorQParams | None) -> None:
+        self.qp = qp
+
+
+def _qp(arg: Any) -> TensorQParams | None:
+    return arg.qp if isinstance(arg, _In) else None
+
+
+def _label(node: fx.Node | None, kind: str) -> str:
+    return f"node {node.format_node()}" if node is not None else f"a {kind!r} module"
+
+
+def _unsupported(node: fx.Node | None, kind: str, what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"convert failed at {_label(node, kind)}: {what}. Fix: keep the op float (qconfig_dict "
+        "entry None or hybrid_dict) or keep it in fake-quant form (set_preserve_qat_mode)")
+
+
+def _arg(args: Sequence[Any], kwargs: dict[str, Any], pos: int | None, names: Sequence[str],
+         default: Any = None) -> Any:
+    """Argument ``pos`` (positional) or keyword ``names``, else ``default``."""
+    if pos is not None and len(args) > pos:
+        return args[pos]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return default
+
+
+def _kind_of(qat_module: nn.Module) -> str:
+    from ..nn.qat.ops import OUTPUT_QUANTIZED_MODULES, FunctionalOp
+
+    if isinstance(qat_module, FunctionalOp):
+        return qat_module.op
+    for cls in type(qat_module).__mro__:
+        if cls in OUTPUT_QUANTIZED_MODULES:
+            return OUTPUT_QUANTIZED_MODULES[cls]
+    return type(qat_module).__name__
+
+
+def _call_site(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
+               node: fx.Node | None) -> tuple[str, Callable, dict[str, Any], tuple, dict]:
+    """``(kind, fn, fixed kwargs, args, kwargs)`` of a QAT op, with ``_In`` for its Nodes.
+
+    A ``FunctionalOp`` calls its function with the node's arguments; a module kind calls the
+    function of :data:`MODULE_FUNCTIONS` with ``x`` and the module's attributes.
+    """
+    from ..nn.qat.ops import FunctionalOp
+
+    kind = _kind_of(qat_module)
+    qps = list(in_qparams)
+    for qp in qps:
+        if qp is not None and qp.scale.numel() != 1:
+            raise ValueError(f"convert failed at {_label(node, kind)}: input qparams must be per "
+                             f"tensor, got {qp}")
+    if isinstance(qat_module, FunctionalOp):
+        if node is None:
+            raise ValueError(f"the {kind!r} converter needs the fx.Node of the call")
+        count = 0
+
+        def wrap(a: Any) -> Any:
+            nonlocal count
+            if not isinstance(a, fx.Node):
+                return a
+            count += 1
+            return _In(qps[count - 1] if count <= len(qps) else None)
+
+        args, kwargs = fx.node.map_aggregate((node.args, dict(node.kwargs)), wrap)
+        if count != len(qps):
+            raise ValueError(f"convert failed at {_label(node, kind)}: {len(qps)} input qparams "
+                             f"for {count} node arguments")
+        return kind, qat_module.fn, {}, tuple(args), dict(kwargs)
+    for cls in type(qat_module).__mro__:
+        if cls in MODULE_FUNCTIONS:
+            fn, attrs = MODULE_FUNCTIONS[cls]
+            if len(qps) != 1:
+                raise ValueError(f"convert failed at {_label(node, kind)}: a module call takes "
+                                 f"one input, got {len(qps)} input qparams")
+            fixed = {a: getattr(qat_module, a) for a in attrs}
+            return kind, fn, fixed, (_In(qps[0]),), {}
+    raise _unsupported(node, kind, f"no integer implementation of {type(qat_module).__name__}")
+
+
+def _fixed_point(mult: Tensor) -> tuple[Tensor, Tensor]:
+    """Signed int64 multipliers at one common shift: ``m_i = rint(M_i * 2**S)``, with ``S`` the
+    shift that puts ``max |M_i|`` in ``[2**30, 2**31)``, clamped to ``[1, 62]``."""
+    mult = mult.to(torch.float64)
+    _, shift = quantize_multiplier(mult.abs().max().reshape(1))
+    shift = shift.clamp(1, 62).reshape(())
+    m = torch.round(torch.ldexp(mult, shift)).clamp(-(2.0**46), 2.0**46).to(torch.int64)
+    return m, shift
+
+
+def _round_shift(acc: Tensor, shift: Tensor) -> Tensor:
+    """``acc / 2**shift`` rounded half to even, exactly (int64, ``shift >= 1``)."""
+    one = torch.ones_like(shift)
+    q = acc >> shift  # floor
+    rem = acc & ((one << shift) - 1)  # acc - q * 2**shift, in [0, 2**shift)
+    half = one << (shift - 1)
+    return q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(torch.int64)
+
+
+# -- the shared module -----------------------------------------------------------------------
+class _QOp(QuantizedModule):
+    """Input scales (``in_scale``, NaN for a non-quantized argument) and the output scale as
+    buffers; ``fn`` is the float op, ``fixed`` the keywords a module kind adds to it."""
+
+    def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 fixed: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.op = kind
+        self.fn = fn
+        self.fixed = dict(fixed or {})
+        self.node_name = node.name if node is not None else kind
+        self.in_bits = [qp.bits if qp is not None else None for qp in in_qparams]
+        scales = [qp.scale.reshape(1) if qp is not None else torch.full([1], math.nan)
+                  for qp in in_qparams]
+        self.register_buffer("in_scale", torch.cat(scales) if scales else torch.zeros(0))
+        self.out_bits = out_qparams.bits if out_qparams is not None else None
+        self.register_buffer("out_scale", out_qparams.scale.reshape(1).clone()
+                             if out_qparams is not None else torch.ones(1))
+        if out_qparams is not None:
+            self.quant_min, self.quant_max = out_qparams.quant_min, out_qparams.quant_max
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.out_bits is None:  # float output: the float op, as in the fake-quant model
+            return self.fn(*args, **self.fixed, **kwargs)
+        return self._int_forward(*args, **kwargs)
+
+    def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        raise NotImplementedError
+
+    def _int(self, x: Any, i: int) -> Tensor:
+        """The int64 integers of grid tensor ``x`` (input ``i``)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self._get_name()} {self.node_name}: input {i} should be a "
+                            f"quantized tensor, got {type(x).__name__}")
+        return torch.round(x.to(torch.float64) / self.in_scale[i].to(torch.float64)).to(
+            torch.int64)
+
+    def _ratio(self, i: int) -> Tensor:
+        """``M = s_in[i] / s_out`` in float64."""
+        return self.in_scale[i].to(torch.float64) / self.out_scale[0].to(torch.float64)
+
+    def _from_int(self, q: Tensor) -> Tensor:
+        return q.to(torch.float32) * self.out_scale.reshape(())  # 0-d: keeps the shape of q
+
+    def _finish(self, u: Tensor) -> Tensor:
+        """Float64 ``u`` in output LSBs -> rint (half to even), saturate, to the output grid."""
+        return self._from_int(torch.round(u).clamp_(self.quant_min, self.quant_max))
+
+    def _const(self, c: Any) -> Tensor:
+        """A non-quantized operand (python number or float tensor) as float64, through float32
+        as the fake-quant model sees it."""
+        if isinstance(c, Tensor):
+            c = c.detach()
+        return torch.as_tensor(c, dtype=torch.float32, device=self.out_scale.device).to(
+            torch.float64)
+
+    def extra_repr(self) -> str:
+        return f"node={self.node_name}, in_bits={self.in_bits}, out_bits={self.out_bits}"
+
+
+# -- add / sub -------------------------------------------------------------------------------
+class QuantizedAdd(_QOp):
+    """``input + c * other`` (``c = alpha``, or ``-alpha`` for sub) on the output grid.
+
+    ``acc = q_a * m_a + q_b * m_b`` in int64 with ``m_i = rint(s_i * c_i / s_out * 2**S)`` at one
+    common shift ``S``; a non-quantized operand (``x + 1``, a float parameter) enters as
+    ``rint(v * c / s_out * 2**S)``; ``q = saturate(round_half_even(acc / 2**S))``.
+
+    Example::
+
+        >>> qat = FunctionalOp("add", operator.add, qatkit.FakeQuantize())
+        >>> ...  # calibrate, then, with node the fx.Node of the call:
+        >>> qadd = CONVERTERS["add"](qat, [qp_a, qp_b], qp_out, node)
+        >>> y = qadd(a, b)  # a, b on their grids; y on the output grid
+    """
+
+    def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 coef: tuple[float, float]) -> None:
+        super().__init__(kind, fn, in_qparams, out_qparams, node)
+        self.coef = tuple(float(c) for c in coef)
+        out = self.out_scale.to(torch.float64)
+        mult = torch.stack([self.in_scale[i].to(torch.float64) * c / out[0]
+                            if in_qparams[i] is not None else torch.zeros((), dtype=torch.float64)
+                            for i, c in enumerate(self.coef)])
+        m, shift = _fixed_point(mult)
+        self.register_buffer("multiplier", m)
+        self.register_buffer("shift", shift)
+
+    def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        a = _arg(args, kwargs, 0, ("input", "self"))
+        b = _arg(args, kwargs, 1, ("other",))
+        acc = self._term(a, 0) + self._term(b, 1)
+        return self._from_int(_round_shift(acc, self.shift).clamp_(self.quant_min,
+                                                                    self.quant_max))
+
+    def _term(self, v: Any, i: int) -> Tensor:
+        if self.in_bits[i] is not None:
+            return self._int(v, i) * self.multiplier[i]
+        k = torch.ldexp(self._const(v) * self.coef[i] / self.out_scale[0].to(torch.float64),
+                        self.shift)
+        return torch.round(k).clamp_(-(2.0**61), 2.0**61).to(torch.int64)
+
+
+@register_converter("add", "sub")
+def _convert_add(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None = None) -> QuantizedAdd:
+    kind, fn, _, args, kwargs = _call_site(qat_module, in_qparams, node)
+    a, b = _arg(args, kwargs, 0, ("input", "self")), _arg(args, kwargs, 1, ("other",))
+    alpha = _arg(args, kwargs, None, ("alpha",), 1)
+    if isinstance(alpha, _In) or not isinstance(alpha, (int, float)):
+        raise _unsupported(node, kind, f"alpha must be a python number, got {alpha!r}")
+    if _qp(a) is None and _qp(b) is None:
+        raise _unsupported(node, kind, "no operand is a quantized tensor")
+    coef = (1.0, float(alpha) * (-1.0 if kind == "sub" else 1.0))
+    return QuantizedAdd(kind, fn, [_qp(a), _qp(b)], out_qparams, node, coef)
+
+
+# -- mul -------------------------------------------------------------------------------------
+class QuantizedMul(_QOp):
+    """``a * b``: ``requantize(q_a * q_b, M = s_a * s_b / s_out)``.
+
+    With a non-quantized operand ``c`` (python number or float tensor, e.g. a layer scale):
+    ``requantize(q_a * sign(c), M = s_a * |c| / s_out)``, the multiplier per element of
+    ``c``; :func:`~.base.requantize` rounds ties to even.
+
+    Example::
+
+        >>> qmul = CONVERTERS["mul"](qat_mul, [qp_a, qp_b], qp_out, node)
+        >>> y = qmul(a, b)
+    """
+
+    def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None) -> None:
+        super().__init__(kind, fn, in_qparams, out_qparams, node)
+        s = self.in_scale.to(torch.float64).nan_to_num(1.0)
+        m, shift = quantize_multiplier((s[0] * s[1] / self.out_scale.to(torch.float64)[0])
+                                       .reshape(1))
+        self.register_buffer("multiplier", m)
+        self.register_buffer("shift", shift)
+
+    def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        ops = [_arg(args, kwargs, 0, ("input", "self")), _arg(args, kwargs, 1, ("other",))]
+        if None not in self.in_bits:
+            acc = self._int(ops[0], 0) * self._int(ops[1], 1)
+            return self._from_int(requantize(acc, self.multiplier, self.shift,
+                                                   self.quant_min, self.quant_max))
+        i = 0 if self.in_bits[0] is not None else 1
+        c = self._const(ops[1 - i])
+        mult = self._ratio(i) * c.abs()
+        m, shift = quantize_multiplier(mult.clamp(max=2.0**40))
+        acc = self._int(ops[i], i) * torch.sign(c).to(torch.int64)
+        return self._from_int(requantize(acc, m, shift, self.quant_min, self.quant_max))
+
+
+@register_converter("mul")
+def _convert_mul(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None = None) -> QuantizedMul:
+    kind, fn, _, args, kwargs = _call_site(qat_module, in_qparams, node)
+    a, b = _arg(args, kwargs, 0, ("input", "self")), _arg(args, kwargs, 1, ("other",))
+    if _qp(a) is None and _qp(b) is None:
+        raise _unsupported(node, kind, "no operand is a quantized tensor")
+    return QuantizedMul(kind, fn, [_qp(a), _qp(b)], out_qparams, node)
+
+
+# -- cat / stack -----------------------------------------------------------------------------
+class QuantizedCat(_QOp):
+    """``torch.cat`` / ``torch.stack`` of the inputs rescaled to the output grid.
+
+    Input ``i``: ``saturate(round_half_even(q_i * m_i / 2**S_i))`` with ``m_i / 2**S_i`` the
+    31-bit fixed point of ``s_i / s_out`` (``s_i == s_out`` gives ``m = 2**30, S = 30``: the
+    identity).  A non-quantized input becomes ``saturate(rint(x / s_out))``.
+
+    Example::
+
+        >>> qcat = CONVERTERS["cat"](qat_cat, [qp_a, qp_b], qp_out, node)  # torch.cat([a, b], 1)
+        >>> y = qcat([a, b], 1)
+    """
+
+    def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 one_node: bool) -> None:
+        super().__init__(kind, fn, in_qparams, out_qparams, node)
+        self.one_node = one_node  # one Node yields all tensors (e.g. the output of chunk)
+        ms, shifts = [], []
+        for i in range(len(self.in_bits)):
+            m, shift = _fixed_point(self._ratio(i).nan_to_num(0.0).reshape(1))
+            ms.append(m)
+            shifts.append(shift.reshape(1))
+        self.register_buffer("multiplier", torch.cat(ms))
+        self.register_buffer("shift", torch.cat(shifts))
+
+    def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        tensors = _arg(args, kwargs, 0, ("tensors",))
+        rest = {k: v for k, v in kwargs.items() if k != "tensors"}
+        roles = [0] * len(tensors) if self.one_node else range(len(tensors))
+        qs = [self._rescale(t, i) for t, i in zip(tensors, roles, strict=True)]
+        return self._from_int(self.fn(qs, *args[1:], **rest))
+
+    def _rescale(self, x: Tensor, i: int) -> Tensor:
+        if self.in_bits[i] is None:
+            q = torch.round(x.to(torch.float64) / self.out_scale.to(torch.float64))
+            return q.clamp_(self.quant_min, self.quant_max).to(torch.int64)
+        q = _round_shift(self._int(x, i) * self.multiplier[i], self.shift[i])
+        return q.clamp_(self.quant_min, self.quant_max)
+
+
+@register_converter("cat", "stack")
+def _convert_cat(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None = None) -> QuantizedCat:
+    kind, fn, _, args, kwargs = _call_site(qat_module, in_qparams, node)
+    tensors = _arg(args, kwargs, 0, ("tensors",))
+    if isinstance(tensors, _In):
+        qps, one_node = [tensors.qp], True
+    elif isinstance(tensors, (list, tuple)) and all(isinstance(t, _In) for t in tensors):
+        qps, one_node = [t.qp for t in tensors], False
+    else:
+        raise _unsupported(node, kind, f"expected a list of tensors, got {tensors!r}")
+    if all(qp is None for qp in qps):
+        raise _unsupported(node, kind, "no input is a quantized tensor")
+    return QuantizedCat(kind, fn, qps, out_qparams, node, one_node)
+
+
+# -- matmul / einsum -------------------------------------------------------------------------
+def _einsum_terms(equation: str, shapes: Sequence[Sequence[int]]) -> int:
+    """How many products each output element of ``einsum(equation, ...)`` sums."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    if not arrow:  # implicit output: the letters seen once, sorted
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = ("..." if "..." in lhs else "") + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1))
+    sizes: dict[str, int] = {}
+    ellipsis = 1
+    for sub, shape in zip(lhs.split(","), shapes, strict=True):
+        pre, dots, post = sub.partition("...")
+        dims = list(zip(pre, shape[:len(pre)], strict=False))
+        if dots:
+            dims += list(zip(post, shape[len(shape) - len(post):], strict=False))
+            ellipsis = max(ellipsis, math.prod(shape[len(pre):len(shape) - len(post)]))
+        for c, n in dims:
+            sizes[c] = max(sizes.get(c, 1), int(n))
+    terms = math.prod(n for c, n in sizes.items() if c not in rhs)
+    return terms * (ellipsis if "..." in lhs and "..." not in rhs else 1)
+
+
+class QuantizedMatmul(_QOp):
+    """``matmul`` / ``bmm`` / ``einsum`` of quantized tensors.
+
+    The integer products are summed exactly in float64 (every partial sum is an integer below
+    2**53, checked), then ``requantize(acc, M = prod(s_i) / s_out)`` (ties to even).
+
+    Example::
+
+        >>> qmm = CONVERTERS["matmul"](qat_matmul, [qp_a, qp_b], qp_out, node)
+        >>> y = qmm(a, b)
+    """
+
+    def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None) -> None:
+        super().__init__(kind, fn, in_qparams, out_qparams, node)
+        mult = torch.prod(self.in_scale.to(torch.float64)) / self.out_scale.to(torch.float64)
+        m, shift = quantize_multiplier(mult.reshape(1))
+        self.register_buffer("multiplier", m)
+        self.register_buffer("shift", shift)
+
+    def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.op == "einsum":
+            equation = _arg(args, kwargs, 0, ("equation",))
+            ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) \
+                else list(args[1:])
+            terms = _einsum_terms(equation, [o.shape for o in ops])
+        else:
+            ops = [_arg(args, kwargs, 0, ("input", "self")),
+                   _arg(args, kwargs, 1, ("other", "mat2"))]
+            terms = ops[0].shape[-1]
+        bound = terms * math.prod(2 ** (b - 1) for b in self.in_bits)
+        if bound >= _EXACT:
+            raise RuntimeError(
+                f"{self._get_name()} {self.node_name}: sums of {terms} products of "
+                f"{self.in_bits}-bit integers may exceed 2**53, where float64 is no longer "
+                "exact. Fix: split the contraction or use 8-bit inputs")
+        qs = [self._int(o, i).to(torch.float64) for i, o in enumerate(ops)]
+        acc = self.fn(equation, *qs) if self.op == "einsum" else self.fn(*qs)
+        return self._from_int(requantize(acc.to(torch.int64), self.multiplier,
+                                               self.shift, self.quant_min, self.quant_max))
+
+
+@register_converter("matmul", "einsum")
+def _convert_matmul(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
+                    out_qparams: TensorQParams | None,
+                    node: fx.Node | None = None) -> QuantizedMatmul:
+    kind, fn, _, args, kwargs = _call_site(qat_module, in_qparams, node)
+    if kind == "einsum":
+        ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) \
+            else list(args[1:])
+        if not isinstance(_arg(args, kwargs, 0, ("equation",)), str):
+            raise _unsupported(node, kind, "the equation must be a constant string")
+    else:
+        ops = [_arg(args, kwargs, 0, ("input", "self")), _arg(args, kwargs, 1, ("other", "mat2"))]
+    for i, o in enumerate(ops):
+        if _qp(o) is None:
+            raise _unsupported(node, kind, f"operand {i} is not a quantized tensor (a float "
+                               "parameter?); quantize it in the model (QuantStub) or use "
+                               "nn.Linear for a weight")
+    return QuantizedMatmul(kind, fn, [_qp(o) for o in ops], out_qparams, node)
+
+
+# -- mean / avg pools ------------------------------------------------------------------------
+class QuantizedAverage(_QOp):
+    """``mean``, ``avg_pool``, ``adaptive_avg_pool``: ``rint((S / n) * M)`` in IEEE double.
+
+    ``S`` is the exact integer sum of each window (float64), ``n`` its divisor (torch's rule for
+    padding, ``ceil_mode``, ``count_include_pad``, ``divisor_override``), ``M = s_in / s_out``.
+    The pools call the same torch function on the float64 integers: it computes ``S / n``.
+
+    Example::
+
+        >>> qpool = CONVERTERS["avg_pool"](qat.AvgPool2d(2), [qp_in], qp_out)  # a module kind
+        >>> y = qpool(x)
+    """
+
+    def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        x = _arg(args, kwargs, 0, ("input", "self"))
+        q = self._int(x, 0).to(torch.float64)
+        if self.op == "mean":
+            dim = _arg(args, kwargs, 1, ("dim", "axis"))
+            keepdim = bool(_arg(args, kwargs, 2, ("keepdim",), False))
+            total = q.sum(dim=dim, keepdim=keepdim)
+            avg = total / (q.numel() // max(total.numel(), 1))
+        else:
+            rest = {k: v for k, v in kwargs.items() if k != "input"}
+            avg = self.fn(q, *args[1:], **self.fixed, **rest)
+        return self._finish(avg * self._ratio(0))
+
+
+@register_converter("mean", "avg_pool", "adaptive_avg_pool")
+def _convert_average(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
+                     out_qparams: TensorQParams | None,
+                     node: fx.Node | None = None) -> QuantizedAverage:
+    kind, fn, fixed, args, kwargs = _call_site(qat_module, in_qparams, node)
+    x = _arg(args, kwargs, 0, ("input", "self"))
+    if _qp(x) is None:
+        raise _unsupported(node, kind, "the input is not a quantized tensor")
+    dtype = kwargs.get("dtype")
+    if dtype not in (None, torch.float32):
+        raise _unsupported(node, kind, f"dtype={dtype} (the integer model outputs float32)")
+    return QuantizedAverage(kind, fn, [_qp(x)], out_qparams, node, fixed)
+
+
+# -- interpolate -----------------------------------------------------------------------------
+class QuantizedInterpolate(_QOp):
+    """``F.interpolate`` on the integers.
+
+    Nearest modes pick integers, then rescale them like :class:`QuantizedCat` (identity when
+    ``s_in == s_out``); the others interpolate the integers in float64 (torch's weights) and
+    return ``saturate(rint(v * s_in / s_out))``.
+
+    Example::
+
+        >>> qup = CONVERTERS["interpolate"](qat.Upsample(scale_factor=2), [qp_in], qp_out)
+        >>> y = qup(x)
+    """
+
+    def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 fixed: dict[str, Any], nearest: bool) -> None:
+        super().__init__(kind, fn, in_qparams, out_qparams, node, fixed)
+        self.nearest = nearest
+        m, shift = _fixed_point(self._ratio(0).reshape(1))
+        self.register_buffer("multiplier", m)
+        self.register_buffer("shift", shift)
+
+    def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        x = _arg(args, kwargs, 0, ("input",))
+        rest = {k: v for k, v in kwargs.items() if k != "input"}
+        v = self.fn(self._int(x, 0).to(torch.float64), *args[1:], **self.fixed, **rest)
+        if not self.nearest:
+            return self._finish(v * self._ratio(0))
+        q = _round_shift(v.to(torch.int64) * self.multiplier[0], self.shift)
+        return self._from_int(q.clamp_(self.quant_min, self.quant_max))
+
+
+@register_converter("interpolate")
+def _convert_interpolate(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
+                         out_qparams: TensorQParams | None,
+                         node: fx.Node | None = None) -> QuantizedInterpolate:
+    kind, fn, fixed, args, kwargs = _call_site(qat_module, in_qparams, node)
+    x = _arg(args, kwargs, 0, ("input",))
+    if _qp(x) is None:
+        raise _unsupported(node, kind, "the input is not a quantized tensor")
+    mode = fixed.get("mode", _arg(args, kwargs, 3, ("mode",), "nearest"))
+    if not isinstance(mode, str):
+        raise _unsupported(node, kind, f"mode must be a constant string, got {mode!r}")
+    return QuantizedInterpolate(kind, fn, [_qp(x)], out_qparams, node, fixed, mode in _NEAREST)
