@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from ._state import ResizeBuffersOnLoad
 
 __all__ = [
     "ObserverBase",
@@ -91,7 +93,7 @@ def scale_from_amax(amax: Tensor, bits: int) -> Tensor:
     return (amax.to(torch.float32) / float(2 ** (bits - 1))).clamp_min(_MIN_SCALE)
 
 
-class ObserverBase(nn.Module):
+class ObserverBase(ResizeBuffersOnLoad):
     """Base of all observers: bookkeeping of min/max, non-finite values and state_dict.
 
     Subclasses implement ``_observe(x)`` (``x`` is finite, detached, and for per-channel
@@ -232,16 +234,6 @@ class ObserverBase(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ch_axis={self.ch_axis}"
-
-    # -- state_dict: buffers whose shape depends on the data are resized on load -------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected,
-                              error_msgs):
-        for name, buf in list(self._buffers.items()):
-            key = prefix + name
-            if key in state_dict and buf is not None and state_dict[key].shape != buf.shape:
-                self._buffers[name] = buf.new_empty(state_dict[key].shape)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
-                                      unexpected, error_msgs)
 
 
 class MinMaxObserver(ObserverBase):

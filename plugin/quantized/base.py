@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .._state import ResizeBuffersOnLoad
+
 __all__ = ["QuantizedModule", "TensorQParams", "quantize_multiplier", "requantize",
            "trailing_zeros", "to_int", "from_int", "register_converter", "CONVERTERS", "saturate",
            "float_op"]
@@ -155,7 +157,7 @@ def from_int(q: Tensor, qp: TensorQParams) -> Tensor:
     return q.to(torch.float32) * qp.scale.to(q.device).reshape(())
 
 
-class QuantizedModule(nn.Module):
+class QuantizedModule(ResizeBuffersOnLoad):
     """Base of the integer modules: float grid values in, float grid values out.
 
     Subclasses keep every quantity they need (int weights, multipliers, LUTs) as buffers, so
@@ -167,15 +169,6 @@ class QuantizedModule(nn.Module):
 
     def _get_name(self) -> str:
         return f"Quantized[{self.op}]"
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing,
-                              unexpected, error_msgs):
-        for name, buf in list(self._buffers.items()):
-            key = prefix + name
-            if key in state_dict and buf is not None and state_dict[key].shape != buf.shape:
-                self._buffers[name] = buf.new_empty(state_dict[key].shape)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
-                                      unexpected, error_msgs)
 
 
 #: converter for each op kind: (qat_module, input qparams, output qparams or None) -> module
@@ -199,7 +192,6 @@ def register_converter(*kinds: str) -> Callable[[Callable], Callable]:
         return fn
 
     return deco
-
 
 
 def float_op(qat_module: nn.Module) -> Callable[..., Any]:
