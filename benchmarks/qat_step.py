@@ -9,15 +9,13 @@ compared, so machine noise hits all three alike.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import qatkit
 import torch
 import torchvision
+from _common import interleaved_medians, parse_args
 from torch.ao.quantization import get_default_qat_qconfig_mapping
 from torch.ao.quantization.quantize_fx import prepare_qat_fx as ao_prepare_qat_fx
 
@@ -34,26 +32,8 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def timed(step, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
 def main() -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    args, device = parse_args(__doc__)
     float_model = torchvision.models.resnet18(num_classes=10).to(device).train()
     x = torch.randn(8, 3, 112, 112, device=device)
     y = torch.randint(0, 10, (8,), device=device)
@@ -69,13 +49,7 @@ def main() -> dict[str, float]:
         "qatkit": make_step(ours, x, y),
         "torch.ao": make_step(ao, x, y),
     }
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(args.warmup + args.iters):
-        for name, step in steps.items():
-            t = timed(step, device)
-            if i >= args.warmup:
-                times[name].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(steps, device, args.iters, args.warmup)
     print(f"resnet18 QAT step, batch 8, 3x112x112, {args.threads} threads, {device.type}, "
           f"median of {args.iters} interleaved runs")
     for k, v in med.items():

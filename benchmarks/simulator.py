@@ -8,26 +8,16 @@ after a warm-up and the medians are compared.  Goal: integer / float <= 3x.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 import warnings
 
 import qatkit
 import torch
 import torchvision
+from _common import interleaved_medians, parse_args
 
 
 def main() -> float:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    args, device = parse_args(__doc__)
     float_model = torchvision.models.resnet18().to(device).eval()
     x = torch.randn(8, 3, 112, 112, device=device)
     with warnings.catch_warnings():
@@ -40,23 +30,14 @@ def main() -> float:
     qatkit.set_fake_quantize(qat_model, "validation")
     int_model = qatkit.convert_fx(qat_model)
 
-    def timed(model: torch.nn.Module) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+    def forward(model: torch.nn.Module):
+        def run() -> None:
+            with torch.no_grad():
+                model(x)
+        return run
 
-    times: dict[str, list[float]] = {"float": [], "integer": []}
-    for i in range(args.warmup + args.iters):
-        for name, model in (("float", float_model), ("integer", int_model)):
-            t = timed(model)
-            if i >= args.warmup:
-                times[name].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    runs = {"float": forward(float_model), "integer": forward(int_model)}
+    med = interleaved_medians(runs, device, args.iters, args.warmup)
     ratio = med["integer"] / med["float"]
     print(f"resnet18 forward, batch 8, 3x112x112, {args.threads} threads, {device.type}, "
           f"median of {args.iters} interleaved runs")

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ._state import ResizeBuffersOnLoad
 from .observers import (
     FixedScaleObserver,
     MovingAverageMinMaxObserver,
@@ -112,7 +113,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad.masked_fill(outside, 0.0), None, None, None
 
 
-class FakeQuantize(nn.Module):
+class FakeQuantize(ResizeBuffersOnLoad):
     """Symmetric fake quantization of a tensor, driven by an observer and a FakeQuantState.
 
     Args:
@@ -255,17 +256,9 @@ class FakeQuantize(nn.Module):
     # -- state_dict ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected,
                               error_msgs):
-        for name in ("scale", "zero_point"):
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                self._resize(name, state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
                                       unexpected, error_msgs)
-        self._state = _CODE_STATE[int(self.state_code)]
-
-    def _resize(self, name: str, shape: torch.Size) -> None:
-        old = getattr(self, name)
-        self._buffers[name] = old.new_empty(shape)
+        self._state = _CODE_STATE[int(self.state_code)]  # the python-side copy of the state
 
 
 class LSQFakeQuantize(FakeQuantize):
@@ -300,11 +293,13 @@ class LSQFakeQuantize(FakeQuantize):
             else:
                 self.scale.copy_(scale)
 
-    def _resize(self, name: str, shape: torch.Size) -> None:
-        if name == "scale":
-            self.scale.data = self.scale.data.new_empty(shape)
-        else:
-            super()._resize(name, shape)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                              error_msgs):
+        key = prefix + "scale"  # a parameter here: resize it like the buffers
+        if key in state_dict and state_dict[key].shape != self.scale.shape:
+            self.scale.data = self.scale.data.new_empty(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
+                                      unexpected, error_msgs)
 
     def forward(self, x: Tensor) -> Tensor:
         state = self._state

@@ -94,18 +94,14 @@ class QuantizedConv(QuantizedModule):
         self._copy_structure(qat_module)
         self.in_bits = input_qparams.bits
         self.out_bits = None if output_qparams is None else output_qparams.bits
-        w_q, s_w, w_bits = _quantize_weight(qat_module)
-        s_w = _per_out_channel(s_w, qat_module)
-        s_in = input_qparams.scale.double().cpu()
-        acc_scale = s_in * s_w  # exact: a product of two float32 values fits in float64
+        w_q, w_bits = _quantize_weight(qat_module)
         with torch.no_grad():
             b_fold = qat_module.folded_weight_bias()[1]
-        bias = torch.zeros_like(acc_scale) if b_fold is None else b_fold.detach().double().cpu()
-        bias_q = torch.nan_to_num(torch.round(bias / acc_scale), nan=0.0)
-        if self.in_bits == 8 and w_bits == 8:
-            bias_q = bias_q.clamp(-(2**31), 2**31 - 1).to(torch.int32)
-        else:  # s_in * s_w is ~2**16 finer with int16 on either side: a 48-bit bias
-            bias_q = bias_q.clamp(-(2**47), 2**47 - 1).to(torch.int64)
+        # the QAT module's own rule, so the fake-quant model holds the very same bias
+        bias_q, acc_scale = qat_module.quantize_bias(b_fold, input_qparams.scale, self.in_bits)
+        bias_q, acc_scale = bias_q.cpu(), acc_scale.cpu()  # acc_scale: exact s_in * s_w
+        # int32; with int16 on either side s_in * s_w is ~2**16 finer: a 48-bit bias
+        bias_q = bias_q.to(torch.int32 if self.in_bits == 8 and w_bits == 8 else torch.int64)
         self.w_bits = w_bits
         self.register_buffer("weight", w_q.to(torch.int8 if w_bits == 8 else torch.int16))
         self.register_buffer("bias", bias_q)
@@ -386,7 +382,7 @@ def _reciprocal(scale: Tensor) -> Tensor:
     return torch.ones_like(scale).div_(scale)
 
 
-def _quantize_weight(qat: nn.Module) -> tuple[Tensor, Tensor, int]:
+def _quantize_weight(qat: nn.Module) -> tuple[Tensor, int]:
     """``clamp(round(w_fold * float32(1/s_w)))`` as the weight fake quant computes it."""
     wfq = getattr(qat, "weight_fake_quant", None)
     if wfq is None:
@@ -409,18 +405,7 @@ def _quantize_weight(qat: nn.Module) -> tuple[Tensor, Tensor, int]:
                              f"weight axis {wfq.ch_axis} of size {w.shape[wfq.ch_axis]}")
     w_q = torch.mul(w, _reciprocal(scale).view(shape)).round_().clamp_(wfq.quant_min,
                                                                         wfq.quant_max)
-    return w_q, scale, wfq.bits
-
-
-def _per_out_channel(s_w: Tensor, qat: nn.Module) -> Tensor:
-    """The weight scale of each output channel, float64."""
-    out = qat.out_features if qat._KIND == "Linear" else qat.out_channels
-    s_w = s_w.to(torch.float64)
-    if s_w.numel() == 1:
-        return s_w.expand(out).clone()
-    if qat._KIND == "ConvTranspose":  # axis 1 holds out/groups: channel g*opg + j uses s_w[j]
-        return s_w.repeat(qat.groups)
-    return s_w
+    return w_q, wfq.bits
 
 
 def _acc_bound(w_q: Tensor, groups: int, kind: str, in_bits: int) -> Tensor:

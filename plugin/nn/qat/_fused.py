@@ -225,21 +225,54 @@ class _FusedMixin:
         """
         object.__setattr__(self, "_input_fake_quant", fq)
 
+    def accumulator_scale(self, in_scale: Tensor) -> Tensor:
+        """float64 ``s_in * s_w`` per output channel: the scale of the integer accumulator.
+
+        Grouped ConvTranspose: output channel ``g * (out / groups) + j`` uses ``s_w[j]``.
+
+        Example::
+
+            >>> qconv.accumulator_scale(torch.tensor([1 / 64]))   # [out_channels]
+        """
+        s_w = self.weight_fake_quant.scale.detach().to(torch.float32)
+        s_w = s_w.clamp(min=torch.finfo(torch.float32).eps).to(torch.float64)  # as LSQ uses it
+        out = self._out_channels
+        if s_w.numel() == 1:
+            s_w = s_w.expand(out)
+        elif s_w.numel() != out:
+            s_w = s_w.repeat(out // s_w.numel())
+        return in_scale.detach().to(device=s_w.device, dtype=torch.float64).reshape(1) * s_w
+
+    def quantize_bias(self, bias: Tensor | None, in_scale: Tensor,
+                      in_bits: int) -> tuple[Tensor, Tensor]:
+        """The bias as integers on the accumulator grid, and the grid's scale (both float64).
+
+        ``round_half_even(bias / (s_in * s_w))``, saturated to int32 (48 bits when the input
+        or the weight is 16-bit).  One rule for the fake-quant model and the integer model.
+
+        Example::
+
+            >>> q, acc_scale = qconv.quantize_bias(qconv.folded_weight_bias()[1],
+            ...                                    torch.tensor([1 / 64]), 8)
+        """
+        acc_scale = self.accumulator_scale(in_scale)
+        if bias is None:
+            b = torch.zeros_like(acc_scale)
+        else:
+            b = bias.detach().to(torch.float64)
+            acc_scale = acc_scale.to(b.device)
+        limit = 2**31 if (in_bits == 8 and self.weight_fake_quant.bits == 8) else 2**47
+        q = torch.nan_to_num(torch.round(b / acc_scale), nan=0.0).clamp(-limit, limit - 1)
+        return q, acc_scale
+
     def _fake_quant_bias(self, bias: Tensor | None) -> Tensor | None:
         """``bias`` rounded to the accumulator grid (straight-through gradient), when known."""
         in_fq = self.__dict__.get("_input_fake_quant")
-        wfq = self.weight_fake_quant
-        if (bias is None or in_fq is None or not in_fq.has_scale or not wfq.has_scale
+        if (bias is None or in_fq is None or not in_fq.has_scale
+                or not self.weight_fake_quant.has_scale
                 or in_fq.state is FakeQuantState.CALIBRATION or in_fq.is_per_channel):
             return bias
-        s_w = wfq.scale.detach().to(torch.float64)
-        if s_w.numel() == 1:
-            s_w = s_w.expand(bias.numel())
-        elif s_w.numel() != bias.numel():  # grouped ConvTranspose: channel g*opg + j uses s_w[j]
-            s_w = s_w.repeat(bias.numel() // s_w.numel())
-        acc_scale = in_fq.scale.detach().to(torch.float64) * s_w
-        limit = 2**31 if (in_fq.bits == 8 and wfq.bits == 8) else 2**47
-        q = torch.round(bias.detach().to(torch.float64) / acc_scale).clamp(-limit, limit - 1)
+        q, acc_scale = self.quantize_bias(bias, in_fq.scale, in_fq.bits)
         on_grid = (q * acc_scale).to(bias.dtype)
         return bias + (on_grid - bias).detach()
 

@@ -333,3 +333,24 @@ def test_bias_is_fake_quantized_on_the_accumulator_grid_when_the_input_is_linked
     qconv.link_input_fake_quant(None)
     in_fq.set_state("validation")
     assert torch.equal(qconv._fake_quant_bias(b), b)
+
+
+def test_accumulator_scale_and_quantize_bias_follow_the_documented_rule():
+    torch.manual_seed(0)
+    deconv = nn.ConvTranspose2d(4, 6, 2, groups=2, bias=True)  # 3 weight scales, 6 channels
+    qconv = qatkit.nn.qat.from_float(deconv, qatkit.default_qat_8bit_fake_quant_qconfig)
+    qconv(torch.randn(1, 4, 3, 3))  # QAT forward: weight scales
+    s_w = qconv.weight_fake_quant.scale.double()
+    assert s_w.numel() == 3
+    s_in = torch.tensor([1 / 64])
+    acc = qconv.accumulator_scale(s_in)
+    torch.testing.assert_close(acc, s_in.double() * s_w.repeat(2), rtol=0, atol=0)
+    q, acc2 = qconv.quantize_bias(qconv.bias, s_in, 8)
+    torch.testing.assert_close(q, torch.round(qconv.bias.double() / acc), rtol=0, atol=0)
+    assert torch.equal(acc2, acc)
+    # saturation: int32 for 8-bit operands, 48 bits with a 16-bit input
+    big = torch.full((6,), 1e12)
+    assert float(qconv.quantize_bias(big, s_in, 8)[0].max()) == 2**31 - 1
+    assert float(qconv.quantize_bias(big, s_in, 16)[0].max()) == min(
+        2**47 - 1, float(torch.round(big.double() / acc).max()))
+    assert torch.equal(qconv.quantize_bias(None, s_in, 8)[0], torch.zeros(6, dtype=torch.float64))
