@@ -96,12 +96,25 @@ def scale_from_amax(amax: Tensor, bits: int) -> Tensor:
 class ObserverBase(ResizeBuffersOnLoad):
     """Base of all observers: bookkeeping of min/max, non-finite values and state_dict.
 
-    Subclasses implement ``_observe(x)`` (``x`` is finite, detached, and for per-channel
-    observers already reshaped to ``[C, N]``) and ``_amax()``.
+    Subclasses implement ``_observe(data, bmin, bmax, valid)`` (``data`` detached; per-channel:
+    reshaped to ``[C, N]``; per-tensor: as given, or ``[1, N]`` for histogram observers) and
+    ``_amax()``.
 
     Args:
         dtype: ``"qint8"`` or ``"qint16"``.
         ch_axis: channel axis for per-channel statistics, ``None`` for per-tensor.
+
+    Example::
+
+        >>> class AbsMeanObserver(ObserverBase):   # amax = 4 * mean |x| of the last batch
+        ...     def _observe(self, data, bmin, bmax, valid=None):
+        ...         self.last = data.abs().mean().reshape(1)
+        ...     def _amax(self):
+        ...         return 4 * self.last
+        >>> obs = AbsMeanObserver()
+        >>> _ = obs(torch.tensor([-1.0, 1.0]))
+        >>> obs.calculate_scale()
+        tensor([0.0312])
     """
 
     #: histogram observers compute their scale once, when calibration ends

@@ -65,17 +65,39 @@ def wrap(fn: Callable) -> Callable:
 
 
 def list_leaf_modules() -> list[type]:
-    """The registered leaf module classes."""
+    """The registered leaf module classes, sorted by name.
+
+    Example::
+
+        >>> qatkit.DeQuantStub in qatkit.fx.list_leaf_modules()
+        True
+    """
     return sorted(_LEAF_MODULE_TYPES, key=lambda c: c.__qualname__)
 
 
 def list_wrapped_functions() -> list[Callable]:
-    """The functions registered with :func:`wrap`."""
+    """The functions registered with :func:`wrap`, in registration order.
+
+    Example::
+
+        >>> @qatkit.fx.wrap
+        ... def decode(x): ...
+        >>> decode in qatkit.fx.list_wrapped_functions()
+        True
+    """
     return list(_WRAPPED_FUNCTIONS)
 
 
 class TraceFailure(RuntimeError):
-    """Tracing failed; the message names the module, the source line and the fix."""
+    """Tracing failed; the message names the module, the source line and the fix.
+
+    Example::
+
+        >>> try:
+        ...     qatkit.prepare_qat_fx(model_with_tensor_if, {"": qconfig})
+        ... except qatkit.fx.TraceFailure as e:
+        ...     print(e)   # "... in module 'head' (Head) at model.py:42 ... Fix: ..."
+    """
 
 
 class QatkitTracer(fx.Tracer):

@@ -145,9 +145,16 @@ def saturate(q: Tensor, qp: TensorQParams) -> Tensor:
 def to_int(x: Tensor, qp: TensorQParams) -> Tensor:
     """The integers ``q`` of a float tensor on ``qp``'s grid, as int64.
 
-    Raises:
-        ValueError: ``x`` is not on the grid (an op received a value it did not expect).
+    ``round(x / s)`` in float64: exact for values on the grid (the only values an integer
+    module receives from ``convert_fx``'s graph).  Off-grid values are rounded to the nearest
+    integer, not rejected: a check would cost a pass over every activation.
+
+    Example::
+
+        >>> to_int(torch.tensor([0.25, -1.0]), TensorQParams(torch.tensor([0.125]), 8))
+        tensor([ 2, -8])
     """
+
     q = torch.round(x.to(torch.float64) / qp.scale.to(x.device, torch.float64))
     return q.to(torch.int64)
 
@@ -162,6 +169,15 @@ class QuantizedModule(ResizeBuffersOnLoad):
 
     Subclasses keep every quantity they need (int weights, multipliers, LUTs) as buffers, so
     ``state_dict()`` loads back with ``torch.load(..., weights_only=True)``.
+
+    Example::
+
+        >>> class Double(QuantizedModule):     # q -> 2q on the same grid
+        ...     op = "double"
+        ...     def __init__(self, qp):
+        ...         super().__init__(); self.qp = qp
+        ...     def forward(self, x):
+        ...         return from_int(saturate(2 * to_int(x, self.qp), self.qp), self.qp)
     """
 
     _qatkit_leaf = True
@@ -185,7 +201,14 @@ def register_converter(*kinds: str) -> Callable[[Callable], Callable]:
     output), and ``node`` is the op's ``torch.fx.Node`` (its non-Node arguments are the
     constants the op is called with).  It returns a module with the same call signature as
     the QAT module.
+
+    Example::
+
+        >>> @register_converter("double")
+        ... def convert_double(qat_module, in_qparams, out_qparams, node):
+        ...     return Double(out_qparams)
     """
+
     def deco(fn: Callable) -> Callable:
         for kind in kinds:
             CONVERTERS[kind] = fn

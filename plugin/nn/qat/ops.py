@@ -81,7 +81,14 @@ class FunctionalOp(nn.Module):
 
 
 class OutputQuantMixin:
-    """Mixed into a float module class: fake-quantize the float forward's output."""
+    """Mixed into a float module class: fake-quantize the float forward's output.
+
+    Example::
+
+        >>> qsig = output_quantized(nn.Sigmoid(), qatkit.FakeQuantize())
+        >>> isinstance(qsig, OutputQuantMixin) and isinstance(qsig, nn.Sigmoid)
+        True
+    """
 
     _qatkit_leaf = True
     activation_post_process: FakeQuantize | None

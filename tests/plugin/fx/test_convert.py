@@ -253,3 +253,29 @@ def test_op_without_integer_implementation_names_it() -> None:
             qatkit.convert_fx(qm)
     finally:
         CONVERTERS["layer_norm"] = saved
+
+
+def test_register_converter_dispatches_by_op_kind() -> None:
+    from qatkit.quantized import CONVERTERS, register_converter
+
+    qm = _prepare_calibrated(TransformerBlock().eval(), torch.randn(2, 8, 32))
+    seen = []
+
+    class Marker(qatkit.quantized.QuantizedModule):
+        op = "gelu"
+
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    saved = CONVERTERS["gelu"]
+    try:
+        @register_converter("gelu")
+        def convert_gelu(qat_module, in_qparams, out_qparams, node):
+            seen.append((node.target, [q.bits for q in in_qparams], out_qparams.bits))
+            return Marker()
+
+        im = qatkit.convert_fx(qm)
+    finally:
+        CONVERTERS["gelu"] = saved
+    assert seen == [("act", [8], 8)]
+    assert isinstance(im.get_submodule("act"), Marker)
