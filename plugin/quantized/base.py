@@ -154,7 +154,6 @@ def to_int(x: Tensor, qp: TensorQParams) -> Tensor:
         >>> to_int(torch.tensor([0.25, -1.0]), TensorQParams(torch.tensor([0.125]), 8))
         tensor([ 2, -8])
     """
-
     q = torch.round(x.to(torch.float64) / qp.scale.to(x.device, torch.float64))
     return q.to(torch.int64)
 
