@@ -36,6 +36,7 @@ from .observers import (
 )
 
 __all__ = ["FakeQuantState", "FakeQuantize", "LSQFakeQuantize", "set_fake_quantize",
+           "evaluates_exactly",
            "get_fake_quantize_state"]
 
 
@@ -84,6 +85,26 @@ def _is_tracing() -> bool:
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or bool(getattr(compiler, "is_compiling", bool)())
             or bool(getattr(compiler, "is_exporting", bool)()))
+
+
+def evaluates_exactly(fq: nn.Module | None) -> bool:
+    """Whether the op that ``fq`` quantizes computes exactly (in float64) before it.
+
+    In VALIDATION (and not while tracing or exporting), QAT ops whose integer twins are exact
+    integer arithmetic (conv, linear, add, sub, mul, matmul, mean, average pools) evaluate in
+    float64, where products and sums of grid values are exact, and ``fq`` rounds that exact
+    value: the fake-quant model then rounds exactly where the integer model does, so rare
+    float32 near-ties cannot flip an integer and propagate (docs/npu_numerics.md).  Training
+    (QAT) and calibration stay in float32.
+
+    Example::
+
+        >>> fq = FakeQuantize(); _ = fq(torch.randn(8)); fq.set_state("validation")
+        >>> evaluates_exactly(fq)
+        True
+    """
+    return (isinstance(fq, FakeQuantize) and fq._state is FakeQuantState.VALIDATION
+            and not _is_tracing())
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -231,9 +252,13 @@ class FakeQuantize(ResizeBuffersOnLoad):
 
     def _fake_quant(self, x: Tensor) -> Tensor:
         orig_dtype = x.dtype
-        if orig_dtype != torch.float32:
+        tracing = _is_tracing()
+        # float64 input (VALIDATION's exact evaluation, docs/npu_numerics.md) is quantized in
+        # float64: round(x * float32(1/s)) with an unrounded product, q * s returned in float64.
+        exact64 = orig_dtype == torch.float64 and not tracing
+        if orig_dtype != torch.float32 and not exact64:
             x = x.float()
-        if x.device.type == "cpu" and not _is_tracing():
+        if (x.device.type == "cpu" or exact64) and not tracing:
             if self.ch_axis is None:
                 scale = self.scale.view(())  # 0-d: the output keeps the shape of x
             else:
@@ -313,6 +338,8 @@ class LSQFakeQuantize(FakeQuantize):
                 self._scale_for_validation()
         with torch.no_grad():
             self.scale.clamp_(min=torch.finfo(torch.float32).eps)
+        if x.dtype == torch.float64 and state is FakeQuantState.VALIDATION:
+            return self._fake_quant(x)  # exact evaluation: the same numbers, in float64
         orig_dtype = x.dtype
         if orig_dtype != torch.float32:
             x = x.float()

@@ -153,35 +153,48 @@ def get_provenance(model: fx.GraphModule) -> dict[str, str]:
     return dict(prov)
 
 
+def _producer_fake_quant(gm: fx.GraphModule, src: Any) -> nn.Module | None:
+    """The fake quant that made ``src``'s value, found through data-moving ops, else None."""
+    while isinstance(src, fx.Node):
+        if src.op == "call_module":
+            producer = gm.get_submodule(str(src.target))
+            if isinstance(producer, PASSTHROUGH_MODULES):
+                src = src.args[0] if src.args else None
+                continue
+            fq = getattr(producer, "activation_post_process", None)
+            return fq if isinstance(fq, FakeQuantize) else None
+        if (src.op == "call_function" and src.target in PASSTHROUGH_FUNCTIONS) or (
+                src.op == "call_method" and src.target in PASSTHROUGH_METHODS):
+            src = src.args[0] if src.args else None
+            continue
+        return None
+    return None
+
+
 def _link_input_fake_quants(gm: fx.GraphModule) -> None:
-    """Give each weighted QAT module (called once) the fake quant of its input, found through
-    data-moving ops, so it can put its bias on the integer accumulator grid."""
+    """Tell each QAT module called once which fake quants made its inputs (found through
+    data-moving ops): weighted modules put their bias on the integer accumulator grid with the
+    first one, and exact evaluation (``evaluates_exactly``) snaps inputs to their grids."""
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not node.args:
+        if node.op != "call_module":
             continue
         mod = gm.get_submodule(str(node.target))
-        if not hasattr(mod, "link_input_fake_quant"):
-            continue
-        fq = None
-        src = node.args[0]
-        while isinstance(src, fx.Node):
-            if src.op == "call_module":
-                producer = gm.get_submodule(str(src.target))
-                if isinstance(producer, PASSTHROUGH_MODULES):
-                    src = src.args[0] if src.args else None
-                    continue
-                fq = getattr(producer, "activation_post_process", None)
-            elif (src.op == "call_function" and src.target in PASSTHROUGH_FUNCTIONS) or (
-                    src.op == "call_method" and src.target in PASSTHROUGH_METHODS):
-                src = src.args[0] if src.args else None
-                continue
-            break
-        ok = isinstance(fq, FakeQuantize) and calls[str(node.target)] == 1
-        mod.link_input_fake_quant(fq if ok else None)
+        once = calls[str(node.target)] == 1
+        if hasattr(mod, "link_input_fake_quant") and node.args:
+            mod.link_input_fake_quant(_producer_fake_quant(gm, node.args[0]) if once else None)
+        if hasattr(mod, "link_exact_inputs"):
+            links = {}
+            if once:
+                for path, leaf in (qat.input_paths(tuple(node.args), ("args",))
+                                   + qat.input_paths(dict(node.kwargs), ("kwargs",))):
+                    fq = _producer_fake_quant(gm, leaf)
+                    if fq is not None:
+                        links[path] = fq
+            mod.link_exact_inputs(links)
 
 
 def _record_provenance(gm: fx.GraphModule) -> None:

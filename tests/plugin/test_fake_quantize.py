@@ -150,7 +150,7 @@ def test_per_channel_matches_reference_exactly(dtype, ch_axis):
     _exact(fq(y), _ref(y, fq.scale, bits, ch_axis % 3)[0])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_other_float_dtypes_are_quantized_in_float32_and_keep_their_dtype(dtype):
     fq = FakeQuantize(observer=MinMaxObserver)
     x = (torch.randn(500, generator=_gen(4)) * 2).to(dtype)
@@ -159,6 +159,23 @@ def test_other_float_dtypes_are_quantized_in_float32_and_keep_their_dtype(dtype)
     scale = x.float().abs().max().reshape(1) / 128
     _exact(fq.scale, scale)
     _exact(out, _ref(x.float(), scale, 8)[0].to(dtype))
+
+
+def test_float64_is_quantized_without_rounding_the_product():
+    """Exact evaluation's path: round(x * float32(1/s)) with the product in float64, q * s
+    returned in float64 (so casting to float32 gives what the float32 path gives on the grid)."""
+    fq = FakeQuantize(observer=MinMaxObserver)
+    fq(torch.tensor([-1.0, 1.0]))
+    fq.set_state("validation")
+    inv = (torch.ones(1) / fq.scale).double()
+    x = (torch.arange(-200, 201, dtype=torch.float64) + 0.5) * fq.scale.double() / 1.0
+    x = x + torch.linspace(-1e-9, 1e-9, x.numel(), dtype=torch.float64)  # near-ties
+    out = fq(x)
+    assert out.dtype == torch.float64
+    q = torch.round(x * inv).clamp(-128, 127)
+    _exact(out, q * fq.scale.double())
+    # the float32 path would round x to float32 first and move some near-ties
+    assert not torch.equal(fq(x.float()).double(), out.float().double()), "no near-tie tested"
 
 
 def test_output_has_the_shape_of_the_input():

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fake_quantize import FakeQuantState
+from ...fake_quantize import FakeQuantState, evaluates_exactly
+from .ops import _ExactInputs, exact_grid
 
 __all__ = ["ACTIVATIONS", "freeze_bn_stats", "unfreeze_bn_stats"]
 
@@ -40,7 +41,7 @@ ACTIVATIONS: dict[str | None, Any] = {
 _ACT_NAMES = {None: "", "relu": "ReLU", "relu6": "ReLU6"}
 
 
-class _FusedMixin:
+class _FusedMixin(_ExactInputs):
     """Fusion, fake quantization and BN folding for a float ``Conv*``/``Linear`` subclass.
 
     A concrete class sets ``_FLOAT_MODULE`` (the float class it replaces), ``_BN_MODULE``
@@ -265,15 +266,19 @@ class _FusedMixin:
         q = torch.nan_to_num(torch.round(b / acc_scale), nan=0.0).clamp(-limit, limit - 1)
         return q, acc_scale
 
-    def _fake_quant_bias(self, bias: Tensor | None) -> Tensor | None:
-        """``bias`` rounded to the accumulator grid (straight-through gradient), when known."""
+    def _fake_quant_bias(self, bias: Tensor | None,
+                         dtype: torch.dtype | None = None) -> Tensor | None:
+        """``bias`` rounded to the accumulator grid (straight-through gradient), when known;
+        in ``dtype`` (default ``bias.dtype``; float64 holds the grid value exactly)."""
         in_fq = self.__dict__.get("_input_fake_quant")
         if (bias is None or in_fq is None or not in_fq.has_scale
                 or not self.weight_fake_quant.has_scale
                 or in_fq.state is FakeQuantState.CALIBRATION or in_fq.is_per_channel):
-            return bias
+            return bias if bias is None or dtype is None else bias.to(dtype)
         q, acc_scale = self.quantize_bias(bias, in_fq.scale, in_fq.bits)
-        on_grid = (q * acc_scale).to(bias.dtype)
+        dtype = dtype or bias.dtype
+        on_grid = (q * acc_scale).to(dtype)
+        bias = bias.to(dtype)
         return bias + (on_grid - bias).detach()
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -325,8 +330,20 @@ class _FusedMixin:
             weight, bias = self.folded_weight_bias()
             if wfq is not None:
                 weight = wfq(weight)
+                if evaluates_exactly(self.activation_post_process):
+                    # exact evaluation: the exact grid values multiply and add in float64
+                    links = self.__dict__.get("_exact_input_fqs", {})
+                    y = self._op(exact_grid(x, links.get(("args", 0))), exact_grid(weight, wfq),
+                                 self._fake_quant_bias(bias, torch.float64), output_size)
+                    if other is not None:
+                        other = exact_grid(other, links.get(("args", 1)))
+                    return self._finish(y, other).to(x.dtype)
                 bias = self._fake_quant_bias(bias)
             y = self._op(x, weight, bias, output_size)
+        return self._finish(y, other)
+
+    def _finish(self, y: Tensor, other: Tensor | None) -> Tensor:
+        """The fused add and activation, then the output fake quant."""
         if other is not None:
             y = y + other
         act = ACTIVATIONS[self.act]

@@ -12,18 +12,94 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
-from ...fake_quantize import FakeQuantize
+from ...fake_quantize import FakeQuantize, evaluates_exactly
 
 __all__ = ["QuantStub", "FunctionalOp", "output_quantized", "OUTPUT_QUANTIZED_MODULES",
-           "OutputQuantMixin"]
+           "OutputQuantMixin", "EXACT_OPS", "exact_grid", "input_paths"]
+
+#: op kinds whose integer twins are exact integer arithmetic; in VALIDATION they evaluate in
+#: float64 (:func:`~qatkit.fake_quantize.evaluates_exactly`), where grid values add and multiply
+#: exactly, so their output fake quant rounds where the integer model does
+EXACT_OPS: frozenset[str] = frozenset({"add", "sub", "mul", "matmul", "einsum", "mean",
+                                       "avg_pool", "adaptive_avg_pool"})
 
 
 def _quantize(fq: FakeQuantize | None, out: Any) -> Any:
     if fq is None or not isinstance(out, Tensor) or not out.is_floating_point():
         return out
     return fq(out)
+
+
+def exact_grid(t: Any, fq: nn.Module | None = None) -> Any:
+    """A float32 tensor as float64; on ``fq``'s grid, the exact value ``q * s`` of ``t``.
+
+    ``t = float32(q * s)`` carries the float32 rounding of ``q * s``; the integer model sees
+    ``q`` itself, so exact evaluation works on ``round(t / s) * s`` in float64 (exact for
+    ``|q| < 2**20``).  Other values (no or per-channel fake quant) are only widened.
+
+    Example::
+
+        >>> exact_grid(torch.tensor([0.1]), fq)  # fq.scale 0.1 -> tensor([0.1000...], float64)
+    """
+    if not isinstance(t, Tensor) or t.dtype != torch.float32:
+        return t
+    t = t.double()
+    if not isinstance(fq, FakeQuantize) or not fq.has_scale:
+        return t
+    s = fq.scale.detach().to(device=t.device)
+    if fq.is_per_channel:
+        shape = [1] * t.dim()
+        shape[fq.ch_axis % t.dim()] = -1
+        s = s.view(shape)
+    else:
+        s = s.reshape(())
+    inv = torch.ones_like(s).div_(s).to(torch.float64)
+    return torch.round(t * inv) * s.to(torch.float64)
+
+
+def _exact_args(args: Any, links: dict[tuple, nn.Module], path: tuple = ()) -> Any:
+    """``args`` with every float32 tensor through :func:`exact_grid` (``links``: path -> fq)."""
+    if isinstance(args, (list, tuple)) and not hasattr(args, "_fields"):  # not namedtuples
+        return type(args)(_exact_args(a, links, path + (i,)) for i, a in enumerate(args))
+    if isinstance(args, dict):
+        return {k: _exact_args(v, links, path + (k,)) for k, v in args.items()}
+    return exact_grid(args, links.get(path))
+
+
+def input_paths(args: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """``(path, leaf)`` for every leaf of nested lists/tuples/dicts, in order (see
+    :func:`_exact_args`): how prepare tells a module which fake quant made each input."""
+    if isinstance(args, (list, tuple)) and not hasattr(args, "_fields"):
+        return [pl for i, a in enumerate(args) for pl in input_paths(a, path + (i,))]
+    if isinstance(args, dict):
+        return [pl for k, v in args.items() for pl in input_paths(v, path + (k,))]
+    return [(path, args)]
+
+
+def _call_quantized(mod: nn.Module, op: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """``fq(fn(*args, **kwargs))``; for EXACT_OPS in exact evaluation, in float64 on the exact
+    grid values of the inputs (then back to float32)."""
+    fq = mod.activation_post_process
+    if op not in EXACT_OPS or not evaluates_exactly(fq):
+        return _quantize(fq, fn(*args, **kwargs))
+    links = mod.__dict__.get("_exact_input_fqs", {})
+    out = _quantize(fq, fn(*_exact_args(args, links, ("args",)),
+                           **_exact_args(kwargs, links, ("kwargs",))))
+    if isinstance(out, Tensor) and out.dtype == torch.float64:
+        out = out.float()
+    return out
+
+
+class _ExactInputs:
+    """Mixin: prepare links the fake quants of a module's inputs for exact evaluation."""
+
+    def link_exact_inputs(self, fqs: dict[tuple, nn.Module]) -> None:
+        """``fqs``: input path (``("args", i, ...)`` / ``("kwargs", name, ...)``) -> the fake
+        quant that made it.  A plain reference: ``state_dict`` is unchanged."""
+        object.__setattr__(self, "_exact_input_fqs", dict(fqs))
 
 
 class QuantStub(nn.Module):
@@ -47,7 +123,7 @@ class QuantStub(nn.Module):
         return _quantize(self.activation_post_process, x)
 
 
-class FunctionalOp(nn.Module):
+class FunctionalOp(_ExactInputs, nn.Module):
     """A functional op as a named module that fake-quantizes its output.
 
     Args:
@@ -71,7 +147,7 @@ class FunctionalOp(nn.Module):
         self.activation_post_process = activation_post_process
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _quantize(self.activation_post_process, self.fn(*args, **kwargs))
+        return _call_quantized(self, self.op, self.fn, args, kwargs)
 
     def _get_name(self) -> str:
         return f"FunctionalOp[{self.op}]"
@@ -80,7 +156,7 @@ class FunctionalOp(nn.Module):
         return f"op={self.op}, fn={getattr(self.fn, '__name__', self.fn)}"
 
 
-class OutputQuantMixin:
+class OutputQuantMixin(_ExactInputs):
     """Mixed into a float module class: fake-quantize the float forward's output.
 
     Example::
@@ -91,10 +167,11 @@ class OutputQuantMixin:
     """
 
     _qatkit_leaf = True
+    _qatkit_op = ""  # the op kind (OUTPUT_QUANTIZED_MODULES), set on each generated class
     activation_post_process: FakeQuantize | None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _quantize(self.activation_post_process, super().forward(*args, **kwargs))
+        return _call_quantized(self, self._qatkit_op, super().forward, args, kwargs)
 
 
 #: float module classes whose outputs qatkit quantizes, and the op kind of each
@@ -113,7 +190,8 @@ OUTPUT_QUANTIZED_MODULES: dict[type[nn.Module], str] = {
 
 _QAT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 for _float_cls in OUTPUT_QUANTIZED_MODULES:
-    _cls = type(_float_cls.__name__, (OutputQuantMixin, _float_cls), {"__module__": __name__})
+    _cls = type(_float_cls.__name__, (OutputQuantMixin, _float_cls),
+                {"__module__": __name__, "_qatkit_op": OUTPUT_QUANTIZED_MODULES[_float_cls]})
     _cls.__qualname__ = _float_cls.__name__
     _QAT_CLASSES[_float_cls] = _cls
     globals()[_float_cls.__name__] = _cls
