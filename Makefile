@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # any torch>=2.1 works (setup.cfg).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo test bench lint venv browser clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,23 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) examples/quickstart.py
 
+# headless Chromium for tests/profiler/test_browser.py (the HTML report in a real browser):
+# Debian's package, installed when missing and apt-get can run (root or password-less sudo);
+# otherwise that test file skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  if command -v apt-get >/dev/null 2>&1 && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
+	    echo "installing chromium (apt-get) for the browser tests"; \
+	    { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y -qq --no-install-recommends chromium; } >/dev/null \
+	      || echo "could not install chromium: tests/profiler/test_browser.py will be skipped"; \
+	  else \
+	    echo "no chromium and no apt-get as root: tests/profiler/test_browser.py will be skipped"; \
+	  fi; }
+
 # -q still ends with pytest's summary line ("N passed, M deselected in Xs")
-test: venv
+test: venv browser
 	$(PY) -m pytest -q
 
 bench: venv

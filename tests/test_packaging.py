@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: source tree -> import name, as in setup.cfg's package_dir
 SOURCE_TREES = {"plugin": "qatkit", "profiler": "qatkit.profiler"}
 #: data files every wheel must carry, besides the .py files
-REQUIRED_DATA = ["qatkit/py.typed", "qatkit/profiler/py.typed"]
+REQUIRED_DATA = ["qatkit/py.typed", "qatkit/profiler/py.typed",
+                 "qatkit/profiler/templates/profiler.html.j2"]
 
 
 def _setup_cfg() -> configparser.ConfigParser:
