@@ -95,16 +95,18 @@ def evaluates_exactly(fq: nn.Module | None) -> bool:
     float64, where products and sums of grid values are exact, and ``fq`` rounds that exact
     value: the fake-quant model then rounds exactly where the integer model does, so rare
     float32 near-ties cannot flip an integer and propagate (docs/npu_numerics.md).  Training
-    (QAT) and calibration stay in float32.
+    (QAT) and calibration stay in float32, and so does a VALIDATION forward with gradients
+    enabled (so gradients flow): evaluate under ``torch.no_grad()`` / ``torch.inference_mode()``.
 
     Example::
 
         >>> fq = FakeQuantize(); _ = fq(torch.randn(8)); fq.set_state("validation")
-        >>> evaluates_exactly(fq)
+        >>> with torch.no_grad():
+        ...     evaluates_exactly(fq)
         True
     """
     return (isinstance(fq, FakeQuantize) and fq._state is FakeQuantState.VALIDATION
-            and not _is_tracing())
+            and not torch.is_grad_enabled() and not _is_tracing())
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

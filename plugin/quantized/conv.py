@@ -36,6 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .._exact import F32_EXACT as _F32_EXACT
+from .._exact import F64_EXACT as _F64_EXACT
+from .._exact import acc_bound as _acc_bound
+from .._exact import cpu_fp32_is_ieee as _cpu_fp32_is_ieee
+from .._exact import split_weight
 from ..fake_quantize import LSQFakeQuantize
 from .base import (
     QuantizedModule,
@@ -50,8 +55,6 @@ __all__ = ["QuantizedConv", "convert_conv"]
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_F32_EXACT = 2**24  # integers below this add exactly in float32
-_F64_EXACT = 2**53
 _MIN_ADD_FRAC_BITS = 8
 
 
@@ -191,10 +194,8 @@ class QuantizedConv(QuantizedModule):
         if acc_max < _F32_EXACT:
             self._plan = "f32"
         elif self.w_bits == 8:
-            hi = (self.weight.to(torch.int32) + 8) >> 4
-            lo = self.weight.to(torch.int32) - (hi << 4)
             if max(int(_acc_bound(t, self.groups, self._kind, self.in_bits).max())
-                   for t in (hi, lo)) < _F32_EXACT:
+                   for t in split_weight(self.weight)) < _F32_EXACT:
                 self._plan = "f32x2"
         shift = self.shift
         # |acc| < 2**31 and m < 2**31: acc * m fits in int64, no hi/lo split needed
@@ -270,8 +271,7 @@ class QuantizedConv(QuantizedModule):
             elif plan == "f64":
                 tensors = (w.to(torch.float64),)
             else:
-                hi = (w.to(torch.int32) + 8) >> 4
-                tensors = (hi.to(torch.float32), (w - (hi << 4)).to(torch.float32))
+                tensors = tuple(t.to(torch.float32) for t in split_weight(w))
             self._weight_cache = {key: tensors}
         return self._weight_cache[key]
 
@@ -408,17 +408,6 @@ def _quantize_weight(qat: nn.Module) -> tuple[Tensor, int]:
     return w_q, wfq.bits
 
 
-def _acc_bound(w_q: Tensor, groups: int, kind: str, in_bits: int) -> Tensor:
-    """Per output channel: ``sum |w_q| * 2**(in_bits-1)``, a bound on every partial sum."""
-    w = w_q.to(torch.int64).abs()
-    if kind == "ConvTranspose":  # [in, out/g, *k] -> per output channel o = g*opg + j
-        w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).sum(dim=(1, 3))
-        per_channel = w.reshape(-1)
-    else:
-        per_channel = w.reshape(w.shape[0], -1).sum(dim=1)
-    return per_channel * 2 ** (in_bits - 1)
-
-
 def _add_frac_bits(acc_max: Tensor, m1: Tensor, sh1: Tensor, add_bits: int, m2: Tensor,
                    sh2: Tensor) -> int:
     """The largest ``F <= 31`` for which :func:`_requantize_add` is exact in int64, or ``0``.
@@ -511,20 +500,4 @@ def _requantize_add(acc: Tensor, m1: Tensor, sh1: Tensor, q_o: Tensor, m2: Tenso
     return q + up.to(torch.int64)
 
 
-def _cpu_fp32_is_ieee(kind: str) -> bool:
-    """True when torch's CPU float32 ``kind`` ("conv" / "matmul") is plain IEEE float32
-    arithmetic with a direct / GEMM algorithm, so integer sums below 2**24 are exact.
 
-    Without oneDNN, torch may pick NNPACK (Winograd, inexact) for big conv batches; a reduced
-    fp32 precision (bf16 / tf32, e.g. ``torch.set_float32_matmul_precision("medium")``) is
-    inexact too.  Then the accumulation runs in float64.
-    """
-    mkldnn = torch.backends.mkldnn
-    if kind == "conv" and not (mkldnn.is_available() and mkldnn.enabled):
-        return False
-    if torch.get_float32_matmul_precision() != "highest":
-        return False
-    chain = [getattr(getattr(mkldnn, kind, None), "fp32_precision", "none"),
-             getattr(mkldnn, "fp32_precision", "none"),
-             getattr(torch.backends, "fp32_precision", "none")]
-    return next((p for p in chain if p != "none"), "ieee") == "ieee"

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fake_quantize import FakeQuantState, evaluates_exactly
+from ..._exact import accumulation_plan, cpu_fp32_is_ieee, split_weight
+from ...fake_quantize import FakeQuantState, LSQFakeQuantize, evaluates_exactly
 from .ops import _ExactInputs, exact_grid
 
 __all__ = ["ACTIVATIONS", "freeze_bn_stats", "unfreeze_bn_stats"]
@@ -326,21 +327,88 @@ class _FusedMixin(_ExactInputs):
             else:
                 y = y * inv
             y = bn(y)
+        elif wfq is not None and evaluates_exactly(self.activation_post_process):
+            links = self.__dict__.get("_exact_input_fqs", {})
+            if other is not None:
+                other = exact_grid(other, links.get(("args", 1)))
+            return self._finish(self._exact_op(x, output_size), other).to(x.dtype)
         else:
             weight, bias = self.folded_weight_bias()
             if wfq is not None:
                 weight = wfq(weight)
-                if evaluates_exactly(self.activation_post_process):
-                    # exact evaluation: the exact grid values multiply and add in float64
-                    links = self.__dict__.get("_exact_input_fqs", {})
-                    y = self._op(exact_grid(x, links.get(("args", 0))), exact_grid(weight, wfq),
-                                 self._fake_quant_bias(bias, torch.float64), output_size)
-                    if other is not None:
-                        other = exact_grid(other, links.get(("args", 1)))
-                    return self._finish(y, other).to(x.dtype)
                 bias = self._fake_quant_bias(bias)
             y = self._op(x, weight, bias, output_size)
         return self._finish(y, other)
+
+    def _exact_op(self, x: Tensor, output_size: list[int] | None) -> Tensor:
+        """The op on the exact grid values, in float64 (exact evaluation).
+
+        With a known per-tensor input grid: ``(sum(q_x * q_w) + q_b) * s_x * s_w``, the
+        integer sum accumulated exactly by the cheapest float kernel the weight bounds allow
+        (:mod:`qatkit._exact`, as the integer model does). Otherwise the float64 op of the
+        exact grid values.
+        """
+        in_fq = self.__dict__.get("_input_fake_quant")
+        wfq = self.weight_fake_quant
+        if in_fq is None or not in_fq.has_scale or in_fq.is_per_channel:
+            weight, bias = self.folded_weight_bias()
+            return self._op(exact_grid(x, self.__dict__.get("_exact_input_fqs", {}).get(
+                ("args", 0))), exact_grid(wfq(weight), wfq),
+                self._fake_quant_bias(bias, torch.float64), output_size)
+        plan, weights, q_b, acc_scale = self._exact_weights(in_fq, x.device)
+        q_x = torch.round(x * torch.ones_like(in_fq.scale).div_(in_fq.scale).reshape(()))
+        if plan == "f32":
+            acc = self._op(q_x, weights[0], None, output_size).double()
+        elif plan == "f32x2":
+            acc = self._op(q_x, weights[0], None, output_size).double().mul_(16)
+            acc.add_(self._op(q_x, weights[1], None, output_size).double())
+        else:
+            acc = torch.round(self._op(q_x.double(), weights[0], None, output_size))
+        shape = self._channel_shape
+        return acc.add_(q_b.view(shape)).mul_(acc_scale.view(shape))
+
+    def _exact_key(self, in_fq: nn.Module, device: torch.device) -> tuple[tuple, list]:
+        """What the integer weights depend on: settings, and the tensors themselves (compared
+        by identity; the cache holds them, so no new tensor can take their place) with their
+        in-place versions (an optimizer step or load_state_dict bumps them)."""
+        tensors = [self.weight, self.bias, self.weight_fake_quant.scale, in_fq.scale]
+        if self.bn is not None:
+            tensors += [self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias]
+        settings = (device, in_fq.bits, torch.backends.mkldnn.enabled,
+                    torch.get_float32_matmul_precision(),
+                    tuple(None if t is None else t._version for t in tensors))
+        return settings, tensors
+
+    @torch.no_grad()
+    def _exact_weights(self, in_fq: nn.Module,
+                       device: torch.device) -> tuple[str, tuple[Tensor, ...], Tensor, Tensor]:
+        """``(plan, float weights for the plan, q_b, s_in * s_w)``, cached while the weights,
+        BatchNorm, scales and input grid stay the same."""
+        settings, tensors = self._exact_key(in_fq, device)
+        cached = self.__dict__.get("_exact_cache")
+        if (cached is not None and cached[0] == settings
+                and all(a is b for a, b in zip(cached[1], tensors, strict=True))):
+            return cached[2]
+        wfq = self.weight_fake_quant
+        weight, bias = self.folded_weight_bias()
+        weight = wfq(weight)
+        w_scale = wfq.scale.detach().to(torch.float32)
+        if isinstance(wfq, LSQFakeQuantize):
+            w_scale = w_scale.clamp(min=torch.finfo(torch.float32).eps)
+        w_shape = [1] * weight.dim()
+        if wfq.is_per_channel:
+            w_shape[wfq.ch_axis % weight.dim()] = -1
+        q_w = torch.round(weight * torch.ones_like(w_scale).div_(w_scale).view(w_shape))
+        kind = self._KIND
+        plan = "f64"
+        if device.type == "cpu" and cpu_fp32_is_ieee("matmul" if kind == "Linear" else "conv"):
+            plan = accumulation_plan(q_w, getattr(self, "groups", 1), kind, in_fq.bits,
+                                     wfq.bits)
+        weights = {"f32": (q_w,), "f32x2": split_weight(q_w), "f64": (q_w.double(),)}[plan]
+        q_b, acc_scale = self.quantize_bias(bias, in_fq.scale, in_fq.bits)
+        value = (plan, weights, q_b.to(device), acc_scale.to(device))
+        object.__setattr__(self, "_exact_cache", (settings, tensors, value))  # not in state
+        return value
 
     def _finish(self, y: Tensor, other: Tensor | None) -> Tensor:
         """The fused add and activation, then the output fake quant."""

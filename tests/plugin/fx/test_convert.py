@@ -167,26 +167,51 @@ def test_int16_activations_match() -> None:
     assert all(res[k][0] >= 0.99 for k in linear_ops)
 
 
-def test_exact_evaluation_only_in_validation() -> None:
-    """QAT and CALIBRATION run float32 (training speed); VALIDATION evaluates exactly."""
+def test_exact_evaluation_only_in_validation_without_gradients() -> None:
+    """QAT and CALIBRATION run float32 (training speed); VALIDATION under no_grad evaluates
+    exactly; VALIDATION with gradients enabled stays float32 so gradients flow."""
     from qatkit.fake_quantize import evaluates_exactly
 
     torch.manual_seed(0)
     qm = _prepare_calibrated(TransformerBlock().eval(), torch.randn(2, 8, 32))
     fq = qm.get_submodule("fc1").activation_post_process
-    assert evaluates_exactly(fq)
-    seen = []
-    hook = qm.get_submodule("fc1").register_forward_pre_hook(lambda m, a: seen.append(a))
-    qm(torch.randn(2, 8, 32))
+    with torch.no_grad():
+        assert evaluates_exactly(fq)
+    assert not evaluates_exactly(fq), "gradients enabled: float32, straight-through"
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    qm(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert qm.get_submodule("fc1").weight.grad is not None
     qatkit.set_fake_quantize(qm, "qat")
-    assert not evaluates_exactly(fq)
-    out = qm(torch.randn(2, 8, 32))
-    hook.remove()
-    assert out.dtype == torch.float32 and all(a[0].dtype == torch.float32 for a in seen)
+    with torch.no_grad():
+        assert not evaluates_exactly(fq)
     # prepare linked the fake quants that made each input of the exact ops
     for name in ("matmul", "proj"):  # q @ k^T through chunk/reshape/transpose; linear + add
         links = qm.get_submodule(name).__dict__["_exact_input_fqs"]
         assert set(links) == {("args", 0), ("args", 1)}, (name, links)
+
+
+def test_exact_evaluation_follows_weight_updates() -> None:
+    """The integer weights exact evaluation caches are rebuilt when a weight, a BatchNorm or a
+    scale changes in place (optimizer step, load_state_dict)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    _settle_batchnorm(model, x)
+    qm = _prepare_calibrated(model, x)
+    with torch.no_grad():
+        qm(x)  # fills the caches
+        conv = qm.get_submodule("layer1.0.conv1")
+        conv.weight.mul_(0.5)
+        conv.bn.running_var.mul_(2.0)
+        out = qm(x)
+    res = assert_exact_enough(qm, qatkit.convert_fx(qm), x, per_op=False)
+    assert min(v[0] for v in res.values()) == 1.0
+    other = _prepare_calibrated(model, x)
+    with torch.no_grad():
+        assert not torch.equal(other(x), out)  # its caches hold the old weights
+        other.load_state_dict(qm.state_dict())
+        assert torch.equal(other(x), out)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,81 @@
+"""Exact integer accumulation with float kernels: shared by the integer simulator's conv
+(``qatkit.quantized.conv``) and VALIDATION's exact evaluation of QAT convs (``nn.qat``).
+
+torch has no integer conv, so integer-valued floats are convolved, the cheapest exact way that
+the per-output-channel bounds allow: on CPU, float32 when every partial sum stays below 2**24;
+else two float32 convs of the int8 weight's halves ``w = 16 * hi + lo`` when each stays below
+2**24; float64 (exact below 2**53) otherwise, on other devices (TF32, Winograd), or when torch's
+CPU float32 kernels are not plain IEEE ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["F32_EXACT", "F64_EXACT", "cpu_fp32_is_ieee", "acc_bound", "split_weight",
+           "accumulation_plan"]
+
+F32_EXACT = 2**24  # integers below this add exactly in float32
+F64_EXACT = 2**53
+
+
+def cpu_fp32_is_ieee(kind: str) -> bool:
+    """True when torch's CPU float32 ``kind`` ("conv" / "matmul") is plain IEEE float32
+    arithmetic with a direct / GEMM algorithm, so integer sums below 2**24 are exact.
+
+    Without oneDNN, torch may pick NNPACK (Winograd, inexact) for big conv batches; a reduced
+    fp32 precision (bf16 / tf32, e.g. ``torch.set_float32_matmul_precision("medium")``) is
+    inexact too.  Then the accumulation runs in float64.
+    """
+    mkldnn = torch.backends.mkldnn
+    if kind == "conv" and not (mkldnn.is_available() and mkldnn.enabled):
+        return False
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    chain = [getattr(getattr(mkldnn, kind, None), "fp32_precision", "none"),
+             getattr(mkldnn, "fp32_precision", "none"),
+             getattr(torch.backends, "fp32_precision", "none")]
+    return next((p for p in chain if p != "none"), "ieee") == "ieee"
+
+
+def acc_bound(w_q: Tensor, groups: int, kind: str, in_bits: int) -> Tensor:
+    """Per output channel: ``sum |w_q| * 2**(in_bits-1)``, a bound on every partial sum.
+
+    ``kind`` is ``"Conv"``, ``"ConvTranspose"`` (weight ``[in, out/g, *k]``) or ``"Linear"``.
+    """
+    # integer weights as int64; integer-valued float weights summed in float64 (exact), which
+    # avoids int64 copies of large weights on every exact-evaluation forward
+    w = w_q.abs() if w_q.is_floating_point() else w_q.to(torch.int64).abs()
+    dtype = torch.float64 if w.is_floating_point() else None
+    if kind == "ConvTranspose":  # [in, out/g, *k] -> per output channel o = g*opg + j
+        w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).sum(dim=(1, 3), dtype=dtype)
+        per_channel = w.reshape(-1)
+    else:
+        per_channel = w.reshape(w.shape[0], -1).sum(dim=1, dtype=dtype)
+    return per_channel.to(torch.int64) * 2 ** (in_bits - 1)
+
+
+def split_weight(w_q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)`` with ``w_q = 16 * hi + lo`` and ``hi, lo`` in ``[-8, 8]`` (int8 weights);
+    int32 for integer ``w_q``, the same dtype for integer-valued float ``w_q``."""
+    if w_q.is_floating_point():
+        hi = torch.floor((w_q + 8) * 0.0625)  # exact: a power-of-two division of small ints
+        return hi, w_q - hi * 16
+    hi = (w_q.to(torch.int32) + 8) >> 4
+    return hi, w_q.to(torch.int32) - (hi << 4)
+
+
+def accumulation_plan(w_q: Tensor, groups: int, kind: str, in_bits: int, w_bits: int,
+                      extra: int = 0) -> str:
+    """``"f32"``, ``"f32x2"`` or ``"f64"``: the cheapest exact way to accumulate on CPU.
+
+    ``extra`` bounds what is added to every sum besides the products (e.g. ``|bias|``).
+    """
+    bound = int(acc_bound(w_q, groups, kind, in_bits).max()) + extra
+    if bound < F32_EXACT:
+        return "f32"
+    if w_bits == 8 and max(int(acc_bound(t, groups, kind, in_bits).max())
+                           for t in split_weight(w_q)) < F32_EXACT:
+        return "f32x2"
+    return "f64"
