@@ -14,15 +14,20 @@ Run it with ``make demo`` (or ``.venv/bin/python examples/quickstart.py``).  It
 4. converts the QAT model with ``qatkit.convert_fx`` into the integer model an NPU runs (int8
    weights, int32 bias, fixed-point requantization, in plain torch ops) and measures it;
 5. prints float vs calibrated vs QAT vs integer accuracy, and how often the integer model's
-   prediction equals the fake-quant model's.
+   prediction equals the fake-quant model's;
+6. writes two profiler reports with ``qatkit.profiler.model_profiler`` and prints their paths:
+   float vs calibrated (``FvsQ``) and QAT vs integer (``QvsQ``). Open ``profiler.html`` in a
+   browser: a verdict, a per-layer similarity chart, statistics, checks and advice.
 
 The float model is never modified: prepare works on a copy.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
+from pathlib import Path
 
 import qatkit
 import torch
@@ -37,11 +42,14 @@ from digits import (
     torch_threads,
     train_float,
 )
+from qatkit.profiler import model_profiler
 from torch import nn
 
 CALIBRATION_METHODS = ("min_max", "percentile", "mse", "kl")
 CALIBRATION_BATCHES = 4  # 4 x 64 training images
 QAT_EPOCHS = 2
+REPORT_DIR = Path("qatkit_profiler")  # relative to where it runs (git-ignored)
+PROFILE_IMAGES = 64  # test images the reports are computed on (one batch)
 
 
 def prepare(float_model: nn.Module, method: str, data: DigitsData) -> torch.fx.GraphModule:
@@ -79,11 +87,32 @@ def qat_finetune(model: nn.Module, data: DigitsData, epochs: int = QAT_EPOCHS) -
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+    model.eval()  # BatchNorm on its running statistics, as folded into the integer model
     qatkit.set_fake_quantize(model, qatkit.FakeQuantState.VALIDATION)
 
 
-def main(epochs: int = 12, verbose: bool = True) -> dict[str, float]:
-    """Train, calibrate with every method, fine-tune with QAT, convert; return test accuracies.
+def write_reports(float_model: nn.Module, calibrated: nn.Module, qat_model: nn.Module,
+                  int_model: nn.Module, images: torch.Tensor, report_dir: Path) -> dict:
+    """The two reports users run first: float vs calibrated, then QAT vs integer."""
+    reports = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reports["FvsQ"] = model_profiler(float_model, calibrated, images, mode="FvsQ",
+                                         out_dir=report_dir / "float_calib")
+        reports["QvsQ"] = model_profiler(qat_model, int_model, images, mode="QvsQ",
+                                         out_dir=report_dir / "qat_integer")
+    return reports
+
+
+def main(epochs: int = 12, verbose: bool = True,
+         report_dir: Path | None = REPORT_DIR) -> dict[str, float]:
+    """Train, calibrate with every method, fine-tune with QAT, convert, profile; return test
+    accuracies.
+
+    Args:
+        epochs: float training epochs.
+        verbose: print the accuracy table and the report paths.
+        report_dir: where the profiler reports go (None: no reports).
 
     Returns:
         ``{"float": acc, "min_max": acc, "percentile": acc, "mse": acc, "kl": acc, "qat": acc,
@@ -101,6 +130,7 @@ def main(epochs: int = 12, verbose: bool = True) -> dict[str, float]:
             calibrate(models[method], data)
             accuracy[method] = evaluate(models[method], test_set)
         qat_model = models["min_max"]
+        calibrated = copy.deepcopy(qat_model)  # compare float with calibrated, not with QAT
         qat_finetune(qat_model, data)
         accuracy["qat"] = evaluate(qat_model, test_set)
         int_model = qatkit.convert_fx(qat_model)
@@ -108,6 +138,9 @@ def main(epochs: int = 12, verbose: bool = True) -> dict[str, float]:
         with torch.no_grad():
             same = qat_model(data.test_x).argmax(1) == int_model(data.test_x).argmax(1)
         agreement = float(same.float().mean())
+        reports = {} if report_dir is None else write_reports(
+            float_model, calibrated, qat_model, int_model, data.test_x[:PROFILE_IMAGES],
+            Path(report_dir))
     if verbose:
         print(f"DigitsNet, {len(data.test_y)} test images: int8 fake quant (per-channel weights)")
         print(f"{'model':<28}{'accuracy':>9}{'vs float':>10}")
@@ -118,6 +151,11 @@ def main(epochs: int = 12, verbose: bool = True) -> dict[str, float]:
             print(f"{label:<28}{100 * acc:>8.2f}%{delta:>10}".rstrip())
         print(f"integer vs fake-quant QAT model: same prediction on {100 * agreement:.2f}% "
               "of the test images")
+        for mode, report in reports.items():
+            final = report.verdict.final_similarity
+            errors = int((report.findings["Severity"] == "error").sum())
+            print(f"{mode} report: {report.html}  (final-output cosine {final:.6f}, "
+                  f"{len(report.findings)} findings, {errors} errors)")
     return accuracy
 
 

@@ -12,12 +12,63 @@ Example::
 from __future__ import annotations
 
 # --- profiler core (capture, metrics, similarity, statistics, weights) ---
+from .alignment import align_names as align_names
+from .capture import FeatureRecord as FeatureRecord
+from .capture import get_raw_features as get_raw_features
+from .metrics import METRICS as METRICS
+from .metrics import Metric as Metric
+from .metrics import cosine_similarity as cosine_similarity
+from .metrics import error_in_scale as error_in_scale
+from .metrics import get_metric as get_metric
+from .metrics import kl_divergence as kl_divergence
+from .metrics import l1 as l1
+from .metrics import list_metrics as list_metrics
+from .metrics import max_abs_error as max_abs_error
+from .metrics import mse as mse
+from .metrics import register_metric as register_metric
+from .metrics import sqnr as sqnr
+from .similarity import featuremap_similarity as featuremap_similarity
+from .statistics import FeatureProfile as FeatureProfile
+from .statistics import outlier_channels as outlier_channels
+from .statistics import profile_featuremap as profile_featuremap
+from .weights import compare_weights as compare_weights
+
+__all__: list[str] = []
+__all__ += ["get_raw_features", "FeatureRecord", "profile_featuremap", "FeatureProfile",
+            "outlier_channels", "featuremap_similarity", "compare_weights", "align_names",
+            "Metric", "METRICS", "get_metric", "list_metrics", "register_metric",
+            "cosine_similarity", "mse", "l1", "max_abs_error", "sqnr", "kl_divergence",
+            "error_in_scale"]
 # --- end profiler core ---
 
 # --- checks and advisor ---
+from .advisor import ADVICE_COLUMNS as ADVICE_COLUMNS  # noqa: E402
+from .advisor import advise as advise  # noqa: E402
+from .checks import check_qconfig as check_qconfig  # noqa: E402
+from .checks import check_unfused_operations as check_unfused_operations  # noqa: E402
+from .checks import get_module_called_count as get_module_called_count  # noqa: E402
+
+__all__ += ["get_module_called_count", "check_unfused_operations", "check_qconfig", "advise",
+            "ADVICE_COLUMNS"]
 # --- end checks and advisor ---
 
 # --- report ---
+from .html import FINAL_SIMILARITY_THRESHOLD as FINAL_SIMILARITY_THRESHOLD  # noqa: E402
+from .html import REPORT_SECTIONS as REPORT_SECTIONS  # noqa: E402
+from .html import Verdict as Verdict  # noqa: E402
+from .html import build_verdict as build_verdict  # noqa: E402
+from .html import render_html as render_html  # noqa: E402
+from .mermaid import write_similarity_mermaid as write_similarity_mermaid  # noqa: E402
+
+__all__ += ["render_html", "build_verdict", "Verdict", "REPORT_SECTIONS",
+            "FINAL_SIMILARITY_THRESHOLD", "write_similarity_mermaid"]
 # --- end report ---
 
-__all__: list[str] = []
+# --- model_profiler ---
+from .report import MODES as MODES  # noqa: E402
+from .report import ProfilerReport as ProfilerReport  # noqa: E402
+from .report import model_kind as model_kind  # noqa: E402
+from .report import model_profiler as model_profiler  # noqa: E402
+
+__all__ += ["model_profiler", "ProfilerReport", "MODES", "model_kind"]
+# --- end model_profiler ---

@@ -117,7 +117,9 @@ def _finding(severity: str, layer: object, problem: str, evidence: str, advice: 
 # -- statistics ------------------------------------------------------------------------------
 def _input_rows(stats: pd.DataFrame) -> pd.DataFrame:
     """Rows of tensors entering the quantized model: QuantStub inputs, else the first input."""
-    stub = stats["Module Type"].astype(str).str.contains(r"QuantStub|^Quantize", regex=True)
+    # a prepared model's QuantStub, an integer model's Quantized[quantize] (not DeQuantStub,
+    # not Quantized[conv2d])
+    stub = stats["Module Type"].astype(str).str.fullmatch(r"QuantStub|Quantized\[quantize\]")
     rows = stats[stub & (stats["Attr"] == "input")]
     if rows.empty:
         rows = stats[stub & (stats["Attr"] == "output")]

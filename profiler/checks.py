@@ -490,11 +490,13 @@ class _Dtypes:
 
     def consumers(self, node: fx.Node) -> list[fx.Node]:
         """The ops using ``node``'s output (not the graph output), past data-moving ops and the
-        QuantStubs prepare inserted: none for a model output."""
+        QuantStubs prepare inserted, and DeQuantStubs: none for a model output."""
         out = []
         for u in node.users:
             if _is_passthrough(u, self.modules) or (
-                    u.op == "call_module" and op_kind(self.modules[u.target]) == "quant_stub"):
+                    u.op == "call_module" and (
+                        op_kind(self.modules[u.target]) == "quant_stub"
+                        or isinstance(self.modules[u.target], FLOAT_BOUNDARY_MODULES))):
                 out.extend(self.consumers(u))
             elif u.op != "output" and not _is_non_tensor(u):
                 out.append(u)

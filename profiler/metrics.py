@@ -1,0 +1,278 @@
+"""Tensor comparison metrics, in one place, behind one registry.
+
+Every metric takes ``(reference, other)`` -- the reference is model1's tensor (usually the
+float model), ``other`` model2's -- and returns a python float computed in float64.  Edge
+cases are defined, not left to chance:
+
+==============  ===========  ======================  ====================  ==========
+metric          identical    both all-zero           one all-zero          NaN in input
+==============  ===========  ======================  ====================  ==========
+Cosine          1.0          1.0                     0.0                   NaN
+MSE / L1        0.0          0.0                     > 0                   NaN
+MaxAbs          0.0          0.0                     max |x|               NaN
+SQNR (dB)       inf          inf                     -inf (ref 0) / 0.0    NaN
+KL              0.0          0.0                     >= 0                  NaN
+==============  ===========  ======================  ====================  ==========
+
+(SQNR with an all-zero ``other`` is ``10 log10(|ref|^2 / |ref|^2) = 0 dB``.)  A NaN in either
+tensor makes the metric NaN: it is *reported* in the tables, never raised.  Infinite values
+follow IEEE arithmetic.  Tensors of different shapes raise ``ValueError``.
+
+:data:`METRICS` maps the names accepted by ``similarity_func`` arguments (``"Cosine"``,
+``"MSE"``, ``"L1"``, ``"KL"``, ``"SQNR"``, ``"MaxAbs"``; case-insensitive) to :class:`Metric`
+objects that know whether higher is better; :func:`get_metric` looks names up and turns a
+plain callable into a metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["Metric", "METRICS", "register_metric", "get_metric", "list_metrics",
+           "cosine_similarity", "mse", "l1", "max_abs_error", "sqnr", "kl_divergence",
+           "error_in_scale"]
+
+MetricFn = Callable[[Tensor, Tensor], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A named comparison metric.
+
+    Attributes:
+        name: the registry name (``"Cosine"``...).
+        fn: ``fn(reference, other) -> float``.
+        higher_is_better: True for similarities (Cosine, SQNR), False for errors (MSE...).
+
+    Example::
+
+        >>> m = get_metric("mse")
+        >>> m(torch.zeros(3), torch.ones(3)), m.is_worse(1.0, threshold=0.5)
+        (1.0, True)
+    """
+
+    name: str
+    fn: MetricFn
+    higher_is_better: bool = True
+
+    def __call__(self, reference: Tensor, other: Tensor) -> float:
+        return float(self.fn(reference, other))
+
+    def is_worse(self, value: float, threshold: float) -> bool:
+        """True when ``value`` is strictly worse than ``threshold`` (NaN is always worse)."""
+        if math.isnan(value):
+            return True
+        return value < threshold if self.higher_is_better else value > threshold
+
+    def worst_first(self, values: list[float]) -> list[int]:
+        """Indices of ``values`` ordered worst first (NaN first of all)."""
+        def key(i: int) -> tuple[int, float]:
+            v = values[i]
+            if math.isnan(v):
+                return (0, 0.0)
+            return (1, v if self.higher_is_better else -v)
+        return sorted(range(len(values)), key=key)
+
+
+#: name -> metric; filled by :func:`register_metric`
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, higher_is_better: bool = True) -> Callable[[MetricFn], MetricFn]:
+    """Register ``fn(reference, other) -> float`` under ``name`` (a decorator).
+
+    Example::
+
+        >>> @register_metric("RelMax", higher_is_better=False)
+        ... def rel_max(a, b):
+        ...     return float((a - b).abs().max() / a.abs().max())
+    """
+    def deco(fn: MetricFn) -> MetricFn:
+        METRICS[name] = Metric(name, fn, higher_is_better)
+        return fn
+
+    return deco
+
+
+def list_metrics() -> list[str]:
+    """The registered metric names.
+
+    Example::
+
+        >>> list_metrics()[:3]
+        ['Cosine', 'MSE', 'L1']
+    """
+    return list(METRICS)
+
+
+def get_metric(metric: Union[str, Metric, MetricFn]) -> Metric:
+    """The :class:`Metric` for a registered name (case-insensitive), a Metric, or a callable.
+
+    A plain callable ``fn(reference, other) -> float`` counts as higher-is-better unless it
+    has an attribute ``higher_is_better = False``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+
+    Example::
+
+        >>> get_metric("sqnr").higher_is_better
+        True
+    """
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        for name, m in METRICS.items():
+            if name.lower() == metric.lower():
+                return m
+        raise ValueError(f"unknown similarity_func {metric!r}: choose one of {list_metrics()} "
+                         "or pass a callable fn(reference, other) -> float")
+    if callable(metric):
+        name = getattr(metric, "__name__", type(metric).__name__)
+        return Metric(name, metric, bool(getattr(metric, "higher_is_better", True)))
+    raise ValueError(f"similarity_func must be a name in {list_metrics()} or a callable, "
+                     f"got {metric!r}")
+
+
+def _pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise ValueError(f"metrics compare tensors, got {type(a).__name__} and "
+                         f"{type(b).__name__}")
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare tensors of shapes {list(a.shape)} and "
+                         f"{list(b.shape)}")
+    a = a.detach()
+    b = b.detach().to(a.device)
+    return a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+
+
+@register_metric("Cosine", higher_is_better=True)
+def cosine_similarity(reference: Tensor, other: Tensor) -> float:
+    """Cosine similarity of the flattened tensors, in [-1, 1].
+
+    Both all-zero: 1.0; exactly one all-zero: 0.0; NaN anywhere: NaN.
+
+    Example::
+
+        >>> cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+        0.7071067811865475
+    """
+    a, b = _pair(reference, other)
+    na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
+    if math.isnan(na) or math.isnan(nb):  # a NaN anywhere makes its norm NaN: no extra pass
+        return math.nan
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    # scale first: the squared norms of large activations may overflow even float64
+    cos = torch.dot(a / na, b / nb)
+    return float(cos.clamp(-1.0, 1.0))
+
+
+@register_metric("MSE", higher_is_better=False)
+def mse(reference: Tensor, other: Tensor) -> float:
+    """Mean squared error (0.0 for empty tensors).
+
+    Example::
+
+        >>> mse(torch.zeros(4), torch.full((4,), 2.0))
+        4.0
+    """
+    a, b = _pair(reference, other)
+    return float(torch.mean((a - b) ** 2)) if a.numel() else 0.0
+
+
+@register_metric("L1", higher_is_better=False)
+def l1(reference: Tensor, other: Tensor) -> float:
+    """Mean absolute error (0.0 for empty tensors).
+
+    Example::
+
+        >>> l1(torch.zeros(4), torch.tensor([1.0, -1.0, 0.0, 2.0]))
+        1.0
+    """
+    a, b = _pair(reference, other)
+    return float(torch.mean((a - b).abs())) if a.numel() else 0.0
+
+
+@register_metric("MaxAbs", higher_is_better=False)
+def max_abs_error(reference: Tensor, other: Tensor) -> float:
+    """Largest absolute difference (0.0 for empty tensors; NaN if either has a NaN).
+
+    Example::
+
+        >>> max_abs_error(torch.zeros(3), torch.tensor([0.5, -2.0, 1.0]))
+        2.0
+    """
+    a, b = _pair(reference, other)
+    if not a.numel():
+        return 0.0
+    return float((a - b).abs().max())  # torch.max propagates NaN
+
+
+@register_metric("SQNR", higher_is_better=True)
+def sqnr(reference: Tensor, other: Tensor) -> float:
+    """Signal to quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - other|^2)``.
+
+    Identical tensors (noise 0): ``inf``; an all-zero reference with noise: ``-inf``.
+
+    Example::
+
+        >>> sqnr(torch.ones(4), torch.full((4,), 1.1))
+        20.0...
+    """
+    a, b = _pair(reference, other)
+    signal = float(torch.sum(a * a))
+    noise = float(torch.sum((a - b) ** 2))
+    if math.isnan(signal) or math.isnan(noise):
+        return math.nan
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@register_metric("KL", higher_is_better=False)
+def kl_divergence(reference: Tensor, other: Tensor) -> float:
+    """``KL(P || Q)`` with ``P = softmax(ref)``, ``Q = softmax(other)`` over all elements.
+
+    The tensors are flattened and each turned into one distribution by a softmax
+    (as ``torch.nn.KLDivLoss`` on logits); identical tensors give 0.0.
+
+    Example::
+
+        >>> kl_divergence(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
+        0.0
+    """
+    a, b = _pair(reference, other)
+    if not a.numel():
+        return 0.0
+    lp, lq = torch.log_softmax(a, 0), torch.log_softmax(b, 0)
+    kl = float(torch.sum(lp.exp() * (lp - lq)))
+    return kl if math.isnan(kl) else max(kl, 0.0)
+
+
+def error_in_scale(reference: Tensor, other: Tensor, scale: float | None) -> float:
+    """``max |ref - other| / scale``: the largest error in quantization steps.
+
+    NaN when ``scale`` is None or NaN (a float tensor has no step); ``inf`` for a positive
+    error at scale 0.
+
+    Example::
+
+        >>> error_in_scale(torch.zeros(2), torch.tensor([0.25, 0.0]), 1 / 8)
+        2.0
+    """
+    if scale is None or math.isnan(scale):
+        return math.nan
+    err = max_abs_error(reference, other)
+    if scale == 0:
+        return 0.0 if err == 0 else math.inf
+    return err / scale

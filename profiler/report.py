@@ -1,0 +1,324 @@
+"""model_profiler: every profiler tool on two models, one folder of tables and one HTML page.
+
+The report NPU engineers open first when a quantized model loses accuracy. For two models that
+correspond (float vs calibrated/QAT, calibrated/QAT vs integer, calibrated vs QAT) it runs the
+featuremap similarity end to end and per layer, the feature statistics and outlier channels of
+the quantized model, the weight comparison, call counts, the unfused-pattern check, the
+qconfig check and the advisor; it writes each table as .csv, ``profiler.html`` (one
+self-contained page: verdict, similarity chart, sortable tables) and ``similarity.mmd`` (the
+graph coloured by similarity), and returns a :class:`ProfilerReport` holding the tables.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+import torch
+from torch import fx, nn
+
+from ..fake_quantize import FakeQuantize
+from ..quantized import QuantizedModule
+from .advisor import advise
+from .capture import analysis_model, get_raw_features
+from .checks import check_qconfig, check_unfused_operations, get_module_called_count
+from .html import Verdict, build_verdict, render_html
+from .mermaid import write_similarity_mermaid
+from .metrics import cosine_similarity
+from .similarity import featuremap_similarity
+from .statistics import outlier_channels, profile_featuremap
+from .weights import compare_weights
+
+__all__ = ["model_profiler", "ProfilerReport", "MODES", "model_kind"]
+
+#: mode -> (what model1 may be, what model2 may be); kinds from :func:`model_kind`
+MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "FvsQ": (("float",), ("fake_quant", "integer")),  # float vs calibrated / QAT (or integer)
+    "QvsQ": (("fake_quant",), ("integer",)),  # calibrated / QAT vs convert_fx's integer model
+    "CvsQ": (("fake_quant",), ("fake_quant",)),  # calibrated vs QAT
+}
+
+_KIND_TEXT = {"float": "a float model (no fake quants)",
+              "fake_quant": "a calibrated / QAT model (made by prepare_qat_fx)",
+              "integer": "an integer model (made by convert_fx)"}
+
+#: the tools model_profiler runs, by the names ``kwargs_dict`` uses
+TOOLS: dict[str, Callable[..., Any]] = {
+    "featuremap_similarity": featuremap_similarity,
+    "get_raw_features": get_raw_features,
+    "profile_featuremap": profile_featuremap,
+    "outlier_channels": outlier_channels,
+    "compare_weights": compare_weights,
+    "get_module_called_count": get_module_called_count,
+    "check_unfused_operations": check_unfused_operations,
+    "check_qconfig": check_qconfig,
+    "advise": advise,
+    "render_html": render_html,
+}
+
+#: arguments model_profiler sets itself (a kwargs_dict entry cannot override them)
+_OWN_ARGS = {"model", "model1", "model2", "float_model", "qat_model", "inputs", "example_inputs",
+             "features", "out_dir", "method", "print_tabulate", "tables", "path", "verdict",
+             "statistics", "similarity", "per_layer_similarity", "outliers", "called_count",
+             "unfused", "qconfig_warnings", "shared"}
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"integer"`` (has qatkit integer modules), ``"fake_quant"`` (has fake quants), or
+    ``"float"``.
+
+    Example::
+
+        >>> model_kind(torchvision.models.resnet18())
+        'float'
+    """
+    mods = list(model.modules())
+    if any(isinstance(m, QuantizedModule) for m in mods):
+        return "integer"
+    if any(isinstance(m, FakeQuantize) for m in mods):
+        return "fake_quant"
+    return "float"
+
+
+@dataclass(frozen=True)
+class ProfilerReport:
+    """What :func:`model_profiler` found and wrote.
+
+    Attributes:
+        mode: ``"FvsQ"``, ``"QvsQ"`` or ``"CvsQ"``.
+        out_dir: the folder written.
+        tables: the DataFrames by report key (``similarity_end_to_end``,
+            ``similarity_per_layer``, ``statistics``, ``statistics_by_range``, ``outliers``,
+            ``weights``, ``called_count``, ``unfused``, ``qconfig``, ``qconfig_warnings``,
+            ``findings``); a tool that does not apply to the mode is absent.
+        paths: what was written, by key (the tables' .csv, ``"html"``, ``"mermaid"``).
+        verdict: the page's verdict (final-output cosine similarity, worst layers, findings).
+        seconds: time per tool.
+    """
+
+    mode: str
+    out_dir: Path
+    tables: dict[str, pd.DataFrame]
+    paths: dict[str, Path]
+    verdict: Verdict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def html(self) -> Path:
+        """The path of ``profiler.html``."""
+        return self.paths["html"]
+
+    @property
+    def findings(self) -> pd.DataFrame:
+        """The advisor's findings (Severity, Layer, Problem, Evidence, Advice)."""
+        return self.tables["findings"]
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}: {len(v)} rows" for k, v in self.tables.items())
+        final = self.verdict.final_similarity
+        final_s = "unknown" if final is None else f"{final:.6f}"
+        return (f"ProfilerReport(mode={self.mode!r}, out_dir='{self.out_dir}', "
+                f"final_similarity={final_s}, passed={self.verdict.passed}, {sizes})")
+
+
+def _check_mode(mode: str, model1: nn.Module, model2: nn.Module) -> tuple[str, str]:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {sorted(MODES)} (FvsQ: float vs "
+                         "calibrated/QAT, QvsQ: calibrated/QAT vs integer, CvsQ: calibrated vs "
+                         "QAT)")
+    kinds = (model_kind(model1), model_kind(model2))
+    for i, (kind, allowed) in enumerate(zip(kinds, MODES[mode], strict=True)):
+        if kind not in allowed:
+            want = " or ".join(_KIND_TEXT[k] for k in allowed)
+            raise ValueError(
+                f"mode={mode!r} expects model{i + 1} to be {want}, but model{i + 1} "
+                f"({type((model1, model2)[i]).__name__}) is {_KIND_TEXT[kind]}. Pass the models "
+                f"in the mode's order, or pick the mode that fits: "
+                + ", ".join(f"{m} = {MODES[m][0][0]} vs {'/'.join(MODES[m][1])}" for m in MODES))
+    return kinds
+
+
+def _check_kwargs(kwargs_dict: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for tool, kwargs in (kwargs_dict or {}).items():
+        if tool not in TOOLS:
+            raise ValueError(f"kwargs_dict key {tool!r} is not a model_profiler tool; valid "
+                             f"keys: {sorted(TOOLS)}")
+        params = inspect.signature(TOOLS[tool]).parameters
+        for arg in kwargs:
+            if arg not in params:
+                usable = [p for p in params if p not in _OWN_ARGS]
+                raise ValueError(f"kwargs_dict[{tool!r}] has {arg!r}, which {tool} does not "
+                                 f"take; its arguments: {usable}")
+            if arg in _OWN_ARGS:
+                raise ValueError(f"kwargs_dict[{tool!r}][{arg!r}]: model_profiler sets {arg!r} "
+                                 "itself; call the tool directly to choose it")
+        out[tool] = dict(kwargs)
+    return out
+
+
+def _flat_outputs(out: Any) -> torch.Tensor:
+    """Every floating tensor of a model output, flattened and concatenated (on the CPU)."""
+    leaves: list[torch.Tensor] = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point():
+                leaves.append(o.detach().float().reshape(-1).cpu())
+        elif isinstance(o, Mapping):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(out)
+    return torch.cat(leaves) if leaves else torch.zeros(0)
+
+
+def _final_similarity(model1: nn.Module, model2: nn.Module, inputs: tuple,
+                      devices: Any) -> float | None:
+    """Cosine similarity of the two models' final outputs (all output tensors together)."""
+    devs = devices if isinstance(devices, (list, tuple)) else (devices, devices)
+    outs = []
+    for i, (model, dev) in enumerate(zip((model1, model2), devs, strict=True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # analysis_model's state warnings: said once already
+            with analysis_model(model, f"model{i + 1}", dev) as gm, torch.no_grad():
+                here = next((t.device for t in gm.parameters()), None)
+                args = tuple(a.to(here) if isinstance(a, torch.Tensor) and here is not None
+                             else a for a in inputs)
+                outs.append(_flat_outputs(gm(*args)))
+    if outs[0].numel() == 0 or outs[0].shape != outs[1].shape:
+        return None
+    return float(cosine_similarity(outs[0], outs[1]))
+
+
+def _shared_names(*tables: pd.DataFrame | None) -> set[str]:
+    names: set[str] = set()
+    for t in tables:
+        if t is not None and len(t):
+            names.update(t.loc[t["Called Count"] > 1, "Module Name"].astype(str))
+    return names
+
+
+def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
+                   mode: str = "FvsQ", out_dir: str | os.PathLike = "./qatkit_profiler",
+                   kwargs_dict: Mapping[str, Mapping[str, Any]] | None = None,
+                   devices: Any = None) -> ProfilerReport:
+    """Run every profiler tool on two models; write the tables, profiler.html, similarity.mmd.
+
+    Neither model is changed. Fake-quant models should be in VALIDATION state (a model in
+    CALIBRATION state is an error whose message gives the fix).
+
+    Args:
+        model1: the reference: the float model (``"FvsQ"``), the calibrated / QAT model
+            (``"QvsQ"``), the calibrated model (``"CvsQ"``).
+        model2: the model analysed: calibrated / QAT (``"FvsQ"``, ``"CvsQ"``) or the integer
+            model from ``convert_fx`` (``"QvsQ"``).
+        example_inputs: one batch: the models' input or a tuple of inputs.
+        mode: ``"FvsQ"``, ``"QvsQ"`` or ``"CvsQ"`` (:data:`MODES`).
+        out_dir: the folder to write (created; existing report files are overwritten, other
+            files are left alone).
+        kwargs_dict: extra arguments per tool, by tool name (:data:`TOOLS`), e.g.
+            ``{"featuremap_similarity": {"similarity_func": "SQNR"}}``.
+        devices: as in :func:`featuremap_similarity` (one device or a pair).
+
+    Returns:
+        a :class:`ProfilerReport` (tables, paths, verdict).
+
+    Raises:
+        ValueError: the models do not fit the mode, an unknown kwargs_dict key or argument,
+            or anything the tools reject (inputs that do not fit, models that do not
+            correspond; the message names the model and layer).
+
+    Example::
+
+        >>> report = model_profiler(float_model, calib_model, x, mode="FvsQ",
+        ...                         out_dir="float_calib")
+        >>> report.html                   # open in a browser
+        PosixPath('float_calib/profiler.html')
+        >>> report.findings.head()        # Severity, Layer, Problem, Evidence, Advice
+    """
+    kinds = _check_mode(mode, model1, model2)
+    kw = _check_kwargs(kwargs_dict)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, pd.DataFrame] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+        return result
+
+    sim_kw = {"devices": devices, **kw.get("featuremap_similarity", {})}
+    tables["similarity_end_to_end"] = timed(
+        "featuremap_similarity", featuremap_similarity, model1, model2, inputs,
+        method="EndToEnd", **sim_kw)
+    tables["similarity_per_layer"] = timed(
+        "featuremap_similarity", featuremap_similarity, model1, model2, inputs,
+        method="PerLayer", **sim_kw)
+    # statistics of the quantized side (its scales are what the NPU will use)
+    stats_model = model2
+    raw_kw = {"device": None if devices is None or isinstance(devices, (list, tuple))
+              else devices, **kw.get("get_raw_features", {})}
+    features = timed("get_raw_features", get_raw_features, stats_model, inputs, **raw_kw)
+    profile = timed("profile_featuremap", profile_featuremap, features,
+                    **kw.get("profile_featuremap", {}))
+    tables["statistics"], tables["statistics_by_range"] = profile.table, profile.by_range
+    tables["outliers"] = timed("outlier_channels", outlier_channels, features,
+                               **kw.get("outlier_channels", {}))
+    del features  # one batch of feature maps, no longer needed
+    if kinds[0] == "float":
+        tables["weights"] = timed("compare_weights", compare_weights, model1, model2,
+                                  **kw.get("compare_weights", {}))
+    counts = [timed("get_module_called_count", get_module_called_count, m, inputs,
+                    print_tabulate=False, **kw.get("get_module_called_count", {}))
+              for m in (model1, model2)]
+    tables["called_count"] = counts[0]
+    if kinds[0] == "float":
+        tables["unfused"] = timed("check_unfused_operations", check_unfused_operations, model1,
+                                  inputs, print_tabulate=False,
+                                  **kw.get("check_unfused_operations", {}))
+    fq_model = model2 if kinds[1] == "fake_quant" else model1
+    if isinstance(fq_model, fx.GraphModule):
+        tables["qconfig"], tables["qconfig_warnings"] = timed(
+            "check_qconfig", check_qconfig, fq_model, inputs, print_tabulate=False,
+            **kw.get("check_qconfig", {}))
+    tables["findings"] = timed(
+        "advise", advise, statistics=tables["statistics"],
+        similarity=tables["similarity_end_to_end"],
+        per_layer_similarity=tables["similarity_per_layer"], outliers=tables["outliers"],
+        called_count=tables["called_count"], unfused=tables.get("unfused"),
+        qconfig_warnings=tables.get("qconfig_warnings"), **kw.get("advise", {}))
+    final = timed("final_similarity", _final_similarity, model1, model2, inputs, devices)
+    verdict = build_verdict(tables, final_similarity=final)
+
+    paths: dict[str, Path] = {}
+    for key, table in tables.items():
+        paths[key] = out / f"{key}.csv"
+        table.to_csv(paths[key], index=False)
+    shared = _shared_names(*counts)
+    if isinstance(model2, fx.GraphModule):
+        paths["mermaid"] = out / "similarity.mmd"
+        timed("mermaid", write_similarity_mermaid, model2, tables["similarity_end_to_end"],
+              paths["mermaid"])
+    meta = {"mode": mode, "model1": f"{type(model1).__name__} ({_KIND_TEXT[kinds[0]]})",
+            "model2": f"{type(model2).__name__} ({_KIND_TEXT[kinds[1]]})",
+            "inputs": ", ".join(str(tuple(t.shape)) for t in inputs
+                                if isinstance(t, torch.Tensor))}
+    page = {k: v for k, v in tables.items() if k != "statistics_by_range"}
+    paths["html"] = timed("render_html", render_html, page, out / "profiler.html",
+                          title=f"qatkit profiler — {mode}", verdict=verdict, shared=shared,
+                          meta=meta, **kw.get("render_html", {}))
+    return ProfilerReport(mode=mode, out_dir=out, tables=tables, paths=paths, verdict=verdict,
+                          seconds=seconds)

@@ -1,0 +1,314 @@
+"""featuremap_similarity: compare two models op by op, end to end or per layer.
+
+model1 (the reference: float, calibrated or QAT) runs once through an FX Interpreter that
+keeps, on the CPU, the outputs model2 has counterparts for (aligned by float name through
+:mod:`.alignment`, never guessed).  model2 then runs through an Interpreter that compares
+each op's output with model1's as soon as it is computed, so model2's feature maps are never
+stored:
+
+* **end to end** -- model2 runs on its own: each row shows the error accumulated up to that op;
+* **same input** -- every op of model2 that has a counterpart in model1 hands on model1's
+  value instead of its own (after its own output was compared), so each op runs on exactly
+  the input model1's op saw and its row shows the op's *own* error.
+
+``method="EndToEnd"`` takes Similarity / Acc Error from the first run and "Op Error with Same
+Input" from the second; ``method="PerLayer"`` runs only the second and takes every column
+from it -- the distinction NPU toolchains make between end-to-end and per-layer precision
+analysis.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, fx, nn
+
+from .alignment import check_inputs, is_prepared, node_type, op_names, reference_names
+from .capture import _as_tuple, _model_device, analysis_model, node_qparams, to_device, write_table
+from .metrics import Metric, get_metric
+
+__all__ = ["featuremap_similarity", "SIMILARITY_COLUMNS", "METHODS"]
+
+SIMILARITY_COLUMNS = ["Index", "Module Name", "Module Type", "Similarity", "qscale",
+                      "Acc Error (float atol)", "Acc Error (N out_qscale)",
+                      "Op Error with Same Input (N out_qscale)"]
+METHODS = ("EndToEnd", "PerLayer")
+_OPS = ("call_module", "call_function", "call_method")
+
+# Set by benchmarks/profiler.py (``_MemoryMeter``) to measure the bytes the profiler holds.
+_METER: _MemoryMeter | None = None
+
+
+class _MemoryMeter:
+    """Peak bytes of distinct tensor storages held by the profiler: model1's records plus
+    the live values of the interpreter that is running (its environment)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    def sample(self, records: dict, env: dict) -> None:
+        seen: dict[int, int] = {}
+
+        def add(v: Any) -> None:
+            if isinstance(v, Tensor):
+                s = v.untyped_storage()
+                seen[s.data_ptr()] = s.nbytes()
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    add(x)
+
+        for v in records.values():
+            add(v)
+        for v in env.values():
+            add(v)
+        self.peak = max(self.peak, sum(seen.values()))
+
+
+def _parse_devices(devices: Any) -> tuple[Any, Any]:
+    if devices is None:
+        return None, None
+    if isinstance(devices, (list, tuple)):
+        if len(devices) != 2:
+            raise ValueError(f"devices takes one device or a pair (model1's, model2's), got "
+                             f"{devices!r}")
+        return devices[0], devices[1]
+    return devices, devices
+
+
+def _parse_method(method: str) -> str:
+    for m in METHODS:
+        if m.lower() == str(method).lower():
+            return m
+    raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+
+
+def _occurrences(names: dict[fx.Node, str]) -> dict[fx.Node, tuple[str, int]]:
+    seen: Counter = Counter()
+    out = {}
+    for node, fname in names.items():
+        out[node] = (fname, seen[fname])
+        seen[fname] += 1
+    return out
+
+
+def _align(gm1: fx.GraphModule, gm2: fx.GraphModule) -> dict[fx.Node, tuple[str, int]]:
+    """model2 node -> the key (float name, k) of its counterpart among model1's nodes.
+
+    The k-th model2 node with float name F matches the k-th model1 node with F when both
+    have the same number of them (calibrated vs integer), else model1's last one (a float
+    model has one node per name; a prepared model may add a QuantStub with the same name).
+    """
+    occ1 = _occurrences(reference_names(gm1))
+    count1 = Counter(f for f, _ in occ1.values())
+    ref2 = reference_names(gm2)
+    occ2 = _occurrences(ref2)
+    count2 = Counter(f for f, _ in occ2.values())
+    names2 = op_names(gm2)
+    missing = [names2[n] + (f" (float name '{f}')" if f != names2[n] else "")
+               for n, (f, _) in occ2.items() if n.op in _OPS and f not in count1]
+    if missing and is_prepared(gm2):
+        raise ValueError(
+            f"featuremap_similarity: model2 ({type(gm2).__name__}) has {len(missing)} op(s) with "
+            f"no counterpart in model1 ({type(gm1).__name__}): {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}. The models do not correspond: model2 must "
+            "be model1 prepared / calibrated / converted (or the float model it came from)")
+    out = {}
+    for node, (fname, k) in occ2.items():
+        if fname not in count1:
+            continue
+        out[node] = (fname, k if count1[fname] == count2[fname] else count1[fname] - 1)
+    if not any(n.op in _OPS for n in out):
+        raise ValueError(f"featuremap_similarity: no op of model2 ({type(gm2).__name__}) "
+                         f"matches an op of model1 ({type(gm1).__name__}); the models do not "
+                         "correspond")
+    return out
+
+
+def _record_model1(gm1: fx.GraphModule, inputs: tuple, keys: set[tuple[str, int]],
+                   ) -> dict[tuple[str, int], Tensor]:
+    occ1 = _occurrences(reference_names(gm1))
+    records: dict[tuple[str, int], Tensor] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            key = occ1.get(n)
+            if key in keys and isinstance(out, Tensor):
+                records[key] = out.detach().to("cpu", copy=True)  # safe from in-place ops
+            if _METER is not None:
+                _METER.sample(records, {**self.env, n: out})
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm1).run(*to_device(inputs, _model_device(gm1)))
+    return records
+
+
+def _max_abs(a: Tensor, b: Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return float((b.to(a.dtype) - a).abs().max()) if a.is_floating_point() else float(
+        (b.double() - a.double()).abs().max())
+
+
+class _Run:
+    """One run of model2 comparing each aligned op's output with model1's record."""
+
+    def __init__(self, gm2: fx.GraphModule, keys: dict[fx.Node, tuple[str, int]],
+                 records: dict[tuple[str, int], Tensor], metric: Metric | None,
+                 substitute: bool, names1: dict[tuple[str, int], str]) -> None:
+        self.gm2, self.keys, self.records = gm2, keys, records
+        self.metric, self.substitute = metric, substitute
+        self.names1 = names1
+        self.sim: dict[fx.Node, float] = {}
+        self.atol: dict[fx.Node, float] = {}
+
+    def run(self, inputs: tuple) -> None:
+        names2 = op_names(self.gm2)
+        outer = self
+
+        class _Compare(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                out = super().run_node(n)
+                key = outer.keys.get(n)
+                if n.op not in _OPS or key not in outer.records or not isinstance(out, Tensor):
+                    return out
+                ref = outer.records[key]
+                if tuple(out.shape) != tuple(ref.shape):
+                    raise ValueError(
+                        f"featuremap_similarity: model1's op '{outer.names1[key]}' (float name "
+                        f"'{key[0]}') outputs shape {list(ref.shape)} but model2's op "
+                        f"'{names2[n]}' outputs {list(out.shape)}: the models do not "
+                        "correspond at this layer (was model2 made from model1?)")
+                cpu = out.detach().to("cpu")
+                if outer.metric is not None:
+                    outer.sim[n] = outer.metric(ref, cpu)
+                outer.atol[n] = _max_abs(ref, cpu)
+                if outer.substitute:
+                    out = ref.to(device=out.device, dtype=out.dtype, copy=True)
+                if _METER is not None:
+                    _METER.sample(outer.records, {**self.env, n: out, "cpu": cpu})
+                return out
+
+        with torch.no_grad():
+            _Compare(self.gm2).run(*to_device(inputs, _model_device(self.gm2)))
+
+
+def _steps(err: float, scale: float) -> float:
+    if math.isnan(scale):
+        return math.nan
+    if scale == 0:
+        return 0.0 if err == 0 else math.inf
+    return err / scale
+
+
+def featuremap_similarity(model1: nn.Module, model2: nn.Module, inputs: Any,
+                          similarity_func: Any = "Cosine", threshold: float | None = None,
+                          devices: Any = None, out_dir: str | os.PathLike | None = None,
+                          method: str = "EndToEnd") -> pd.DataFrame:
+    """Compare model2's ops with model1's, op by op, for one batch.
+
+    Works for float vs calibrated/QAT, calibrated vs integer, QAT vs integer (and float vs
+    integer).  Ops are aligned by float name through prepare's provenance: a fused
+    conv+bn+relu of model2 is compared with the float relu's output.  Both models run in
+    eval mode without gradients and are not changed (see
+    :func:`qatkit.profiler.capture.analysis_model`).
+
+    Args:
+        model1: the reference model (float, or the less quantized one).
+        model2: the model analysed.
+        inputs: the models' input, or a tuple of inputs (one batch).
+        similarity_func: ``"Cosine"``, ``"MSE"``, ``"L1"``, ``"KL"``, ``"SQNR"``,
+            ``"MaxAbs"`` (see :mod:`qatkit.profiler.metrics`) or a callable
+            ``fn(model1_tensor, model2_tensor) -> float`` (higher is better unless it has
+            ``higher_is_better = False``).
+        threshold: when given, only the rows whose Similarity is strictly worse than it are
+            returned (below it for Cosine / SQNR, above it for MSE / L1 / KL / MaxAbs; NaN
+            always counts as worse), with their Index from the full table.  ``out_dir`` still
+            gets the full table, and the .txt lists the flagged rows after it.
+        devices: one device for both models or a pair ``(model1's, model2's)``; a model on
+            another device runs as a copy.  None: each where it is.
+        out_dir: also write ``<out_dir>/featuremap_similarity.csv`` and ``.txt``.
+        method: ``"EndToEnd"`` (Similarity and Acc Error of model2 run on its own) or
+            ``"PerLayer"`` (every op of model2 runs on the input model1's op saw: each row
+            is the op's own error).  "Op Error with Same Input" is the per-layer error in
+            both.
+
+    Returns:
+        a DataFrame, one row per op of model2 that has a counterpart in model1, in execution
+        order: "Index", "Module Name" (model2's op), "Module Type", "Similarity", "qscale"
+        (model2's output scale; model1's if model2's output is float; NaN if neither),
+        "Acc Error (float atol)" (max |model2 - model1|), "Acc Error (N out_qscale)" (the
+        same in steps of qscale), "Op Error with Same Input (N out_qscale)".  Integer ops
+        round their (substituted) input to their input grid, so for an integer model2 the
+        op error includes the rounding of its input.
+
+    Raises:
+        ValueError: the inputs do not fit a model, a model is in CALIBRATION state (fake
+            quantization off; the fix is in the message), an unknown similarity_func or
+            method, or the models do not correspond (the message names the layer).
+
+    Example::
+
+        >>> table = featuremap_similarity(float_model, calib_model, x, method="PerLayer")
+        >>> table.sort_values("Similarity").head(3)[["Module Name", "Similarity"]]
+    """
+    metric = get_metric(similarity_func)
+    method = _parse_method(method)
+    inputs = _as_tuple(inputs)
+    dev1, dev2 = _parse_devices(devices)
+    with analysis_model(model1, "model1", dev1) as gm1, \
+            analysis_model(model2, "model2", dev2) as gm2:
+        check_inputs(gm1, inputs, "model1")
+        check_inputs(gm2, inputs, "model2")
+        keys = _align(gm1, gm2)
+        occ1 = _occurrences(reference_names(gm1))
+        names1, qparams1 = op_names(gm1), node_qparams(gm1)
+        names1_by_key = {k: names1[n] for n, k in occ1.items()}
+        records = _record_model1(gm1, inputs, set(keys.values()))
+        runs: dict[str, _Run] = {}
+        if method == "EndToEnd":
+            runs["e2e"] = _Run(gm2, keys, records, metric, False, names1_by_key)
+            runs["e2e"].run(inputs)
+            runs["same"] = _Run(gm2, keys, records, None, True, names1_by_key)
+        else:
+            runs["same"] = _Run(gm2, keys, records, metric, True, names1_by_key)
+        runs["same"].run(inputs)
+        main = runs.get("e2e", runs["same"])
+        qp1 = {k: qparams1[n][0] for n, k in occ1.items()}
+        qp2 = node_qparams(gm2)
+        names2 = op_names(gm2)
+        modules2 = dict(gm2.named_modules())
+        rows = []
+        for node in gm2.graph.nodes:
+            if node not in main.atol:
+                continue
+            scale = qp2[node][0]
+            if scale is None:
+                scale = qp1.get(keys[node])
+            scale = math.nan if scale is None else float(scale)
+            atol = main.atol[node]
+            rows.append({"Index": len(rows), "Module Name": names2[node],
+                         "Module Type": node_type(node, modules2),
+                         "Similarity": main.sim[node], "qscale": scale,
+                         "Acc Error (float atol)": atol,
+                         "Acc Error (N out_qscale)": _steps(atol, scale),
+                         "Op Error with Same Input (N out_qscale)":
+                             _steps(runs["same"].atol.get(node, math.nan), scale)})
+    table = pd.DataFrame(rows, columns=SIMILARITY_COLUMNS)
+    flagged = table
+    if threshold is not None:
+        mask = [metric.is_worse(float(v), threshold) for v in table["Similarity"]]
+        flagged = table[mask].reset_index(drop=True)
+    title = (f"featuremap_similarity ({method}, {metric.name}): model1 "
+             f"{type(model1).__name__} vs model2 {type(model2).__name__}")
+    extra: Sequence[tuple[str, pd.DataFrame]] = ()
+    if threshold is not None:
+        extra = [(f"Rows with {metric.name} worse than {threshold}", flagged)]
+    write_table(table, out_dir, "featuremap_similarity", title, extra=extra)
+    return flagged

@@ -1,0 +1,179 @@
+"""model_profiler: every tool on two models, the files it writes, and the errors it gives.
+
+The model has known defects (a raw [0, 255] input, a shared ReLU, one conv whose activations are
+~1000x the others), and the report must point at them: the findings name the layers, the
+shared module is marked, and the per-layer similarity is worst at the defect.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pandas as pd
+import pytest
+import qatkit
+import torch
+from qatkit.profiler import ProfilerReport, model_profiler
+from qatkit.profiler.metrics import cosine_similarity
+from torch import nn
+
+
+class DefectNet(nn.Module):
+    """conv1 -> relu -> conv2 (huge weights: a range ~1000x) -> relu (the same module) -> pool ->
+    fc.  ``relu`` is shared: called after conv1 and after conv2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv2.weight[0] *= 1000.0  # one output channel with a huge range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _models(seed: int = 0):
+    torch.manual_seed(seed)
+    float_model = DefectNet().eval()
+    x = torch.rand(4, 3, 16, 16) * 255.0  # raw pixels: not normalized
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calib = qatkit.prepare_qat_fx(float_model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
+                                      example_inputs=(x,))
+    calib.eval()
+    qatkit.set_fake_quantize(calib, "calibration")
+    with torch.no_grad():
+        calib(x)
+    qatkit.set_fake_quantize(calib, "validation")
+    return float_model, calib, qatkit.convert_fx(calib), x
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _models()
+
+
+@pytest.fixture(scope="module")
+def fvsq(models, tmp_path_factory):
+    float_model, calib, _, x = models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model_profiler(float_model, calib, x, mode="FvsQ",
+                              out_dir=tmp_path_factory.mktemp("float_calib"))
+
+
+def test_fvsq_writes_every_table_the_page_and_the_graph(fvsq: ProfilerReport) -> None:
+    expected = {"similarity_end_to_end", "similarity_per_layer", "statistics",
+                "statistics_by_range", "outliers", "weights", "called_count", "unfused",
+                "qconfig", "qconfig_warnings", "findings"}
+    assert set(fvsq.tables) == expected
+    for key in expected:
+        path = fvsq.paths[key]
+        assert path.suffix == ".csv" and path.exists(), key
+        assert len(pd.read_csv(path)) == len(fvsq.tables[key]), key
+    html = fvsq.html.read_text(encoding="utf-8")
+    assert fvsq.html.name == "profiler.html" and "<script src=" not in html  # self-contained
+    assert "conv2" in html and "FvsQ" in html
+    mmd = fvsq.paths["mermaid"].read_text(encoding="utf-8")
+    assert mmd.startswith("flowchart") and "conv2" in mmd
+    assert "ProfilerReport(mode='FvsQ'" in repr(fvsq) and "tensor(" not in repr(fvsq)
+
+
+def test_verdict_is_the_final_output_cosine(models, fvsq: ProfilerReport) -> None:
+    float_model, calib, _, x = models
+    with torch.no_grad():
+        expected = float(cosine_similarity(float_model(x).reshape(-1), calib(x).reshape(-1)))
+    assert fvsq.verdict.final_similarity == pytest.approx(expected, abs=1e-6)
+    assert fvsq.verdict.passed == (expected >= 0.98)
+
+
+def test_report_points_at_the_defects(fvsq: ProfilerReport) -> None:
+    findings = fvsq.findings
+    problems = " ".join(findings["Problem"]).lower()
+    layers = set(findings["Layer"])
+    assert "x_quant" in layers or any("conv1" in str(n) for n in layers), layers  # raw input
+    assert "not normalized" in problems
+    assert "relu" in layers, "the shared relu is a finding"  # shared module
+    counts = fvsq.tables["called_count"].set_index("Module Name")["Called Count"]
+    assert counts["relu"] == 2
+    # the defect: conv2's huge channel gives the largest range and the worst own error
+    stats = fvsq.tables["statistics"]
+    out = stats[stats["Attr"] == "output"]
+    widest = out.loc[out["Max"].abs().idxmax(), "Module Name"]
+    assert str(widest).startswith("conv2"), widest
+    weights = fvsq.tables["weights"]
+    assert set(weights["Weight Name"]) == {"conv1.weight", "conv2.weight", "fc.weight"}
+    # <= 0.5 step, except the channel maximum: amax/128 scales clamp it from 128 to 127 steps
+    assert (weights["Error (N weight scale)"] <= 1.0 + 1e-5).all(), weights
+
+
+def test_qvsq_against_the_integer_model(models, tmp_path) -> None:
+    _, calib, integer, x = models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = model_profiler(calib, integer, x, mode="QvsQ", out_dir=tmp_path / "calib_int")
+    assert "weights" not in report.tables and "unfused" not in report.tables
+    sim = report.tables["similarity_end_to_end"]
+    assert len(sim) > 0
+    # exact evaluation: the integer model agrees with the fake-quant model to the bit
+    assert (sim["Acc Error (N out_qscale)"].fillna(0) <= 1.0).all(), sim
+    assert report.verdict.final_similarity == pytest.approx(1.0, abs=1e-6)
+    assert (tmp_path / "calib_int" / "profiler.html").exists()
+
+
+def test_models_are_not_changed(models, tmp_path) -> None:
+    float_model, calib, _, x = models
+    before = [copy.deepcopy(m.state_dict()) for m in (float_model, calib)]
+    states = qatkit.get_fake_quantize_state(calib)
+    training = [m.training for m in calib.modules()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_profiler(float_model, calib, x, out_dir=tmp_path)
+    for sd, m in zip(before, (float_model, calib), strict=True):
+        after = m.state_dict()
+        assert sd.keys() == after.keys()
+        assert all(torch.equal(sd[k], after[k]) for k in sd), type(m).__name__
+    assert qatkit.get_fake_quantize_state(calib) == states
+    assert [m.training for m in calib.modules()] == training
+
+
+def test_mode_mismatch_is_a_clear_error(models, tmp_path) -> None:
+    float_model, calib, integer, x = models
+    with pytest.raises(ValueError, match=r"model2 .*is a float model"):
+        model_profiler(float_model, copy.deepcopy(float_model), x, mode="FvsQ", out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"model1 .*QvsQ|expects model1"):
+        model_profiler(float_model, integer, x, mode="QvsQ", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown mode 'FvsF'"):
+        model_profiler(float_model, calib, x, mode="FvsF", out_dir=tmp_path)
+    assert not any(tmp_path.iterdir()), "nothing is written before the inputs are checked"
+
+
+def test_kwargs_dict_reaches_the_tools(models, tmp_path) -> None:
+    float_model, calib, _, x = models
+    with pytest.raises(ValueError, match="valid keys"):
+        model_profiler(float_model, calib, x, out_dir=tmp_path,
+                       kwargs_dict={"featuremap_similarty": {}})
+    with pytest.raises(ValueError, match="does not take"):
+        model_profiler(float_model, calib, x, out_dir=tmp_path,
+                       kwargs_dict={"featuremap_similarity": {"similarity": "SQNR"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = model_profiler(float_model, calib, x, out_dir=tmp_path / "sqnr",
+                                kwargs_dict={"featuremap_similarity": {"similarity_func": "SQNR"}})
+    sim = report.tables["similarity_end_to_end"]["Similarity"]
+    assert (sim.dropna() > 1.0).any(), "SQNR is in dB, not a cosine"
+
+
+def test_calibration_state_is_refused_with_the_fix(models, tmp_path) -> None:
+    float_model, calib, _, x = models
+    off = copy.deepcopy(calib)
+    qatkit.set_fake_quantize(off, "calibration")
+    with pytest.raises(ValueError, match="VALIDATION"):
+        model_profiler(float_model, off, x, out_dir=tmp_path)

@@ -1,0 +1,114 @@
+"""profile_featuremap and outlier_channels: exact numbers, sorting, the defect layer, files."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import qatkit
+import torch
+from qatkit.profiler import FeatureRecord, get_raw_features, outlier_channels, profile_featuremap
+from qatkit.profiler.statistics import OUTLIER_COLUMNS, STAT_COLUMNS
+from torch import nn
+
+
+def rec(name: str, data: torch.Tensor, scale: float | None = None, dtype: str = "float32",
+        attr: str = "output") -> FeatureRecord:
+    return FeatureRecord(name, "T", attr, 0, data, scale, dtype)
+
+
+def test_statistics_numbers() -> None:
+    inf, nan = float("inf"), float("nan")
+    records = [
+        rec("q", torch.tensor([-1.0, 0.5, 2.0, nan, inf]), 1 / 64, "qint8"),
+        rec("f", torch.tensor([1.0, 3.0])),
+        rec("i", torch.tensor([-100, 5, 127], dtype=torch.int32), 0.1, "qint8"),
+    ]
+    table, by_range = profile_featuremap(records)
+    assert list(table.columns) == STAT_COLUMNS
+    q, f, i = (table.iloc[k] for k in range(3))
+    assert (q["Min"], q["Max"], q["Mean"]) == (-1.0, 2.0, 0.5)
+    assert q["Var"] == pytest.approx(1.5)             # over the finite values, population
+    assert q["Range (steps)"] == pytest.approx(128.0)  # 2.0 / (1/64): int8 cannot hold it
+    assert q["Saturation Ratio"] == pytest.approx(2 / 5)  # 2.0 -> 128 and +inf
+    assert (q["NaN"], q["Inf"], q["Dtype"], q["Scale"]) == (1, 1, "qint8", 1 / 64)
+    assert math.isnan(f["Scale"]) and math.isnan(f["Range (steps)"])
+    assert math.isnan(f["Saturation Ratio"]) and f["Var"] == 1.0
+    # integer records (preserve_int) are in steps already
+    assert i["Range (steps)"] == 127.0 and i["Saturation Ratio"] == pytest.approx(1 / 3)
+    assert list(by_range["Module Name"]) == ["q", "i", "f"]
+
+
+def test_all_nan_tensor_is_reported() -> None:
+    table, _ = profile_featuremap([rec("n", torch.full((4,), float("nan")), 0.1, "qint8")])
+    row = table.iloc[0]
+    assert row["NaN"] == 4 and math.isnan(row["Min"]) and math.isnan(row["Range (steps)"])
+
+
+class DefectNet(nn.Module):
+    """conv2 makes a few activations ~1000x the rest (see test_similarity.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(8, 8, 1), nn.ReLU()
+        self.conv3, self.relu3 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu3(self.conv3(self.relu2(self.conv2(x))))
+
+
+def test_defect_layer_has_the_largest_range_in_steps(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    m = DefectNet().eval()
+    with torch.no_grad():
+        a = m.relu1(m.bn1(m.conv1(x)))[:, 0]
+        m.conv2.weight[0].zero_()
+        m.conv2.weight[0, 0] = 1000.0
+        m.conv2.bias[0] = -1000.0 * torch.quantile(a.flatten(), 0.98)
+    qc = qatkit.get_default_qconfig(activation_observer="percentile",
+                                    activation_qkwargs={"percentile": 99.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qatkit.prepare_qat_fx(m, {"": qc}, example_inputs=(x,)).eval()
+    qatkit.set_fake_quantize(qm, "calibration")
+    with torch.no_grad():
+        qm(x)
+    qatkit.set_fake_quantize(qm, "validation")
+    # float values against the calibrated scales: capture in CALIBRATION state (it warns)
+    qatkit.set_fake_quantize(qm, "calibration")
+    with pytest.warns(RuntimeWarning, match="CALIBRATION"):
+        records = get_raw_features(qm, x)
+    table, by_range = profile_featuremap(records, out_dir=tmp_path, file_name="stats")
+    top = by_range.iloc[0]
+    assert (top["Module Name"], top["Attr"]) in {("conv2", "output"), ("conv3", "input")}
+    assert top["Range (steps)"] > 1000 * 128 / 10
+    rest = table[~table["Module Name"].isin(["conv2", "conv3"])]
+    assert rest["Range (steps)"].max() < 1000
+    assert (tmp_path / "stats.csv").read_text().splitlines()[0].startswith("Module Name,")
+    txt = (tmp_path / "stats.txt").read_text()
+    assert "Sorted by range (steps)" in txt and "conv2" in txt
+
+
+def test_outlier_channel_levels(tmp_path) -> None:
+    maxima = torch.tensor([64.0, 1.0, 1.0, 8.0, 16.0, 32.0, 0.0, 64.0])
+    t = torch.zeros(1, 8, 2, 2)
+    t[0, :, 0, 0] = -maxima                      # |x| counts
+    t3 = t.flatten(2).transpose(1, 2)            # [B, T=4, C=8]: channels last
+    table = outlier_channels([rec("nchw", t), rec("btc", t3), rec("vec", torch.ones(3))],
+                             out_dir=tmp_path)
+    assert list(table.columns) == OUTLIER_COLUMNS
+    assert list(table["Module Name"]) == ["nchw", "btc"]   # 1-D skipped
+    for _, row in table.iterrows():
+        # levels log2(64 / m): 0, 6, 6, 3, 2, 1, (zero channel skipped), 0
+        assert row["Channels"] == 8
+        assert [row[f"Level>={k}"] for k in (3, 4, 5, 6)] == [3, 2, 2, 2]
+        assert row["Max Level"] == pytest.approx(6.0)
+    forced = outlier_channels([rec("btc", t3)], channel_axis=1)
+    assert forced.iloc[0]["Channels"] == 4
+    assert (tmp_path / "outlier_channels.csv").exists()
+    assert (tmp_path / "outlier_channels.txt").exists()
