@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,12 +25,12 @@ from torch import fx, nn
 from ..fake_quantize import FakeQuantize
 from ..quantized import QuantizedModule
 from .advisor import advise
-from .capture import analysis_model, get_raw_features
+from .capture import get_raw_features
 from .checks import check_qconfig, check_unfused_operations, get_module_called_count
 from .html import Verdict, build_verdict, render_html
 from .mermaid import write_similarity_mermaid
-from .metrics import cosine_similarity
-from .similarity import featuremap_similarity
+from .metrics import cosine_similarity, get_metric
+from .similarity import featuremap_similarity, similarity_tables
 from .statistics import outlier_channels, profile_featuremap
 from .weights import compare_weights
 
@@ -182,22 +181,12 @@ def _flat_outputs(out: Any) -> torch.Tensor:
     return torch.cat(leaves) if leaves else torch.zeros(0)
 
 
-def _final_similarity(model1: nn.Module, model2: nn.Module, inputs: tuple,
-                      devices: Any) -> float | None:
+def _final_similarity(out1: Any, out2: Any) -> float | None:
     """Cosine similarity of the two models' final outputs (all output tensors together)."""
-    devs = devices if isinstance(devices, (list, tuple)) else (devices, devices)
-    outs = []
-    for i, (model, dev) in enumerate(zip((model1, model2), devs, strict=True)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # analysis_model's state warnings: said once already
-            with analysis_model(model, f"model{i + 1}", dev) as gm, torch.no_grad():
-                here = next((t.device for t in gm.parameters()), None)
-                args = tuple(a.to(here) if isinstance(a, torch.Tensor) and here is not None
-                             else a for a in inputs)
-                outs.append(_flat_outputs(gm(*args)))
-    if outs[0].numel() == 0 or outs[0].shape != outs[1].shape:
+    a, b = _flat_outputs(out1), _flat_outputs(out2)
+    if a.numel() == 0 or a.shape != b.shape:
         return None
-    return float(cosine_similarity(outs[0], outs[1]))
+    return float(cosine_similarity(a, b))
 
 
 def _shared_names(*tables: pd.DataFrame | None) -> set[str]:
@@ -260,13 +249,19 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
         return result
 
-    sim_kw = {"devices": devices, **kw.get("featuremap_similarity", {})}
-    tables["similarity_end_to_end"] = timed(
-        "featuremap_similarity", featuremap_similarity, model1, model2, inputs,
-        method="EndToEnd", **sim_kw)
-    tables["similarity_per_layer"] = timed(
-        "featuremap_similarity", featuremap_similarity, model1, model2, inputs,
-        method="PerLayer", **sim_kw)
+    sim_kw = {"similarity_func": "Cosine", "devices": devices, "threshold": None,
+              **kw.get("featuremap_similarity", {})}
+    metric = get_metric(sim_kw["similarity_func"])
+    # both methods from one set of runs; the model outputs come with them
+    sims, outputs = timed("featuremap_similarity", similarity_tables, model1, model2, inputs,
+                          metric, sim_kw["devices"])
+    for key, method in (("similarity_end_to_end", "EndToEnd"),
+                        ("similarity_per_layer", "PerLayer")):
+        table = sims[method]
+        if sim_kw["threshold"] is not None:  # as featuremap_similarity(threshold=...) does
+            worse = [metric.is_worse(float(v), sim_kw["threshold"]) for v in table["Similarity"]]
+            table = table[worse].reset_index(drop=True)
+        tables[key] = table
     # statistics of the quantized side (its scales are what the NPU will use)
     stats_model = model2
     raw_kw = {"device": None if devices is None or isinstance(devices, (list, tuple))
@@ -300,7 +295,7 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
         per_layer_similarity=tables["similarity_per_layer"], outliers=tables["outliers"],
         called_count=tables["called_count"], unfused=tables.get("unfused"),
         qconfig_warnings=tables.get("qconfig_warnings"), **kw.get("advise", {}))
-    final = timed("final_similarity", _final_similarity, model1, model2, inputs, devices)
+    final = _final_similarity(*outputs)
     verdict = build_verdict(tables, final_similarity=final)
 
     paths: dict[str, Path] = {}

@@ -32,7 +32,7 @@ from .alignment import check_inputs, is_prepared, node_type, op_names, reference
 from .capture import _as_tuple, _model_device, analysis_model, node_qparams, to_device, write_table
 from .metrics import Metric, get_metric
 
-__all__ = ["featuremap_similarity", "SIMILARITY_COLUMNS", "METHODS"]
+__all__ = ["featuremap_similarity", "similarity_tables", "SIMILARITY_COLUMNS", "METHODS"]
 
 SIMILARITY_COLUMNS = ["Index", "Module Name", "Module Type", "Similarity", "qscale",
                       "Acc Error (float atol)", "Acc Error (N out_qscale)",
@@ -130,7 +130,8 @@ def _align(gm1: fx.GraphModule, gm2: fx.GraphModule) -> dict[fx.Node, tuple[str,
 
 
 def _record_model1(gm1: fx.GraphModule, inputs: tuple, keys: set[tuple[str, int]],
-                   ) -> dict[tuple[str, int], Tensor]:
+                   ) -> tuple[dict[tuple[str, int], Tensor], Any]:
+    """model1's outputs of the aligned ops (on the CPU), and the model's output."""
     occ1 = _occurrences(reference_names(gm1))
     records: dict[tuple[str, int], Tensor] = {}
 
@@ -145,8 +146,8 @@ def _record_model1(gm1: fx.GraphModule, inputs: tuple, keys: set[tuple[str, int]
             return out
 
     with torch.no_grad():
-        _Recorder(gm1).run(*to_device(inputs, _model_device(gm1)))
-    return records
+        output = _Recorder(gm1).run(*to_device(inputs, _model_device(gm1)))
+    return records, output
 
 
 def _max_abs(a: Tensor, b: Tensor) -> float:
@@ -167,6 +168,7 @@ class _Run:
         self.names1 = names1
         self.sim: dict[fx.Node, float] = {}
         self.atol: dict[fx.Node, float] = {}
+        self.output: Any = None
 
     def run(self, inputs: tuple) -> None:
         names2 = op_names(self.gm2)
@@ -196,7 +198,7 @@ class _Run:
                 return out
 
         with torch.no_grad():
-            _Compare(self.gm2).run(*to_device(inputs, _model_device(self.gm2)))
+            self.output = _Compare(self.gm2).run(*to_device(inputs, _model_device(self.gm2)))
 
 
 def _steps(err: float, scale: float) -> float:
@@ -205,6 +207,68 @@ def _steps(err: float, scale: float) -> float:
     if scale == 0:
         return 0.0 if err == 0 else math.inf
     return err / scale
+
+
+def similarity_tables(model1: nn.Module, model2: nn.Module, inputs: Any, metric: Metric,
+                      devices: Any = None, methods: Sequence[str] = METHODS,
+                      ) -> tuple[dict[str, pd.DataFrame], tuple[Any, Any]]:
+    """The tables of :func:`featuremap_similarity` for several methods from one set of runs,
+    and the two models' outputs (model2's from its end-to-end run; None without EndToEnd).
+
+    model1 runs once, model2 once per kind of run needed (end to end; same input), so
+    ``methods=("EndToEnd", "PerLayer")`` costs what ``"EndToEnd"`` alone costs.
+
+    Example::
+
+        >>> tables, (out1, out2) = similarity_tables(float_model, calib_model, (x,),
+        ...                                          get_metric("Cosine"))
+        >>> tables["PerLayer"].head()
+    """
+    methods = [_parse_method(m) for m in methods]
+    inputs = _as_tuple(inputs)
+    dev1, dev2 = _parse_devices(devices)
+    with analysis_model(model1, "model1", dev1) as gm1, \
+            analysis_model(model2, "model2", dev2) as gm2:
+        check_inputs(gm1, inputs, "model1")
+        check_inputs(gm2, inputs, "model2")
+        keys = _align(gm1, gm2)
+        occ1 = _occurrences(reference_names(gm1))
+        names1, qparams1 = op_names(gm1), node_qparams(gm1)
+        names1_by_key = {k: names1[n] for n, k in occ1.items()}
+        records, out1 = _record_model1(gm1, inputs, set(keys.values()))
+        runs: dict[str, _Run] = {}
+        if "EndToEnd" in methods:
+            runs["e2e"] = _Run(gm2, keys, records, metric, False, names1_by_key)
+            runs["e2e"].run(inputs)
+        runs["same"] = _Run(gm2, keys, records, metric if "PerLayer" in methods else None,
+                            True, names1_by_key)
+        runs["same"].run(inputs)
+        qp1 = {k: qparams1[n][0] for n, k in occ1.items()}
+        qp2 = node_qparams(gm2)
+        names2 = op_names(gm2)
+        modules2 = dict(gm2.named_modules())
+        tables = {}
+        for method in methods:
+            main = runs["e2e" if method == "EndToEnd" else "same"]
+            rows = []
+            for node in gm2.graph.nodes:
+                if node not in main.atol:
+                    continue
+                scale = qp2[node][0]
+                if scale is None:
+                    scale = qp1.get(keys[node])
+                scale = math.nan if scale is None else float(scale)
+                atol = main.atol[node]
+                rows.append({"Index": len(rows), "Module Name": names2[node],
+                             "Module Type": node_type(node, modules2),
+                             "Similarity": main.sim[node], "qscale": scale,
+                             "Acc Error (float atol)": atol,
+                             "Acc Error (N out_qscale)": _steps(atol, scale),
+                             "Op Error with Same Input (N out_qscale)":
+                                 _steps(runs["same"].atol.get(node, math.nan), scale)})
+            tables[method] = pd.DataFrame(rows, columns=SIMILARITY_COLUMNS)
+        out2 = runs["e2e"].output if "e2e" in runs else None
+    return tables, (out1, out2)
 
 
 def featuremap_similarity(model1: nn.Module, model2: nn.Module, inputs: Any,
@@ -260,47 +324,7 @@ def featuremap_similarity(model1: nn.Module, model2: nn.Module, inputs: Any,
     """
     metric = get_metric(similarity_func)
     method = _parse_method(method)
-    inputs = _as_tuple(inputs)
-    dev1, dev2 = _parse_devices(devices)
-    with analysis_model(model1, "model1", dev1) as gm1, \
-            analysis_model(model2, "model2", dev2) as gm2:
-        check_inputs(gm1, inputs, "model1")
-        check_inputs(gm2, inputs, "model2")
-        keys = _align(gm1, gm2)
-        occ1 = _occurrences(reference_names(gm1))
-        names1, qparams1 = op_names(gm1), node_qparams(gm1)
-        names1_by_key = {k: names1[n] for n, k in occ1.items()}
-        records = _record_model1(gm1, inputs, set(keys.values()))
-        runs: dict[str, _Run] = {}
-        if method == "EndToEnd":
-            runs["e2e"] = _Run(gm2, keys, records, metric, False, names1_by_key)
-            runs["e2e"].run(inputs)
-            runs["same"] = _Run(gm2, keys, records, None, True, names1_by_key)
-        else:
-            runs["same"] = _Run(gm2, keys, records, metric, True, names1_by_key)
-        runs["same"].run(inputs)
-        main = runs.get("e2e", runs["same"])
-        qp1 = {k: qparams1[n][0] for n, k in occ1.items()}
-        qp2 = node_qparams(gm2)
-        names2 = op_names(gm2)
-        modules2 = dict(gm2.named_modules())
-        rows = []
-        for node in gm2.graph.nodes:
-            if node not in main.atol:
-                continue
-            scale = qp2[node][0]
-            if scale is None:
-                scale = qp1.get(keys[node])
-            scale = math.nan if scale is None else float(scale)
-            atol = main.atol[node]
-            rows.append({"Index": len(rows), "Module Name": names2[node],
-                         "Module Type": node_type(node, modules2),
-                         "Similarity": main.sim[node], "qscale": scale,
-                         "Acc Error (float atol)": atol,
-                         "Acc Error (N out_qscale)": _steps(atol, scale),
-                         "Op Error with Same Input (N out_qscale)":
-                             _steps(runs["same"].atol.get(node, math.nan), scale)})
-    table = pd.DataFrame(rows, columns=SIMILARITY_COLUMNS)
+    table = similarity_tables(model1, model2, inputs, metric, devices, (method,))[0][method]
     flagged = table
     if threshold is not None:
         mask = [metric.is_worse(float(v), threshold) for v in table["Similarity"]]

@@ -50,27 +50,38 @@ def _qrange(dtype: str) -> tuple[int, int] | None:
 
 
 def _stats_row(r: FeatureRecord) -> dict:
-    data = r.data
-    x = data.reshape(-1).to(torch.float64)
+    # float32 passes (min/max, the saturation count) and float64 accumulation (mean, var):
+    # a few passes per tensor, no float64 copy of the feature map
+    x = r.data.reshape(-1)
+    if not x.is_floating_point() or x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        x = x.to(torch.float32)
     n = x.numel()
-    finite_mask = torch.isfinite(x)
-    n_nan = int(torch.isnan(x).sum())
-    n_inf = int((~finite_mask).sum()) - n_nan
-    finite = x[finite_mask] if n_nan or n_inf else x
-    if finite.numel():
-        mn, mx = float(finite.min()), float(finite.max())
-        mean = float(finite.mean())
-        var = float(finite.var(unbiased=False))
+    n_nan = n_inf = 0
+    finite = x
+    if n and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        finite = x[torch.isfinite(x)]
+    m = finite.numel()
+    if m:
+        lo, hi = torch.aminmax(finite)
+        mn, mx = float(lo), float(hi)
+        mean = float(finite.sum(dtype=torch.float64)) / m
+        centered = finite - torch.tensor(mean, dtype=finite.dtype)
+        var = float(centered.square_().sum(dtype=torch.float64)) / m
     else:
         mn = mx = mean = var = math.nan
     scale = r.scale
     sat = steps = math.nan
     qr = _qrange(r.dtype)
     if scale is not None and not math.isnan(scale) and scale > 0 and n:
-        q = finite if r.is_int else finite / scale  # values in quantization steps
-        steps = float(q.abs().max()) if q.numel() else math.nan
+        if m:
+            amax = max(abs(mn), abs(mx))
+            steps = amax if r.is_int else amax / scale  # the range in quantization steps
         if qr is not None:
-            qi = torch.round(q)
+            # round(x * float32(1 / s)), as the fake quant computes it
+            qi = finite if r.is_int else torch.round(finite * (1.0 / torch.tensor(
+                scale, dtype=torch.float32)).to(finite.dtype))
             at_ends = int(((qi <= qr[0]) | (qi >= qr[1])).sum()) + n_inf
             sat = at_ends / n
     return {"Module Name": r.name, "Module Type": r.module_type, "Attr": r.attr, "Arg": r.arg,
