@@ -46,11 +46,12 @@ def float_model(data):
 
 
 @pytest.fixture(scope="module")
-def quickstart_run():
-    """Run the quickstart once: (returned accuracies, printed text)."""
+def quickstart_run(tmp_path_factory):
+    """Run the quickstart once: (returned accuracies, printed text); reports in a temp dir."""
     out = io.StringIO()
+    report_dir = tmp_path_factory.mktemp("quickstart_reports")
     with contextlib.redirect_stdout(out):
-        accuracy = quickstart.main()
+        accuracy = quickstart.main(report_dir=report_dir)
     return accuracy, out.getvalue()
 
 
@@ -132,6 +133,19 @@ def test_quickstart_integer_model_keeps_the_qat_accuracy(quickstart_run):
     assert agreement >= 99.5, f"integer vs fake-quant argmax agreement {agreement}%"
 
 
+def test_quickstart_writes_both_profiler_reports(quickstart_run):
+    _, printed = quickstart_run
+    for mode, folder in (("FvsQ", "float_calib"), ("QvsQ", "qat_integer")):
+        line = next(ln for ln in printed.splitlines() if ln.startswith(f"{mode} report: "))
+        html = Path(line.split(": ", 1)[1].split("  (")[0])
+        assert html.name == "profiler.html" and html.parent.name == folder and html.exists()
+        assert (html.parent / "findings.csv").exists() and (html.parent / "similarity.mmd").exists()
+        cosine = float(line.split("final-output cosine ")[1].split(",")[0])
+        assert cosine >= 0.98, line
+        if mode == "QvsQ":  # exact evaluation: the integer model is the QAT model, to the bit
+            assert cosine == 1.0, line
+
+
 @pytest.mark.parametrize("method", quickstart.CALIBRATION_METHODS)
 def test_quickstart_calibrated_accuracy_is_close_to_float(quickstart_run, method):
     accuracy, _ = quickstart_run
@@ -201,8 +215,10 @@ CODE_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
 @pytest.mark.parametrize("doc", DOCS)
-def test_python_blocks_in_docs_run(doc):
-    """Each ```python block runs, in order, in one namespace per file (like a notebook)."""
+def test_python_blocks_in_docs_run(doc, tmp_path, monkeypatch):
+    """Each ```python block runs, in order, in one namespace per file (like a notebook), in a
+    temporary working directory (the blocks write reports)."""
+    monkeypatch.chdir(tmp_path)
     text = (ROOT / doc).read_text()
     blocks = CODE_BLOCK.findall(text)
     assert blocks, f"{doc} has no ```python block"
