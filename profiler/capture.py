@@ -51,6 +51,10 @@ class FeatureRecord:
         scale: the quantization step of the tensor (per tensor), ``None`` for a float tensor.
         dtype: ``"qint8"``, ``"qint16"`` for quantized tensors, else the torch dtype
             (``"float32"``).
+        unquantized: for the output of a fake-quant op (VALIDATION / QAT state), the op's
+            value before its output fake quant (float32, on the CPU): what the op computes,
+            so statistics can show how much of it the quantization grid cuts off. None
+            elsewhere (integer ops round and saturate inside).
     """
 
     name: str
@@ -60,6 +64,7 @@ class FeatureRecord:
     data: Tensor
     scale: float | None
     dtype: str
+    unquantized: Tensor | None = None
 
     @property
     def is_int(self) -> bool:
@@ -310,13 +315,15 @@ def get_raw_features(model: nn.Module, example_inputs: Any, prefixes: Iterable[s
         snap = _Snapshots()
 
         def record(name: str, mtype: str, attr: str, arg: int, t: Tensor,
-                   qp: tuple[float | None, str | None]) -> None:
+                   qp: tuple[float | None, str | None], pre: Tensor | None = None) -> None:
             scale, qdtype = qp
             data = snap(t)
             if preserve_int and scale is not None and data.is_floating_point():
                 data = _to_int(data, scale)
             dtype = qdtype if qdtype is not None else str(t.dtype).replace("torch.", "")
-            records.append(FeatureRecord(name, mtype, attr, arg, data, scale, dtype))
+            if pre is not None:
+                pre = pre.detach().to("cpu", torch.float32, copy=True)
+            records.append(FeatureRecord(name, mtype, attr, arg, data, scale, dtype, pre))
 
         class _Capture(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
@@ -334,9 +341,20 @@ def get_raw_features(model: nn.Module, example_inputs: Any, prefixes: Iterable[s
                         if isinstance(v, Tensor):
                             record(names[n], mtype, "input", k, v, qparams.get(a, (None, None)))
                             k += 1
-                out = super().run_node(n)
+                pre: list[Tensor] = []
+                fq = getattr(mod, "activation_post_process", None) if keep else None
+                hook = None
+                if isinstance(fq, FakeQuantize) and fq.state is not FakeQuantState.CALIBRATION:
+                    hook = fq.register_forward_pre_hook(lambda m, a: pre.append(a[0]))
+                try:
+                    out = super().run_node(n)
+                finally:
+                    if hook is not None:
+                        hook.remove()
                 if keep and isinstance(out, Tensor):
-                    record(names[n], mtype, "output", 0, out, qparams[n])
+                    unq = pre[-1] if pre and isinstance(pre[-1], Tensor) and \
+                        pre[-1].shape == out.shape else None
+                    record(names[n], mtype, "output", 0, out, qparams[n], unq)
                 return out
 
         dev = _model_device(gm)

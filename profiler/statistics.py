@@ -52,7 +52,10 @@ def _qrange(dtype: str) -> tuple[int, int] | None:
 def _stats_row(r: FeatureRecord) -> dict:
     # float32 passes (min/max, the saturation count) and float64 accumulation (mean, var):
     # a few passes per tensor, no float64 copy of the feature map
-    x = r.data.reshape(-1)
+    # a fake-quant op's output: the value before its fake quant, so the range in steps and the
+    # saturation show what the grid cuts off (after it, both are clamped to the grid's ends)
+    is_int = r.is_int and r.unquantized is None
+    x = (r.data if r.unquantized is None else r.unquantized).reshape(-1)
     if not x.is_floating_point() or x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         x = x.to(torch.float32)
     n = x.numel()
@@ -77,12 +80,15 @@ def _stats_row(r: FeatureRecord) -> dict:
     if scale is not None and not math.isnan(scale) and scale > 0 and n:
         if m:
             amax = max(abs(mn), abs(mx))
-            steps = amax if r.is_int else amax / scale  # the range in quantization steps
+            steps = amax if is_int else amax / scale  # the range in quantization steps
         if qr is not None:
             # round(x * float32(1 / s)), as the fake quant computes it
-            qi = finite if r.is_int else torch.round(finite * (1.0 / torch.tensor(
+            qi = finite if is_int else torch.round(finite * (1.0 / torch.tensor(
                 scale, dtype=torch.float32)).to(finite.dtype))
-            at_ends = int(((qi <= qr[0]) | (qi >= qr[1])).sum()) + n_inf
+            if r.unquantized is not None:  # the values the fake quant actually clamps
+                at_ends = int(((qi < qr[0]) | (qi > qr[1])).sum()) + n_inf
+            else:  # already on the grid: the values sitting at its ends
+                at_ends = int(((qi <= qr[0]) | (qi >= qr[1])).sum()) + n_inf
             sat = at_ends / n
     return {"Module Name": r.name, "Module Type": r.module_type, "Attr": r.attr, "Arg": r.arg,
             "Min": mn, "Max": mx, "Mean": mean, "Var": var,
@@ -96,12 +102,15 @@ def profile_featuremap(features: Sequence[FeatureRecord], out_dir: str | os.Path
 
     Columns: "Module Name", "Module Type", "Attr", "Arg", "Min", "Max", "Mean", "Var"
     (over the finite values), "Scale" (NaN for a float tensor), "Dtype",
-    "Saturation Ratio" (fraction of values with ``round(x / scale)`` at or beyond an end of
-    the dtype's range, infinities included: values a fake quant clamps onto ``qmin``/``qmax``
-    count, as do float values beyond them; NaN without a scale), "Range (steps)"
-    (``max|x| / scale``: above 127 an int8 tensor cannot hold its range at this scale; NaN
-    without a scale), "NaN", "Inf" (counts).  Records captured with ``preserve_int`` hold the
-    integers ``q``: Min/Max/Mean/Var are then in steps too.
+    "Saturation Ratio" (fraction of values the grid clamps: with ``round(x / scale)`` beyond
+    the dtype's range, infinities included; NaN without a scale), "Range (steps)" (``max|x| /
+    scale``: above 127 an int8 tensor cannot hold its range at this scale; NaN without a
+    scale), "NaN", "Inf" (counts).  The output of a fake-quant op is described by its value
+    *before* the output fake quant (``FeatureRecord.unquantized``): that is what the grid has to
+    hold, so a range beyond 127 steps and the clamped fraction are visible.  Tensors already on
+    the grid (inputs, integer-model outputs) count the values at the grid's ends as saturated.
+    Records captured with ``preserve_int`` hold the integers ``q``: Min/Max/Mean/Var are then
+    in steps too.
 
     Args:
         features: records from :func:`~qatkit.profiler.get_raw_features`.
@@ -154,7 +163,9 @@ def outlier_channels(features: Sequence[FeatureRecord], channel_axis: int | None
     For channel ``c`` with ``m_c = max |x[..., c, ...]|`` and the tensor's ``M = max_c m_c``,
     the level is ``log2(M / m_c)``.  A tensor whose scale is set by a few outlier channels
     has many channels at level >= 3 (8x below the max: they use at most 1/8 of the int8
-    range).  All-zero channels (dead ReLUs) have nothing to lose and are not counted.
+    range).  All-zero channels (dead ReLUs) have nothing to lose and are not counted.  A
+    fake-quant op's output is measured before its fake quant (``FeatureRecord.unquantized``),
+    so channels the grid rounds to zero still count.
 
     Channel axis (``channel_axis=None``): dim 1 for 2-D tensors ``[N, C]`` and for conv-like
     tensors of 4 or more dims ``[N, C, H, W]``; the last dim for 3-D tensors, taken as
@@ -178,10 +189,11 @@ def outlier_channels(features: Sequence[FeatureRecord], channel_axis: int | None
     """
     rows = []
     for r in features:
-        if r.data.dim() < 2:
+        data = r.data if r.unquantized is None else r.unquantized  # before the output grid
+        if data.dim() < 2:
             continue
-        axis = _channel_axis(r.data, channel_axis)
-        channels, levels = _levels(r.data, axis)
+        axis = _channel_axis(data, channel_axis)
+        channels, levels = _levels(data, axis)
         row = {"Module Name": r.name, "Module Type": r.module_type, "Attr": r.attr,
                "Channels": channels}
         for k in (3, 4, 5, 6):

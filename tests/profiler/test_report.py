@@ -101,6 +101,7 @@ def test_report_points_at_the_defects(fvsq: ProfilerReport) -> None:
     assert "x_quant" in layers or any("conv1" in str(n) for n in layers), layers  # raw input
     assert "not normalized" in problems
     assert "relu" in layers, "the shared relu is a finding"  # shared module
+    assert "conv2" in layers, "the outlier channel of conv2 is a finding"
     counts = fvsq.tables["called_count"].set_index("Module Name")["Called Count"]
     assert counts["relu"] == 2
     # the defect: conv2's huge channel gives the largest range and the worst own error
