@@ -71,12 +71,12 @@ class QuantizedSoftmax(_QOp):
         k = q.amax(dim=dim, keepdim=True) - q
         e = self.exp_lut[k.clamp(max=self.exp_lut.numel() - 1)]
         total = e.sum(dim=dim, keepdim=True).to(torch.float64)
-        out = self.out_scale.to(torch.float64)
+        r_out = self._inv_out()  # the float32 1 / s_out the output fake quant multiplies by
         if self.op == "log_softmax":
             s_in = self.in_scale[0].to(torch.float64)
             log_sum = torch.log(total / 2.0**EXP_LUT_BITS)
-            return self._finish((-k.to(torch.float64) * s_in - log_sum) / out)
-        return self._finish((e.to(torch.float64) / total) / out)
+            return self._finish((-k.to(torch.float64) * s_in - log_sum) * r_out)
+        return self._finish((e.to(torch.float64) / total) * r_out)
 
 
 @register_converter("softmax", "log_softmax")
@@ -111,12 +111,15 @@ def _centered(q: Tensor, n: int, bits: int, s_in: Tensor, eps: float,
     return n * q - s1, r
 
 
-def _affine(t: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor,
+def _affine(t: Tensor, weight: Tensor | None, bias: Tensor | None, r_out: Tensor,
             shape: Sequence[int]) -> Tensor:
-    """``t * g + b``, ``g = weight / s_out``, ``b = bias / s_out`` (double), shaped ``shape``."""
-    g = (weight.to(torch.float64).reshape(shape) if weight is not None else 1.0) / out
-    b = (bias.to(torch.float64).reshape(shape) if bias is not None else 0.0) / out
-    return t * g + b
+    """``(t * weight + bias) * r_out`` in double, ``weight``/``bias`` shaped ``shape``;
+    ``r_out`` is the float32 ``1 / s_out`` the output fake quant multiplies by."""
+    if weight is not None:
+        t = t * weight.to(torch.float64).reshape(shape)
+    if bias is not None:
+        t = t + bias.to(torch.float64).reshape(shape)
+    return t * r_out
 
 
 class _Norm(_QOp):
@@ -170,8 +173,7 @@ class QuantizedLayerNorm(_Norm):
         d, r = _centered(rows, math.prod(shape), self.in_bits[0], self.in_scale[0],
                          float(p["eps"]), f"{self._get_name()} {self.node_name}")
         t = (d.to(torch.float64) * r).reshape(q.shape)
-        return self._finish(_affine(t, p["weight"], p["bias"], self.out_scale[0].double(),
-                                    shape))
+        return self._finish(_affine(t, p["weight"], p["bias"], self._inv_out()[0], shape))
 
 
 class QuantizedGroupNorm(_Norm):
@@ -194,8 +196,7 @@ class QuantizedGroupNorm(_Norm):
                          float(p["eps"]), f"{self._get_name()} {self.node_name}")
         t = (d.to(torch.float64) * r).reshape(q.shape)
         shape = (-1,) + (1,) * (q.dim() - 2)
-        return self._finish(_affine(t, p["weight"], p["bias"], self.out_scale[0].double(),
-                                    shape))
+        return self._finish(_affine(t, p["weight"], p["bias"], self._inv_out()[0], shape))
 
 
 class QuantizedBatchNorm(_Norm):
@@ -219,9 +220,9 @@ class QuantizedBatchNorm(_Norm):
         beta = p["bias"].to(torch.float64) if p["bias"] is not None else 0.0
         a = gamma * inv
         c = beta - p["running_mean"].to(torch.float64) * a
-        out = self.out_scale[0].to(torch.float64)
-        mult = (self.in_scale[0].to(torch.float64) * a / out).reshape(shape)
-        return self._finish(q.to(torch.float64) * mult + (c / out).reshape(shape))
+        r_out = self._inv_out()[0]
+        mult = (self.in_scale[0].to(torch.float64) * a).reshape(shape)
+        return self._finish((q.to(torch.float64) * mult + c.reshape(shape)) * r_out)
 
 
 _NORMS: dict[str, tuple[type[_Norm], tuple[str, ...], tuple[str, ...]]] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...fake_quantize import FakeQuantize, evaluates_exactly
@@ -24,7 +25,8 @@ __all__ = ["QuantStub", "FunctionalOp", "output_quantized", "OUTPUT_QUANTIZED_MO
 #: float64 (:func:`~qatkit.fake_quantize.evaluates_exactly`), where grid values add and multiply
 #: exactly, so their output fake quant rounds where the integer model does
 EXACT_OPS: frozenset[str] = frozenset({"add", "sub", "mul", "matmul", "einsum", "mean",
-                                       "avg_pool", "adaptive_avg_pool"})
+                                       "avg_pool", "adaptive_avg_pool", "layer_norm",
+                                       "group_norm", "batch_norm"})
 
 
 def _quantize(fq: FakeQuantize | None, out: Any) -> Any:
@@ -91,6 +93,27 @@ def _call_quantized(mod: nn.Module, op: str, fn: Callable, args: tuple, kwargs: 
     if isinstance(out, Tensor) and out.dtype == torch.float64:
         out = out.float()
     return out
+
+
+_NORM_KINDS = frozenset({"layer_norm", "group_norm", "batch_norm"})
+
+
+def _norm_float64(mod: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The forward of a norm module with its parameters in float64 (exact evaluation), or None
+    where exact evaluation does not apply (a BatchNorm using batch statistics)."""
+    def d(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().double()
+
+    if isinstance(mod, nn.LayerNorm):
+        return lambda x: F.layer_norm(x, mod.normalized_shape, d(mod.weight), d(mod.bias),
+                                      mod.eps)
+    if isinstance(mod, nn.GroupNorm):
+        return lambda x: F.group_norm(x, mod.num_groups, d(mod.weight), d(mod.bias), mod.eps)
+    if (isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training
+            and mod.running_mean is not None):
+        return lambda x: F.batch_norm(x, d(mod.running_mean), d(mod.running_var), d(mod.weight),
+                                      d(mod.bias), False, 0.0, mod.eps)
+    return None
 
 
 class _ExactInputs:
@@ -171,7 +194,10 @@ class OutputQuantMixin(_ExactInputs):
     activation_post_process: FakeQuantize | None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _call_quantized(self, self._qatkit_op, super().forward, args, kwargs)
+        fn = super().forward
+        if self._qatkit_op in _NORM_KINDS and evaluates_exactly(self.activation_post_process):
+            fn = _norm_float64(self) or fn  # float64 parameters for a float64 input
+        return _call_quantized(self, self._qatkit_op, fn, args, kwargs)
 
 
 #: float module classes whose outputs qatkit quantizes, and the op kind of each

@@ -191,6 +191,37 @@ def test_exact_evaluation_only_in_validation_without_gradients() -> None:
         assert set(links) == {("args", 0), ("args", 1)}, (name, links)
 
 
+class NormNet(nn.Module):
+    """GroupNorm, a BatchNorm that cannot be folded (after an add), LayerNorm (module and
+    functional): the normalizations evaluate exactly too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.conv2, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.ln = nn.LayerNorm(8)
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.gn(self.conv1(x)))
+        x = self.bn(x + self.conv2(x))
+        t = self.ln(x.mean(dim=(2, 3)))
+        return torch.nn.functional.layer_norm(t, (8,), self.w, None, 1e-5)
+
+
+def test_normalizations_agree_to_the_bit_end_to_end() -> None:
+    torch.manual_seed(0)
+    model = NormNet()
+    x = torch.randn(4, 3, 12, 12)
+    _settle_batchnorm(model, x)
+    qm = _prepare_calibrated(model, x)
+    im = qatkit.convert_fx(qm)
+    res = assert_exact_enough(qm, im, x, per_op=False)
+    kinds = {op_kind(qm.get_submodule(k.split("(")[0])) for k in res}
+    assert {"group_norm", "batch_norm", "layer_norm"} <= kinds, kinds
+    assert min(v[0] for v in res.values()) == 1.0, res
+
+
 def test_exact_evaluation_follows_weight_updates() -> None:
     """The integer weights exact evaluation caches are rebuilt when a weight, a BatchNorm or a
     scale changes in place (optimizer step, load_state_dict)."""
