@@ -91,7 +91,8 @@ def evaluates_exactly(fq: nn.Module | None) -> bool:
     """Whether the op that ``fq`` quantizes computes exactly (in float64) before it.
 
     In VALIDATION (and not while tracing or exporting), QAT ops whose integer twins are exact
-    integer arithmetic (conv, linear, add, sub, mul, matmul, mean, average pools) evaluate in
+    integer arithmetic (conv, linear, add, sub, mul, matmul, mean, average pools, the
+    normalizations: ``qatkit.nn.qat.EXACT_OPS``) evaluate in
     float64, where products and sums of grid values are exact, and ``fq`` rounds that exact
     value: the fake-quant model then rounds exactly where the integer model does, so rare
     float32 near-ties cannot flip an integer and propagate (docs/npu_numerics.md).  Training
