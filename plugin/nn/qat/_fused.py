@@ -56,6 +56,7 @@ class _FusedMixin(_ExactInputs):
     _KIND: str
     _SUFFIX: str
     _OUT_AXIS: int = 0
+    _qatkit_leaf = True  # one op for qatkit's tracer, like the other QAT / quantized modules
 
     weight: nn.Parameter
     bias: nn.Parameter | None
