@@ -59,9 +59,21 @@ def wrap(fn: Callable) -> Callable:
     """
     if not callable(fn):
         raise TypeError(f"wrap takes a function, got {fn!r}")
+    _check_wrappable(fn)
     if fn not in _WRAPPED_FUNCTIONS:
         _WRAPPED_FUNCTIONS.append(fn)
     return fn
+
+
+def _check_wrappable(fn: Callable) -> None:
+    """torch.fx only patches module-level names that do not start with ``_``: refuse what it
+    would silently trace into."""
+    name = getattr(fn, "__name__", "")
+    if name.startswith("_"):
+        raise ValueError(f"cannot wrap {name!r}: torch.fx ignores functions whose name starts "
+                         f"with '_', so calls of it would still be traced into. Rename it "
+                         f"(e.g. {name.lstrip('_') or 'fn'!r}), or move the call into a module "
+                         "and register it with leaf_modules")
 
 
 def list_leaf_modules() -> list[type]:
@@ -111,7 +123,10 @@ class QatkitTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type] = (), leaf_module_names: Iterable[str] = (),
                  wrapped_functions: Iterable[Callable] = ()) -> None:
-        super().__init__(autowrap_functions=tuple(_WRAPPED_FUNCTIONS) + tuple(wrapped_functions))
+        wrapped_functions = tuple(wrapped_functions)
+        for fn in wrapped_functions:
+            _check_wrappable(fn)
+        super().__init__(autowrap_functions=tuple(_WRAPPED_FUNCTIONS) + wrapped_functions)
         self.leaf_types = tuple(_LEAF_MODULE_TYPES | set(leaf_modules))
         self.leaf_names = set(leaf_module_names)
 
@@ -183,7 +198,11 @@ def _explain(model: nn.Module, tracer: QatkitTracer, err: Exception) -> str:
     control_flow = any(h in str(err) for h in _CONTROL_FLOW_HINTS)
     flags = {k: v for k, v in _keyword_defaults(model).items()
              if re.search(rf"\b{re.escape(k)}\b", line)} if not module_name else {}
-    if is_function:
+    if is_function and fn_name.startswith("_"):
+        fix = (f"wrap the function `{fn_name}` so it is kept as one opaque node: rename it "
+               f"without the leading '_' (torch.fx does not wrap such names), then decorate "
+               f"it with @qatkit.fx.wrap (it must be called through its module-level name)")
+    elif is_function:
         fix = (f"wrap the function `{fn_name}` so it is kept as one opaque node: decorate it "
                f"with @qatkit.fx.wrap (it must be called through its module-level name)")
     elif flags:

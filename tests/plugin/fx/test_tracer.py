@@ -221,6 +221,29 @@ def test_register_leaf_module_rejects_non_modules():
         qatkit.fx.wrap(3)
 
 
+def test_underscore_functions_cannot_be_wrapped():
+    """torch.fx skips names starting with '_': wrapping one would silently do nothing."""
+    def _private(x):
+        return x
+
+    with pytest.raises(ValueError, match="'_private'.*Rename it"):
+        qatkit.fx.wrap(_private)
+    assert _private not in qatkit.fx.list_wrapped_functions()
+    with pytest.raises(ValueError, match="cannot wrap '_private'"):
+        qatkit.fx.symbolic_trace(nn.Identity(), wrapped_functions=[_private])
+    with pytest.raises(qatkit.fx.TraceFailure, match="rename it without the leading '_'"):
+        qatkit.fx.symbolic_trace(_CallsPrivate())
+
+
+def _branchy(x):
+    return torch.relu(x) if x.sum() > 0 else x
+
+
+class _CallsPrivate(nn.Module):
+    def forward(self, x):
+        return _branchy(x)
+
+
 def test_wrapped_function_is_one_float_node():
     torch.manual_seed(0)
     model = CallsWrapped()
