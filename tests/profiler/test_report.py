@@ -178,3 +178,27 @@ def test_calibration_state_is_refused_with_the_fix(models, tmp_path) -> None:
     qatkit.set_fake_quantize(off, "calibration")
     with pytest.raises(ValueError, match="VALIDATION"):
         model_profiler(float_model, off, x, out_dir=tmp_path)
+
+
+def test_cvsq_calibrated_against_qat(models, tmp_path) -> None:
+    _, calib, _, x = models
+    qat = copy.deepcopy(calib)
+    qatkit.set_fake_quantize(qat, "qat")
+    qat.train()
+    opt = torch.optim.SGD(qat.parameters(), lr=1e-4)
+    for _ in range(3):
+        opt.zero_grad()
+        qat(x / 255.0).square().mean().backward()
+        opt.step()
+    qat.eval()
+    qatkit.set_fake_quantize(qat, "validation")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = model_profiler(calib, qat, x, mode="CvsQ", out_dir=tmp_path)
+    assert {"similarity_end_to_end", "qconfig", "findings"} <= set(report.tables)
+    assert "weights" not in report.tables and "unfused" not in report.tables
+    sim = report.tables["similarity_end_to_end"].set_index("Module Name")["Similarity"]
+    assert "x_quant" in sim.index  # aligned by name through both models' provenance
+    assert sim["conv1"] < 1.0, "QAT changed conv1's weights"
+    with pytest.raises(ValueError, match="expects model2"):
+        model_profiler(calib, models[2], x, mode="CvsQ", out_dir=tmp_path / "bad")
