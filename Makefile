@@ -40,9 +40,11 @@ browser:
 test: venv browser
 	$(PY) -m pytest -q
 
+# the slow model-zoo sweeps, then every benchmark script (each prints its ratios)
 bench: venv
 	$(PY) -m pytest -q -m slow
-	$(PY) benchmarks/fake_quant.py
+	for b in fake_quant qat_step simulator exact_eval profiler model_profiler; do \
+	  echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 
 lint: venv
 	$(VENV)/bin/ruff check .
