@@ -44,9 +44,9 @@ __all__ += ["get_raw_features", "FeatureRecord", "profile_featuremap", "FeatureP
 # --- checks and advisor ---
 from .advisor import ADVICE_COLUMNS as ADVICE_COLUMNS  # noqa: E402
 from .advisor import advise as advise  # noqa: E402
-from .checks import check_qconfig as check_qconfig  # noqa: E402
 from .checks import check_unfused_operations as check_unfused_operations  # noqa: E402
 from .checks import get_module_called_count as get_module_called_count  # noqa: E402
+from .qconfig_check import check_qconfig as check_qconfig  # noqa: E402
 
 __all__ += ["get_module_called_count", "check_unfused_operations", "check_qconfig", "advise",
             "ADVICE_COLUMNS"]

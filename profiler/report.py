@@ -26,10 +26,11 @@ from ..fake_quantize import FakeQuantize
 from ..quantized import QuantizedModule
 from .advisor import advise
 from .capture import get_raw_features
-from .checks import check_qconfig, check_unfused_operations, get_module_called_count
+from .checks import check_unfused_operations, get_module_called_count
 from .html import Verdict, build_verdict, render_html
 from .mermaid import write_similarity_mermaid
 from .metrics import cosine_similarity, get_metric
+from .qconfig_check import check_qconfig
 from .similarity import featuremap_similarity, similarity_tables
 from .statistics import outlier_channels, profile_featuremap
 from .weights import compare_weights

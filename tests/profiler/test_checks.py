@@ -12,11 +12,8 @@ import qatkit
 import torch
 import torch.nn.functional as F
 import torchvision
-from qatkit.profiler.checks import (
-    check_qconfig,
-    check_unfused_operations,
-    get_module_called_count,
-)
+from qatkit.profiler.checks import check_unfused_operations, get_module_called_count
+from qatkit.profiler.qconfig_check import check_qconfig
 from torch import nn
 
 Q8 = qatkit.default_qat_8bit_fake_quant_qconfig
