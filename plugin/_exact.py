@@ -44,24 +44,18 @@ def acc_bound(w_q: Tensor, groups: int, kind: str, in_bits: int) -> Tensor:
 
     ``kind`` is ``"Conv"``, ``"ConvTranspose"`` (weight ``[in, out/g, *k]``) or ``"Linear"``.
     """
-    # integer weights as int64; integer-valued float weights summed in float64 (exact), which
-    # avoids int64 copies of large weights on every exact-evaluation forward
-    w = w_q.abs() if w_q.is_floating_point() else w_q.to(torch.int64).abs()
-    dtype = torch.float64 if w.is_floating_point() else None
+    w = w_q.to(torch.int64).abs()
     if kind == "ConvTranspose":  # [in, out/g, *k] -> per output channel o = g*opg + j
-        w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).sum(dim=(1, 3), dtype=dtype)
+        w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).sum(dim=(1, 3))
         per_channel = w.reshape(-1)
     else:
-        per_channel = w.reshape(w.shape[0], -1).sum(dim=1, dtype=dtype)
-    return per_channel.to(torch.int64) * 2 ** (in_bits - 1)
+        per_channel = w.reshape(w.shape[0], -1).sum(dim=1)
+    return per_channel * 2 ** (in_bits - 1)
 
 
 def split_weight(w_q: Tensor) -> tuple[Tensor, Tensor]:
-    """``(hi, lo)`` with ``w_q = 16 * hi + lo`` and ``hi, lo`` in ``[-8, 8]`` (int8 weights);
-    int32 for integer ``w_q``, the same dtype for integer-valued float ``w_q``."""
-    if w_q.is_floating_point():
-        hi = torch.floor((w_q + 8) * 0.0625)  # exact: a power-of-two division of small ints
-        return hi, w_q - hi * 16
+    """``(hi, lo)`` (int32) with ``w_q = 16 * hi + lo`` and ``hi, lo`` in ``[-8, 8]`` (int8
+    weights)."""
     hi = (w_q.to(torch.int32) + 8) >> 4
     return hi, w_q.to(torch.int32) - (hi << 4)
 

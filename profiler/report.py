@@ -265,8 +265,8 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
         tables[key] = table
     # statistics of the quantized side (its scales are what the NPU will use)
     stats_model = model2
-    raw_kw = {"device": None if devices is None or isinstance(devices, (list, tuple))
-              else devices, **kw.get("get_raw_features", {})}
+    model2_device = devices[1] if isinstance(devices, (list, tuple)) else devices
+    raw_kw = {"device": model2_device, **kw.get("get_raw_features", {})}
     features = timed("get_raw_features", get_raw_features, stats_model, inputs, **raw_kw)
     profile = timed("profile_featuremap", profile_featuremap, features,
                     **kw.get("profile_featuremap", {}))

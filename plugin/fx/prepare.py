@@ -174,7 +174,8 @@ def _producer_fake_quant(gm: fx.GraphModule, src: Any) -> nn.Module | None:
 def _link_input_fake_quants(gm: fx.GraphModule) -> None:
     """Tell each QAT module called once which fake quants made its inputs (found through
     data-moving ops): weighted modules put their bias on the integer accumulator grid with the
-    first one, and exact evaluation (``evaluates_exactly``) snaps inputs to their grids."""
+    first one, and exact evaluation (``evaluates_exactly``) snaps inputs to their grids.  A
+    module called several times sees several producers: it gets no links."""
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -184,8 +185,6 @@ def _link_input_fake_quants(gm: fx.GraphModule) -> None:
             continue
         mod = gm.get_submodule(str(node.target))
         once = calls[str(node.target)] == 1
-        if hasattr(mod, "link_input_fake_quant") and node.args:
-            mod.link_input_fake_quant(_producer_fake_quant(gm, node.args[0]) if once else None)
         if hasattr(mod, "link_exact_inputs"):
             links = {}
             if once:

@@ -41,7 +41,6 @@ from .._exact import F64_EXACT as _F64_EXACT
 from .._exact import acc_bound as _acc_bound
 from .._exact import cpu_fp32_is_ieee as _cpu_fp32_is_ieee
 from .._exact import split_weight
-from ..fake_quantize import LSQFakeQuantize
 from .base import (
     QuantizedModule,
     TensorQParams,
@@ -383,7 +382,8 @@ def _reciprocal(scale: Tensor) -> Tensor:
 
 
 def _quantize_weight(qat: nn.Module) -> tuple[Tensor, int]:
-    """``clamp(round(w_fold * float32(1/s_w)))`` as the weight fake quant computes it."""
+    """``clamp(round(w_fold * float32(1/s_w)))``, the QAT module's own rule
+    (``quantize_weight``), after checking that it can be applied."""
     wfq = getattr(qat, "weight_fake_quant", None)
     if wfq is None:
         raise ValueError(f"{qat._get_name()} has no weight fake quant (qconfig.weight is None): "
@@ -392,20 +392,11 @@ def _quantize_weight(qat: nn.Module) -> tuple[Tensor, int]:
     if not wfq.has_scale:
         raise ValueError(f"{qat._get_name()}: its weight fake quant has no scale. Calibrate "
                          "first (set_fake_quantize CALIBRATION, run data, then VALIDATION)")
-    scale = wfq.scale.detach().to(torch.float32).cpu()
-    if isinstance(wfq, LSQFakeQuantize):  # its forward clamps the scale the same way
-        scale = scale.clamp(min=torch.finfo(torch.float32).eps)
-    with torch.no_grad():
-        w = qat.folded_weight_bias()[0].detach().to(torch.float32).cpu()
-    shape = [1] * w.dim()
-    if wfq.ch_axis is not None:
-        shape[wfq.ch_axis % w.dim()] = -1
-        if scale.numel() != w.shape[wfq.ch_axis % w.dim()]:
-            raise ValueError(f"{qat._get_name()}: weight scale has {scale.numel()} entries for "
-                             f"weight axis {wfq.ch_axis} of size {w.shape[wfq.ch_axis]}")
-    w_q = torch.mul(w, _reciprocal(scale).view(shape)).round_().clamp_(wfq.quant_min,
-                                                                        wfq.quant_max)
-    return w_q, wfq.bits
+    w = qat.weight
+    if wfq.ch_axis is not None and wfq.scale.numel() != w.shape[wfq.ch_axis % w.dim()]:
+        raise ValueError(f"{qat._get_name()}: weight scale has {wfq.scale.numel()} entries for "
+                         f"weight axis {wfq.ch_axis} of size {w.shape[wfq.ch_axis]}")
+    return qat.quantize_weight().cpu(), wfq.bits
 
 
 def _add_frac_bits(acc_max: Tensor, m1: Tensor, sh1: Tensor, add_bits: int, m2: Tensor,

@@ -219,14 +219,45 @@ class _FusedMixin(_ExactInputs):
         return weight, bias
 
     def link_input_fake_quant(self, fq: nn.Module | None) -> None:
-        """Tell the module which fake quant quantizes its input (prepare does this).
+        """Tell the module which fake quant quantizes its input (prepare does this, through
+        :meth:`link_exact_inputs`, for every input).
 
         With it, the folded bias is fake-quantized onto the integer accumulator grid
         ``s_in * s_w`` (int32; 48 bits with 16-bit operands), as the NPU and the integer model
-        hold it, so the fake-quant model and ``convert_fx``'s model agree to the bit in almost
-        every element.  A plain reference, not a submodule: ``state_dict`` is unchanged.
+        hold it, so the fake-quant model and ``convert_fx``'s model agree to the bit.  A plain
+        reference, not a submodule: ``state_dict`` is unchanged.
         """
-        object.__setattr__(self, "_input_fake_quant", fq)
+        links = {k: v for k, v in self.__dict__.get("_exact_input_fqs", {}).items()
+                 if k != ("args", 0)}
+        if fq is not None:
+            links[("args", 0)] = fq
+        self.link_exact_inputs(links)
+
+    @property
+    def _input_fq(self) -> nn.Module | None:
+        """The fake quant of the input (``forward``'s first argument), when linked."""
+        return self.__dict__.get("_exact_input_fqs", {}).get(("args", 0))
+
+    @torch.no_grad()
+    def quantize_weight(self) -> Tensor:
+        """The folded weight's integers, ``clamp(round(w_fold * float32(1 / s_w)))`` as float32,
+        exactly as the weight fake quant computes them.  One rule for exact evaluation and the
+        integer model (``convert_fx``).
+
+        Example::
+
+            >>> q_w = qconv.quantize_weight()   # integers in [-128, 127], float32
+        """
+        wfq = self.weight_fake_quant
+        scale = wfq.scale.detach().to(torch.float32)
+        if isinstance(wfq, LSQFakeQuantize):  # its forward clamps the scale the same way
+            scale = scale.clamp(min=torch.finfo(torch.float32).eps)
+        w = self.folded_weight_bias()[0].detach().to(torch.float32)
+        shape = [1] * w.dim()
+        if wfq.is_per_channel:
+            shape[wfq.ch_axis % w.dim()] = -1
+        inv = torch.ones_like(scale).div_(scale).view(shape)  # float32 1/s, correctly rounded
+        return torch.mul(w, inv).round_().clamp_(wfq.quant_min, wfq.quant_max)
 
     def accumulator_scale(self, in_scale: Tensor) -> Tensor:
         """float64 ``s_in * s_w`` per output channel: the scale of the integer accumulator.
@@ -272,7 +303,7 @@ class _FusedMixin(_ExactInputs):
                          dtype: torch.dtype | None = None) -> Tensor | None:
         """``bias`` rounded to the accumulator grid (straight-through gradient), when known;
         in ``dtype`` (default ``bias.dtype``; float64 holds the grid value exactly)."""
-        in_fq = self.__dict__.get("_input_fake_quant")
+        in_fq = self._input_fq
         if (bias is None or in_fq is None or not in_fq.has_scale
                 or not self.weight_fake_quant.has_scale
                 or in_fq.state is FakeQuantState.CALIBRATION or in_fq.is_per_channel):
@@ -329,9 +360,9 @@ class _FusedMixin(_ExactInputs):
                 y = y * inv
             y = bn(y)
         elif wfq is not None and evaluates_exactly(self.activation_post_process):
-            links = self.__dict__.get("_exact_input_fqs", {})
             if other is not None:
-                other = exact_grid(other, links.get(("args", 1)))
+                other = exact_grid(other, self.__dict__.get("_exact_input_fqs", {}).get(
+                    ("args", 1)))
             return self._finish(self._exact_op(x, output_size), other).to(x.dtype)
         else:
             weight, bias = self.folded_weight_bias()
@@ -349,13 +380,12 @@ class _FusedMixin(_ExactInputs):
         (:mod:`qatkit._exact`, as the integer model does). Otherwise the float64 op of the
         exact grid values.
         """
-        in_fq = self.__dict__.get("_input_fake_quant")
+        in_fq = self._input_fq
         wfq = self.weight_fake_quant
         if in_fq is None or not in_fq.has_scale or in_fq.is_per_channel:
             weight, bias = self.folded_weight_bias()
-            return self._op(exact_grid(x, self.__dict__.get("_exact_input_fqs", {}).get(
-                ("args", 0))), exact_grid(wfq(weight), wfq),
-                self._fake_quant_bias(bias, torch.float64), output_size)
+            return self._op(exact_grid(x, in_fq), exact_grid(wfq(weight), wfq),
+                            self._fake_quant_bias(bias, torch.float64), output_size)
         plan, weights, q_b, acc_scale = self._exact_weights(in_fq, x.device)
         q_x = torch.round(x * torch.ones_like(in_fq.scale).div_(in_fq.scale).reshape(()))
         if plan == "f32":
@@ -391,22 +421,18 @@ class _FusedMixin(_ExactInputs):
                 and all(a is b for a, b in zip(cached[1], tensors, strict=True))):
             return cached[2]
         wfq = self.weight_fake_quant
-        weight, bias = self.folded_weight_bias()
-        weight = wfq(weight)
-        w_scale = wfq.scale.detach().to(torch.float32)
-        if isinstance(wfq, LSQFakeQuantize):
-            w_scale = w_scale.clamp(min=torch.finfo(torch.float32).eps)
-        w_shape = [1] * weight.dim()
-        if wfq.is_per_channel:
-            w_shape[wfq.ch_axis % weight.dim()] = -1
-        q_w = torch.round(weight * torch.ones_like(w_scale).div_(w_scale).view(w_shape))
+        q_w = self.quantize_weight()
         kind = self._KIND
         plan = "f64"
         if device.type == "cpu" and cpu_fp32_is_ieee("matmul" if kind == "Linear" else "conv"):
             plan = accumulation_plan(q_w, getattr(self, "groups", 1), kind, in_fq.bits,
                                      wfq.bits)
-        weights = {"f32": (q_w,), "f32x2": split_weight(q_w), "f64": (q_w.double(),)}[plan]
-        q_b, acc_scale = self.quantize_bias(bias, in_fq.scale, in_fq.bits)
+        if plan == "f32x2":
+            weights = tuple(t.to(q_w.dtype) for t in split_weight(q_w))
+        else:
+            weights = (q_w if plan == "f32" else q_w.double(),)
+        q_b, acc_scale = self.quantize_bias(self.folded_weight_bias()[1], in_fq.scale,
+                                            in_fq.bits)
         value = (plan, weights, q_b.to(device), acc_scale.to(device))
         object.__setattr__(self, "_exact_cache", (settings, tensors, value))  # not in state
         return value

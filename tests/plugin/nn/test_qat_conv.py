@@ -354,3 +354,19 @@ def test_accumulator_scale_and_quantize_bias_follow_the_documented_rule():
     assert float(qconv.quantize_bias(big, s_in, 16)[0].max()) == min(
         2**47 - 1, float(torch.round(big.double() / acc).max()))
     assert torch.equal(qconv.quantize_bias(None, s_in, 8)[0], torch.zeros(6, dtype=torch.float64))
+
+
+def test_quantize_weight_gives_the_weight_fake_quants_integers():
+    """One rule for exact evaluation and convert_fx: the integers the weight fake quant uses."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+    bn.running_var.uniform_(0.5, 2.0)
+    qconv = qatkit.nn.qat.from_float(conv.eval(), qatkit.default_qat_8bit_fake_quant_qconfig,
+                                     bn=bn.eval()).eval()
+    with torch.no_grad():
+        w_fq = qconv.weight_fake_quant(qconv.folded_weight_bias()[0])  # QAT state: observes
+    q_w = qconv.quantize_weight()
+    s_w = qconv.weight_fake_quant.scale.view(-1, 1, 1, 1)
+    assert q_w.dtype == torch.float32 and torch.equal(q_w, q_w.round())
+    assert q_w.min() >= -128 and q_w.max() <= 127 and q_w.abs().amax(dim=(1, 2, 3)).min() >= 127
+    torch.testing.assert_close(q_w * s_w, w_fq, rtol=0, atol=0)
