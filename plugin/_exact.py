@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["F32_EXACT", "F64_EXACT", "cpu_fp32_is_ieee", "acc_bound", "split_weight",
-           "accumulation_plan"]
+__all__ = ["F32_EXACT", "F64_EXACT", "cpu_fp32_is_ieee", "grid_int", "acc_bound",
+           "split_weight", "accumulation_plan"]
 
 F32_EXACT = 2**24  # integers below this add exactly in float32
 F64_EXACT = 2**53
@@ -37,6 +37,18 @@ def cpu_fp32_is_ieee(kind: str) -> bool:
              getattr(mkldnn, "fp32_precision", "none"),
              getattr(torch.backends, "fp32_precision", "none")]
     return next((p for p in chain if p != "none"), "ieee") == "ieee"
+
+
+def grid_int(x: Tensor, scale: Tensor) -> Tensor:
+    """The integers ``q`` of ``x = float32(q * s)`` as float32: ``round(x * float32(1/s))``
+    (``scale`` broadcasts against ``x``).
+
+    Exact for ``|q| < 2**20``: the two float32 roundings move ``q`` by less than
+    ``3 * 2**-24 * |q|`` < 0.5 (equal to ``to_int`` on the grid, and cheaper).
+    """
+    scale = scale.detach().to(device=x.device, dtype=torch.float32)
+    inv = torch.ones_like(scale).div_(scale)  # float32 1/s, correctly rounded
+    return torch.mul(x.to(torch.float32), inv).round_()
 
 
 def acc_bound(w_q: Tensor, groups: int, kind: str, in_bits: int) -> Tensor:

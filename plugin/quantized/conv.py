@@ -40,6 +40,7 @@ from .._exact import F32_EXACT as _F32_EXACT
 from .._exact import F64_EXACT as _F64_EXACT
 from .._exact import acc_bound as _acc_bound
 from .._exact import cpu_fp32_is_ieee as _cpu_fp32_is_ieee
+from .._exact import grid_int as _grid_int
 from .._exact import split_weight
 from .base import (
     QuantizedModule,
@@ -365,16 +366,6 @@ def _count_nodes(args: Any) -> int:
 
 
 # -- numerics helpers ---------------------------------------------------------------------------
-def _grid_int(x: Tensor, scale: Tensor) -> Tensor:
-    """The integers ``q`` of ``x = float32(q * s)`` as float32: ``round(x * float32(1/s))``.
-
-    Exact for ``|q| < 2**20``: the two float32 roundings move ``q`` by less than
-    ``3 * 2**-24 * |q|`` < 0.5 (equal to ``to_int`` on the grid, and cheaper).
-    """
-    inv = torch.ones_like(scale).div_(scale).to(x.device)
-    return torch.mul(x.to(torch.float32), inv).round_()
-
-
 def _reciprocal(scale: Tensor) -> Tensor:
     """float32 ``1 / scale``, correctly rounded: the factor a fake quant multiplies by."""
     scale = scale.detach().to(torch.float32).cpu()

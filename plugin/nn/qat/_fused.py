@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._exact import accumulation_plan, cpu_fp32_is_ieee, split_weight
+from ..._exact import accumulation_plan, cpu_fp32_is_ieee, grid_int, split_weight
 from ...fake_quantize import FakeQuantState, LSQFakeQuantize, evaluates_exactly
 from .ops import _ExactInputs, exact_grid
 
@@ -387,7 +387,7 @@ class _FusedMixin(_ExactInputs):
             return self._op(exact_grid(x, in_fq), exact_grid(wfq(weight), wfq),
                             self._fake_quant_bias(bias, torch.float64), output_size)
         plan, weights, q_b, acc_scale = self._exact_weights(in_fq, x.device)
-        q_x = torch.round(x * torch.ones_like(in_fq.scale).div_(in_fq.scale).reshape(()))
+        q_x = grid_int(x, in_fq.scale.reshape(()))
         if plan == "f32":
             acc = self._op(q_x, weights[0], None, output_size).double()
         elif plan == "f32x2":

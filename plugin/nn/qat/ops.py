@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..._exact import grid_int
 from ...fake_quantize import FakeQuantize, evaluates_exactly
 
 __all__ = ["QuantStub", "FunctionalOp", "output_quantized", "OUTPUT_QUANTIZED_MODULES",
@@ -39,8 +40,9 @@ def exact_grid(t: Any, fq: nn.Module | None = None) -> Any:
     """A float32 tensor as float64; on ``fq``'s grid, the exact value ``q * s`` of ``t``.
 
     ``t = float32(q * s)`` carries the float32 rounding of ``q * s``; the integer model sees
-    ``q`` itself, so exact evaluation works on ``round(t / s) * s`` in float64 (exact for
-    ``|q| < 2**20``).  Other values (no or per-channel fake quant) are only widened.
+    ``q`` itself, so exact evaluation works on ``q * s`` in float64, ``q`` recovered by
+    :func:`qatkit._exact.grid_int` (per tensor or per channel).  Without a fake quant that
+    has a scale, ``t`` is only widened.
 
     Example::
 
@@ -48,18 +50,16 @@ def exact_grid(t: Any, fq: nn.Module | None = None) -> Any:
     """
     if not isinstance(t, Tensor) or t.dtype != torch.float32:
         return t
-    t = t.double()
     if not isinstance(fq, FakeQuantize) or not fq.has_scale:
-        return t
-    s = fq.scale.detach().to(device=t.device)
+        return t.double()
+    s = fq.scale.detach()
     if fq.is_per_channel:
         shape = [1] * t.dim()
         shape[fq.ch_axis % t.dim()] = -1
         s = s.view(shape)
     else:
         s = s.reshape(())
-    inv = torch.ones_like(s).div_(s).to(torch.float64)
-    return torch.round(t * inv) * s.to(torch.float64)
+    return grid_int(t, s).double().mul_(s.to(device=t.device, dtype=torch.float64))
 
 
 def _exact_args(args: Any, links: dict[tuple, nn.Module], path: tuple = ()) -> Any:
