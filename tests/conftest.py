@@ -12,7 +12,7 @@ from torch import fx, nn
 
 
 def _calibrate(model: nn.Module, x: torch.Tensor, qconfig: qatkit.QConfig | None = None,
-               settle_batchnorm: bool = True) -> fx.GraphModule:
+               settle_batchnorm: bool = False) -> fx.GraphModule:
     if settle_batchnorm:  # BatchNorm statistics of this data, so activations stay in range
         for bn in model.modules():
             if isinstance(bn, nn.modules.batchnorm._BatchNorm):
@@ -21,7 +21,7 @@ def _calibrate(model: nn.Module, x: torch.Tensor, qconfig: qatkit.QConfig | None
         model.train()
         with torch.no_grad():
             model(x)
-    model.eval()
+        model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         calib = qatkit.prepare_qat_fx(
@@ -34,9 +34,10 @@ def _calibrate(model: nn.Module, x: torch.Tensor, qconfig: qatkit.QConfig | None
     return calib
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def calibrate() -> Callable[..., fx.GraphModule]:
-    """``calibrate(model, x, qconfig=None, settle_batchnorm=True)``: the model (its BatchNorm
-    statistics first set from ``x``, in place) prepared, calibrated on ``x`` and in VALIDATION
-    state, in eval mode."""
+    """``calibrate(model, x, qconfig=None, settle_batchnorm=False)``: ``model`` prepared (with
+    ``qconfig``, default int8 QAT, warnings silenced), calibrated on ``x``, in VALIDATION state
+    and eval mode.  ``settle_batchnorm=True`` first sets the float model's BatchNorm statistics
+    from ``x`` (in place) and puts it in eval mode."""
     return _calibrate

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import qatkit
@@ -28,21 +27,8 @@ class TwoBranch(nn.Module):
         return torch.cat([a + b, self.relu(b - 0.5)], 1)
 
 
-def calibrate(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qm = qatkit.prepare_qat_fx(model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
-                                   example_inputs=(x,))
-    qm.eval()
-    qatkit.set_fake_quantize(qm, "calibration")
-    with torch.no_grad():
-        qm(x)
-    qatkit.set_fake_quantize(qm, "validation")
-    return qm
-
-
 @pytest.fixture(scope="module")
-def models():
+def models(calibrate):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     m = TwoBranch().eval()

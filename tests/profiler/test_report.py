@@ -39,25 +39,13 @@ class DefectNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _models(seed: int = 0):
-    torch.manual_seed(seed)
+@pytest.fixture(scope="module")
+def models(calibrate):
+    torch.manual_seed(0)
     float_model = DefectNet().eval()
     x = torch.rand(4, 3, 16, 16) * 255.0  # raw pixels: not normalized
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        calib = qatkit.prepare_qat_fx(float_model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
-                                      example_inputs=(x,))
-    calib.eval()
-    qatkit.set_fake_quantize(calib, "calibration")
-    with torch.no_grad():
-        calib(x)
-    qatkit.set_fake_quantize(calib, "validation")
+    calib = calibrate(float_model, x)
     return float_model, calib, qatkit.convert_fx(calib), x
-
-
-@pytest.fixture(scope="module")
-def models():
-    return _models()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import qatkit
@@ -78,19 +77,6 @@ class SharedAct(nn.Module):
         return self.act(self.conv2(a))
 
 
-def calibrate(model: nn.Module, x: torch.Tensor, qconfig=None) -> torch.fx.GraphModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qconfig = qconfig or qatkit.default_qat_8bit_fake_quant_qconfig
-        qm = qatkit.prepare_qat_fx(model, {"": qconfig}, example_inputs=(x,))
-    qm.eval()
-    qatkit.set_fake_quantize(qm, "calibration")
-    with torch.no_grad():
-        qm(x)
-    qatkit.set_fake_quantize(qm, "validation")
-    return qm
-
-
 def settled(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """BatchNorm statistics from x, then eval."""
     model.train()
@@ -100,7 +86,7 @@ def settled(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def defect():
+def defect(calibrate):
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     m = defect_net(x)
     qc = qatkit.get_default_qconfig(activation_observer="percentile",
@@ -109,7 +95,7 @@ def defect():
 
 
 @pytest.fixture(scope="module")
-def resnet_like():
+def resnet_like(calibrate):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12, 12)
     m = settled(ResNetLike(), x)
@@ -175,7 +161,7 @@ def test_calibrated_vs_integer_agrees_within_one_step(resnet_like) -> None:
         assert (quantized["Op Error with Same Input (N out_qscale)"] <= 1.0 + 1e-5).all(), t
 
 
-def test_shared_module_calls_are_named_per_call() -> None:
+def test_shared_module_calls_are_named_per_call(calibrate) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     m = SharedAct().eval()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import qatkit
 import torch
@@ -27,7 +25,7 @@ class Net(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(calibrate):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6)
     m = Net()
@@ -36,14 +34,7 @@ def models():
         bn.running_mean.uniform_(-1, 1)
         bn.weight.data.uniform_(0.5, 2.0)
     m.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qm = qatkit.prepare_qat_fx(m, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
-                                   example_inputs=(x,)).eval()
-    qatkit.set_fake_quantize(qm, "calibration")
-    with torch.no_grad():
-        qm(x)
-    qatkit.set_fake_quantize(qm, "validation")
+    qm = calibrate(m, x)
     return m, qm, qatkit.convert_fx(qm)
 
 

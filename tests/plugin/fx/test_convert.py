@@ -21,30 +21,6 @@ from torch import nn
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
-def _settle_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
-
-
-def _prepare_calibrated(model: nn.Module, x: torch.Tensor, qconfig=None) -> torch.fx.GraphModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qconfig_dict = {"": qconfig or qatkit.default_qat_8bit_fake_quant_qconfig}
-        qm = qatkit.prepare_qat_fx(model, qconfig_dict, example_inputs=(x,))
-    qm.eval()
-    qatkit.set_fake_quantize(qm, "calibration")
-    with torch.no_grad():
-        qm(x)
-    qatkit.set_fake_quantize(qm, "validation")
-    return qm
-
-
 def _record(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, list[tuple]]:
     """Each named module's (inputs, output) per call, for one forward of ``model``."""
     rec: dict[str, list[tuple]] = {n: [] for n in names}
@@ -127,12 +103,11 @@ class TransformerBlock(nn.Module):
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small",
                                   "efficientnet_b0"])
-def test_torchvision_integer_model_matches_fake_quant(name: str) -> None:
+def test_torchvision_integer_model_matches_fake_quant(calibrate, name: str) -> None:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)
     x = torch.randn(2, 3, 64, 64)
-    _settle_batchnorm(model, x)
-    qm = _prepare_calibrated(model, x)
+    qm = calibrate(model, x, settle_batchnorm=True)
     im = qatkit.convert_fx(qm)
     assert_exact_enough(qm, im, x)
     assert not any(isinstance(m, qatkit.FakeQuantize) for m in im.modules())
@@ -142,11 +117,11 @@ def test_torchvision_integer_model_matches_fake_quant(name: str) -> None:
     assert min(v[0] for v in res.values()) == 1.0, "exact ops should agree to the bit"
 
 
-def test_transformer_block_integer_model_matches_fake_quant() -> None:
+def test_transformer_block_integer_model_matches_fake_quant(calibrate) -> None:
     torch.manual_seed(0)
     model = TransformerBlock().eval()
     x = torch.randn(2, 8, 32)
-    qm = _prepare_calibrated(model, x)
+    qm = calibrate(model, x)
     im = qatkit.convert_fx(qm)
     res = assert_exact_enough(qm, im, x)
     assert_exact_enough(qm, im, x, per_op=False)
@@ -154,11 +129,11 @@ def test_transformer_block_integer_model_matches_fake_quant() -> None:
     assert {"linear", "matmul", "softmax", "layer_norm", "gelu"} <= kinds, kinds
 
 
-def test_int16_activations_match() -> None:
+def test_int16_activations_match(calibrate) -> None:
     torch.manual_seed(0)
     model = TransformerBlock().eval()
     x = torch.randn(2, 8, 32)
-    qm = _prepare_calibrated(model, x, qatkit.default_qat_8bit_weight_16bit_act_fake_quant_qconfig)
+    qm = calibrate(model, x, qatkit.default_qat_8bit_weight_16bit_act_fake_quant_qconfig)
     im = qatkit.convert_fx(qm)
     assert_exact_enough(qm, im, x)
     res = assert_exact_enough(qm, im, x, per_op=False)
@@ -167,13 +142,13 @@ def test_int16_activations_match() -> None:
     assert all(res[k][0] >= 0.99 for k in linear_ops)
 
 
-def test_exact_evaluation_only_in_validation_without_gradients() -> None:
+def test_exact_evaluation_only_in_validation_without_gradients(calibrate) -> None:
     """QAT and CALIBRATION run float32 (training speed); VALIDATION under no_grad evaluates
     exactly; VALIDATION with gradients enabled stays float32 so gradients flow."""
     from qatkit.fake_quantize import evaluates_exactly
 
     torch.manual_seed(0)
-    qm = _prepare_calibrated(TransformerBlock().eval(), torch.randn(2, 8, 32))
+    qm = calibrate(TransformerBlock().eval(), torch.randn(2, 8, 32))
     fq = qm.get_submodule("fc1").activation_post_process
     with torch.no_grad():
         assert evaluates_exactly(fq)
@@ -209,12 +184,11 @@ class NormNet(nn.Module):
         return torch.nn.functional.layer_norm(t, (8,), self.w, None, 1e-5)
 
 
-def test_normalizations_agree_to_the_bit_end_to_end() -> None:
+def test_normalizations_agree_to_the_bit_end_to_end(calibrate) -> None:
     torch.manual_seed(0)
     model = NormNet()
     x = torch.randn(4, 3, 12, 12)
-    _settle_batchnorm(model, x)
-    qm = _prepare_calibrated(model, x)
+    qm = calibrate(model, x, settle_batchnorm=True)
     im = qatkit.convert_fx(qm)
     res = assert_exact_enough(qm, im, x, per_op=False)
     kinds = {op_kind(qm.get_submodule(k.split("(")[0])) for k in res}
@@ -222,14 +196,13 @@ def test_normalizations_agree_to_the_bit_end_to_end() -> None:
     assert min(v[0] for v in res.values()) == 1.0, res
 
 
-def test_exact_evaluation_follows_weight_updates() -> None:
+def test_exact_evaluation_follows_weight_updates(calibrate) -> None:
     """The integer weights exact evaluation caches are rebuilt when a weight, a BatchNorm or a
     scale changes in place (optimizer step, load_state_dict)."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
-    _settle_batchnorm(model, x)
-    qm = _prepare_calibrated(model, x)
+    qm = calibrate(model, x, settle_batchnorm=True)
     with torch.no_grad():
         qm(x)  # fills the caches
         conv = qm.get_submodule("layer1.0.conv1")
@@ -238,7 +211,7 @@ def test_exact_evaluation_follows_weight_updates() -> None:
         out = qm(x)
     res = assert_exact_enough(qm, qatkit.convert_fx(qm), x, per_op=False)
     assert min(v[0] for v in res.values()) == 1.0
-    other = _prepare_calibrated(model, x)
+    other = calibrate(model, x)
     with torch.no_grad():
         assert not torch.equal(other(x), out)  # its caches hold the old weights
         other.load_state_dict(qm.state_dict())
@@ -257,9 +230,9 @@ def digits():
     return d, data, model
 
 
-def test_digits_integer_model_agrees_with_fake_quant(digits) -> None:
+def test_digits_integer_model_agrees_with_fake_quant(calibrate, digits) -> None:
     d, data, model = digits
-    qm = _prepare_calibrated(model, data.train_x[:256])
+    qm = calibrate(model, data.train_x[:256])
     im = qatkit.convert_fx(qm)
     assert_exact_enough(qm, im, data.test_x)
     assert_exact_enough(qm, im, data.test_x, per_op=False)
@@ -269,27 +242,27 @@ def test_digits_integer_model_agrees_with_fake_quant(digits) -> None:
     assert d.evaluate(im, (data.test_x, data.test_y)) >= 0.95
 
 
-def test_state_dict_round_trip_weights_only(tmp_path) -> None:
+def test_state_dict_round_trip_weights_only(calibrate, tmp_path) -> None:
     torch.manual_seed(0)
     model = TransformerBlock().eval()
     x = torch.randn(2, 8, 32)
-    qm = _prepare_calibrated(model, x)
+    qm = calibrate(model, x)
     im = qatkit.convert_fx(qm)
     path = tmp_path / "int_model.pt"
     torch.save(im.state_dict(), path)
     # a second integer model from a differently calibrated copy, then loaded
-    qm2 = _prepare_calibrated(model, torch.randn(2, 8, 32) * 3)
+    qm2 = calibrate(model, torch.randn(2, 8, 32) * 3)
     im2 = qatkit.convert_fx(qm2)
     im2.load_state_dict(torch.load(path, weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(im2(x), im(x), rtol=0, atol=0)
 
 
-def test_preserve_qat_mode_keeps_fake_quant_form() -> None:
+def test_preserve_qat_mode_keeps_fake_quant_form(calibrate) -> None:
     torch.manual_seed(0)
     model = TransformerBlock().eval()
     x = torch.randn(2, 8, 32)
-    qm = _prepare_calibrated(model, x)
+    qm = calibrate(model, x)
     marked = qatkit.set_preserve_qat_mode(qm, prefixes=["fc1"], types=["softmax"])
     assert "fc1" in marked and "softmax" in marked
     with pytest.raises(ValueError, match="Softmax"):  # the block uses the functional softmax
@@ -301,11 +274,11 @@ def test_preserve_qat_mode_keeps_fake_quant_form() -> None:
         qatkit.set_preserve_qat_mode(qm, prefixes=["nothere"])
 
 
-def test_convert_does_not_modify_the_qat_model_and_names_are_kept() -> None:
+def test_convert_does_not_modify_the_qat_model_and_names_are_kept(calibrate) -> None:
     torch.manual_seed(0)
     model = TransformerBlock().eval()
     x = torch.randn(2, 8, 32)
-    qm = _prepare_calibrated(model, x)
+    qm = calibrate(model, x)
     with torch.no_grad():
         before = qm(x)
     im = qatkit.convert_fx(qm)
@@ -327,10 +300,10 @@ def test_uncalibrated_model_is_a_clear_error() -> None:
         qatkit.convert_fx(model)
 
 
-def test_op_without_integer_implementation_names_it() -> None:
+def test_op_without_integer_implementation_names_it(calibrate) -> None:
     from qatkit.quantized import CONVERTERS
 
-    qm = _prepare_calibrated(TransformerBlock().eval(), torch.randn(2, 8, 32))
+    qm = calibrate(TransformerBlock().eval(), torch.randn(2, 8, 32))
     saved = CONVERTERS.pop("layer_norm")
     try:
         with pytest.raises(NotImplementedError, match="ln1.*set_preserve_qat_mode"):
@@ -339,10 +312,10 @@ def test_op_without_integer_implementation_names_it() -> None:
         CONVERTERS["layer_norm"] = saved
 
 
-def test_register_converter_dispatches_by_op_kind() -> None:
+def test_register_converter_dispatches_by_op_kind(calibrate) -> None:
     from qatkit.quantized import CONVERTERS, register_converter
 
-    qm = _prepare_calibrated(TransformerBlock().eval(), torch.randn(2, 8, 32))
+    qm = calibrate(TransformerBlock().eval(), torch.randn(2, 8, 32))
     seen = []
 
     class Marker(qatkit.quantized.QuantizedModule):
