@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+import warnings
+from typing import Callable, Iterable
 
+import qatkit
 import torch
 
 
@@ -39,3 +41,19 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], device: torch.dev
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def calibrated(float_model: torch.nn.Module, x: torch.Tensor,
+               batches: Iterable[torch.Tensor] | None = None) -> torch.fx.GraphModule:
+    """``float_model`` prepared with the default int8 QAT qconfig, calibrated on ``batches``
+    (default: ``x``), in VALIDATION state and eval mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qatkit.prepare_qat_fx(float_model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
+                                   example_inputs=(x,)).eval()
+    qatkit.set_fake_quantize(qm, "calibration")
+    with torch.no_grad():
+        for batch in batches if batches is not None else (x,):
+            qm(batch)
+    qatkit.set_fake_quantize(qm, "validation")
+    return qm

@@ -10,12 +10,11 @@ resnet18 (batch 8, 112x112) and resnet50 (batch 2, 224x224), random weights, 2 t
 from __future__ import annotations
 
 import copy
-import warnings
 
 import qatkit
 import torch
 import torchvision
-from _common import interleaved_medians, parse_args
+from _common import calibrated, interleaved_medians, parse_args
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor):
@@ -30,15 +29,7 @@ def main() -> None:
     for name, batch, res in (("resnet18", 8, 112), ("resnet50", 2, 224)):
         float_model = torchvision.models.get_model(name, weights=None).to(device).eval()
         x = torch.randn(batch, 3, res, res, device=device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            calib = qatkit.prepare_qat_fx(float_model,
-                                          {"": qatkit.default_qat_8bit_fake_quant_qconfig},
-                                          example_inputs=(x,)).eval()
-        qatkit.set_fake_quantize(calib, "calibration")
-        with torch.no_grad():
-            calib(x)
-        qatkit.set_fake_quantize(calib, "validation")
+        calib = calibrated(float_model, x)
         float32_fq = copy.deepcopy(calib)
         qatkit.set_fake_quantize(float32_fq, "qat")  # float32 fake quant (observers update)
         med = interleaved_medians({"float": _forward(float_model, x),

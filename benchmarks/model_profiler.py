@@ -16,29 +16,16 @@ import time
 import warnings
 from pathlib import Path
 
-import qatkit
 import torch
 import torchvision
-from _common import interleaved_medians, parse_args
+from _common import calibrated, interleaved_medians, parse_args
 from qatkit.profiler import model_profiler
-
-
-def _calibrated(float_model: torch.nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qm = qatkit.prepare_qat_fx(float_model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
-                                   example_inputs=(x,)).eval()
-    qatkit.set_fake_quantize(qm, "calibration")
-    with torch.no_grad():
-        qm(x)
-    qatkit.set_fake_quantize(qm, "validation")
-    return qm
 
 
 def _report(name: str, res: int, batch: int, device: torch.device, out: Path) -> tuple:
     float_model = torchvision.models.get_model(name, weights=None).to(device).eval()
     x = torch.randn(batch, 3, res, res, device=device)
-    calib = _calibrated(float_model, x)
+    calib = calibrated(float_model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()

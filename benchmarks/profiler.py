@@ -15,13 +15,12 @@ side by side:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import qatkit
 import torch
 import torchvision
-from _common import interleaved_medians, parse_args
+from _common import calibrated, interleaved_medians, parse_args
 from qatkit.profiler import featuremap_similarity
 from qatkit.profiler import similarity as similarity_module
 from torch import Tensor, fx
@@ -53,15 +52,8 @@ def main() -> tuple[float, float]:
     args, device = parse_args(__doc__)
     float_model = torchvision.models.resnet50().to(device).eval()
     x = torch.randn(4, 3, 224, 224, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qconfig_dict = {"": qatkit.default_qat_8bit_fake_quant_qconfig}
-        calib = qatkit.prepare_qat_fx(float_model, qconfig_dict, example_inputs=(x,)).eval()
-    qatkit.set_fake_quantize(calib, "calibration")
-    with torch.no_grad():
-        for _ in range(2):
-            calib(torch.randn(4, 3, 224, 224, device=device))
-    qatkit.set_fake_quantize(calib, "validation")
+    calib = calibrated(float_model, x,
+                       [torch.randn(4, 3, 224, 224, device=device) for _ in range(2)])
 
     def forwards() -> None:
         with torch.no_grad():

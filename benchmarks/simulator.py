@@ -8,26 +8,17 @@ after a warm-up and the medians are compared.  Goal: integer / float <= 3x.
 
 from __future__ import annotations
 
-import warnings
-
 import qatkit
 import torch
 import torchvision
-from _common import interleaved_medians, parse_args
+from _common import calibrated, interleaved_medians, parse_args
 
 
 def main() -> float:
     args, device = parse_args(__doc__)
     float_model = torchvision.models.resnet18().to(device).eval()
     x = torch.randn(8, 3, 112, 112, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qconfig_dict = {"": qatkit.default_qat_8bit_fake_quant_qconfig}
-        qat_model = qatkit.prepare_qat_fx(float_model, qconfig_dict, example_inputs=(x,)).eval()
-    qatkit.set_fake_quantize(qat_model, "calibration")
-    with torch.no_grad():
-        qat_model(x)
-    qatkit.set_fake_quantize(qat_model, "validation")
+    qat_model = calibrated(float_model, x)
     int_model = qatkit.convert_fx(qat_model)
 
     def forward(model: torch.nn.Module):
