@@ -190,3 +190,18 @@ def test_cvsq_calibrated_against_qat(models, tmp_path) -> None:
     assert sim["conv1"] < 1.0, "QAT changed conv1's weights"
     with pytest.raises(ValueError, match="expects model2"):
         model_profiler(calib, models[2], x, mode="CvsQ", out_dir=tmp_path / "bad")
+
+
+def test_model_kind_and_similarity_tables_agree_with_the_tools(models) -> None:
+    from qatkit.profiler import featuremap_similarity, model_kind
+    from qatkit.profiler.metrics import get_metric
+    from qatkit.profiler.similarity import similarity_tables
+
+    float_model, calib, integer, x = models
+    assert [model_kind(m) for m in models[:3]] == ["float", "fake_quant", "integer"]
+    tables, (out1, out2) = similarity_tables(float_model, calib, (x,), get_metric("Cosine"))
+    for method, table in tables.items():
+        pd.testing.assert_frame_equal(table, featuremap_similarity(float_model, calib, x,
+                                                                   method=method))
+    with torch.no_grad():
+        assert torch.equal(out1, float_model(x)) and torch.equal(out2, calib(x))

@@ -73,7 +73,14 @@ def _exact_args(args: Any, links: dict[tuple, nn.Module], path: tuple = ()) -> A
 
 def input_paths(args: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
     """``(path, leaf)`` for every leaf of nested lists/tuples/dicts, in order (see
-    :func:`_exact_args`): how prepare tells a module which fake quant made each input."""
+    :func:`_exact_args`): how prepare tells a module which fake quant made each input.
+
+    Example::
+
+        >>> input_paths(((x, [y, z]), {"dim": 1}), ("args",))
+        [(('args', 0, 0), x), (('args', 0, 1, 0), y), (('args', 0, 1, 1), z),
+         (('args', 1, 'dim'), 1)]
+    """
     if isinstance(args, (list, tuple)) and not hasattr(args, "_fields"):
         return [pl for i, a in enumerate(args) for pl in input_paths(a, path + (i,))]
     if isinstance(args, dict):
@@ -121,7 +128,12 @@ class _ExactInputs:
 
     def link_exact_inputs(self, fqs: dict[tuple, nn.Module]) -> None:
         """``fqs``: input path (``("args", i, ...)`` / ``("kwargs", name, ...)``) -> the fake
-        quant that made it.  A plain reference: ``state_dict`` is unchanged."""
+        quant that made it.  A plain reference: ``state_dict`` is unchanged.
+
+        Example::
+
+            >>> add.link_exact_inputs({("args", 0): fq_a, ("args", 1): fq_b})
+        """
         object.__setattr__(self, "_exact_input_fqs", dict(fqs))
 
 
