@@ -328,6 +328,8 @@ class _FusedMixin(_ExactInputs):
             )
         wfq = self.weight_fake_quant
         bn = self.bn
+        if "_exact_cache" in self.__dict__ and not evaluates_exactly(self.activation_post_process):
+            del self.__dict__["_exact_cache"]  # evaluation is over: free the integer weights
         if bn is not None and (wfq is None or wfq.state is FakeQuantState.CALIBRATION):
             # Weights are not fake-quantized: run the float model's own ops, so that
             # CALIBRATION reproduces the float model exactly; the weight observer still

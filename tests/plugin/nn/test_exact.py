@@ -78,3 +78,20 @@ def test_accumulation_plan_picks_the_cheapest_exact_kernel():
     hi, lo = split_weight(torch.tensor([-128, -9, 0, 7, 8, 127]))
     assert torch.equal(16 * hi + lo, torch.tensor([-128, -9, 0, 7, 8, 127], dtype=torch.int32))
     assert hi.abs().max() <= 8 and lo.abs().max() <= 8
+
+
+def test_integer_weights_are_cached_only_while_evaluating_exactly(calibrate):
+    """The cache (integer weights as float kernels) must not sit in memory during training."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    x = torch.randn(2, 3, 8, 8)
+    qm = calibrate(model.eval(), x)
+    conv = next(m for m in qm.modules() if hasattr(m, "quantize_weight"))
+    with torch.no_grad():
+        qm(x)
+    plan, weights, _, _ = conv.__dict__["_exact_cache"][2]
+    assert plan == "f32" and torch.equal(weights[0], conv.quantize_weight())
+    qatkit.set_fake_quantize(qm, "qat")
+    qm.train()
+    qm(x).sum().backward()
+    assert "_exact_cache" not in conv.__dict__
