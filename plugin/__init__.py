@@ -6,10 +6,16 @@ Example::
     >>> fq = qatkit.FakeQuantize(dtype="qint8")
 """
 
+from ._exact import release_exact_caches as release_exact_caches
+from .annotation import NodeAnnotation as NodeAnnotation
+from .annotation import QuantSpec as QuantSpec
+from .annotation import get_annotations as get_annotations
 from .fake_quantize import FakeQuantize as FakeQuantize
 from .fake_quantize import FakeQuantState as FakeQuantState
 from .fake_quantize import LSQFakeQuantize as LSQFakeQuantize
+from .fake_quantize import exact_evaluation as exact_evaluation
 from .fake_quantize import get_fake_quantize_state as get_fake_quantize_state
+from .fake_quantize import set_exact_evaluation as set_exact_evaluation
 from .fake_quantize import set_fake_quantize as set_fake_quantize
 from .fx import convert_fx as convert_fx
 from .fx import get_provenance as get_provenance
@@ -61,6 +67,12 @@ __all__ = [
     "LSQFakeQuantize",
     "set_fake_quantize",
     "get_fake_quantize_state",
+    "set_exact_evaluation",
+    "exact_evaluation",
+    "release_exact_caches",
+    "get_annotations",
+    "NodeAnnotation",
+    "QuantSpec",
     "prepare_qat_fx",
     "convert_fx",
     "set_preserve_qat_mode",

@@ -10,11 +10,15 @@ CPU float32 kernels are not plain IEEE ones.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any, Callable
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["F32_EXACT", "F64_EXACT", "cpu_fp32_is_ieee", "grid_int", "acc_bound",
-           "split_weight", "accumulation_plan"]
+           "split_weight", "accumulation_plan", "cached", "release_exact_caches",
+           "exact_cache_size"]
 
 F32_EXACT = 2**24  # integers below this add exactly in float32
 F64_EXACT = 2**53
@@ -85,3 +89,49 @@ def accumulation_plan(w_q: Tensor, groups: int, kind: str, in_bits: int, w_bits:
                            for t in split_weight(w_q)) < F32_EXACT:
         return "f32x2"
     return "f64"
+
+
+# -- the exact-evaluation cache -----------------------------------------------------------
+# module -> (settings, tensors, value).  Held beside the modules, not in them: a deepcopy, a
+# pickle or a state_dict never carries it, and it dies with its module.  Entries are freed
+# explicitly (release_exact_caches: set_fake_quantize, set_exact_evaluation and the
+# exact_evaluation context call it), never by a forward pass.
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list, Any]] = \
+    weakref.WeakKeyDictionary()
+
+
+def cached(module: nn.Module, settings: Any, tensors: list, build: Callable[[], Any]) -> Any:
+    """``build()``, cached for ``module`` while ``settings`` compare equal and ``tensors`` are
+    the very same objects (their in-place versions belong in ``settings``)."""
+    hit = _CACHE.get(module)
+    if (hit is not None and hit[0] == settings
+            and all(a is b for a, b in zip(hit[1], tensors, strict=True))):
+        return hit[2]
+    value = build()
+    _CACHE[module] = (settings, list(tensors), value)
+    return value
+
+
+def release_exact_caches(model: nn.Module) -> int:
+    """Free the integer weights that exact evaluation cached for the modules of ``model``;
+    return how many modules had one.
+
+    :func:`qatkit.set_fake_quantize` and :func:`qatkit.set_exact_evaluation` call it, and so
+    does leaving :func:`qatkit.exact_evaluation`; a later exact evaluation rebuilds them.
+
+    Example::
+
+        >>> release_exact_caches(qat_model)
+        20
+    """
+    count = 0
+    for mod in model.modules():
+        if _CACHE.pop(mod, None) is not None:
+            count += 1
+    return count
+
+
+def exact_cache_size(model: nn.Module) -> int:
+    """How many modules of ``model`` hold cached integer weights (for tests and memory
+    checks)."""
+    return sum(1 for mod in model.modules() if mod in _CACHE)

@@ -1,10 +1,38 @@
-"""state_dict support shared by observers and integer modules."""
+"""Module plumbing shared across qatkit: state_dict support for observers and integer
+modules, a module's device, replacing a submodule by name."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["ResizeBuffersOnLoad"]
+__all__ = ["ResizeBuffersOnLoad", "module_device", "set_module"]
+
+
+def module_device(mod: nn.Module, default: torch.device | None = None) -> torch.device | None:
+    """The device of ``mod``'s first parameter or buffer (``default`` when it has none).
+
+    Example::
+
+        >>> module_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    for t in mod.parameters():
+        return t.device
+    for t in mod.buffers():
+        return t.device
+    return default
+
+
+def set_module(root: nn.Module, target: str, mod: nn.Module) -> None:
+    """Replace (or add) the submodule at dotted path ``target`` of ``root``.
+
+    Example::
+
+        >>> set_module(model, "layer1.0.conv1", qat_conv)
+    """
+    parent, _, leaf = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, mod)
 
 
 class ResizeBuffersOnLoad(nn.Module):

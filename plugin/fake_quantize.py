@@ -17,15 +17,17 @@ States (see :class:`FakeQuantState`): ``model.train()`` / ``model.eval()`` never
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ._exact import release_exact_caches
 from ._state import ResizeBuffersOnLoad
 from .observers import (
     FixedScaleObserver,
@@ -36,7 +38,7 @@ from .observers import (
 )
 
 __all__ = ["FakeQuantState", "FakeQuantize", "LSQFakeQuantize", "set_fake_quantize",
-           "evaluates_exactly",
+           "evaluates_exactly", "set_exact_evaluation", "exact_evaluation",
            "get_fake_quantize_state"]
 
 
@@ -90,14 +92,16 @@ def _is_tracing() -> bool:
 def evaluates_exactly(fq: nn.Module | None) -> bool:
     """Whether the op that ``fq`` quantizes computes exactly (in float64) before it.
 
-    In VALIDATION (and not while tracing or exporting), QAT ops whose integer twins are exact
-    integer arithmetic (conv, linear, add, sub, mul, matmul, mean, average pools, the
-    normalizations: ``qatkit.nn.qat.EXACT_OPS``) evaluate in
-    float64, where products and sums of grid values are exact, and ``fq`` rounds that exact
-    value: the fake-quant model then rounds exactly where the integer model does, so rare
-    float32 near-ties cannot flip an integer and propagate (docs/npu_numerics.md).  Training
-    (QAT) and calibration stay in float32, and so does a VALIDATION forward with gradients
-    enabled (so gradients flow): evaluate under ``torch.no_grad()`` / ``torch.inference_mode()``.
+    Exact evaluation is a mode of the fake-quant model (docs/exact_evaluation.md): when it is
+    enabled (``fq.exact_evaluation``, the default; :func:`set_exact_evaluation` switches it
+    for a whole model), a fake quant in VALIDATION that runs without autograd
+    (``torch.no_grad()`` / ``torch.inference_mode()``) and outside tracing / export makes
+    the op before it evaluate exactly: ops whose integer twins are exact integer arithmetic
+    (conv, linear, add, sub, mul, matmul, mean, average pools, the normalizations:
+    ``qatkit.nn.qat.EXACT_OPS``) compute in float64 on the exact grid values of their inputs,
+    where products and sums of grid values are exact, and ``fq`` rounds that exact value, so
+    the fake-quant model rounds exactly where the integer model does.  Training (QAT),
+    calibration and a VALIDATION forward with gradients enabled run float32 (gradients flow).
 
     Example::
 
@@ -107,7 +111,7 @@ def evaluates_exactly(fq: nn.Module | None) -> bool:
         True
     """
     return (isinstance(fq, FakeQuantize) and fq._state is FakeQuantState.VALIDATION
-            and not torch.is_grad_enabled() and not _is_tracing())
+            and fq.exact_evaluation and not torch.is_grad_enabled() and not _is_tracing())
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -178,6 +182,8 @@ class FakeQuantize(ResizeBuffersOnLoad):
         self.register_buffer("state_code", torch.tensor(_STATE_CODE[FakeQuantState.QAT],
                                                         dtype=torch.uint8))
         self._state = FakeQuantState.QAT
+        #: exact evaluation in VALIDATION without autograd (see evaluates_exactly)
+        self.exact_evaluation = True
         self._qatkit_name = ""  # set by set_fake_quantize, used in error messages
         if isinstance(self.observer, FixedScaleObserver):
             self._set_scale(self.observer.calculate_scale())
@@ -279,7 +285,8 @@ class FakeQuantize(ResizeBuffersOnLoad):
         return out if orig_dtype == torch.float32 else out.to(orig_dtype)
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, ch_axis={self.ch_axis}, state={self._state.name}"
+        exact = "" if self.exact_evaluation else ", exact_evaluation=False"
+        return f"dtype={self.dtype}, ch_axis={self.ch_axis}, state={self._state.name}{exact}"
 
     # -- state_dict ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected,
@@ -376,7 +383,8 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> int:
 
     Leaving CALIBRATION computes each scale from its statistics.  Fake quants that never saw
     data keep no scale and are listed in a warning (they raise if a VALIDATION forward
-    reaches them).  ``model.train()``/``model.eval()`` are not touched.
+    reaches them).  ``model.train()``/``model.eval()`` are not touched.  The integer weights
+    cached by exact evaluation are released (:func:`qatkit.release_exact_caches`).
 
     Args:
         model: a prepared model (or any module holding :class:`FakeQuantize` modules).
@@ -413,6 +421,7 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> int:
             f"{type(model).__name__} has no FakeQuantize module: prepare it first "
             "(qatkit.prepare_qat_fx(model, qconfig_dict))"
         )
+    release_exact_caches(model)  # scales may change from here: rebuilt when next needed
     if never:
         shown = ", ".join(never[:10]) + (f" and {len(never) - 10} more" if len(never) > 10 else "")
         warnings.warn(
@@ -440,3 +449,79 @@ def get_fake_quantize_state(model: nn.Module) -> dict[FakeQuantState, int]:
         if isinstance(mod, FakeQuantize):
             counts[mod.state] = counts.get(mod.state, 0) + 1
     return counts
+
+
+def _fake_quants(model: nn.Module) -> list[FakeQuantize]:
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    if not fqs:
+        raise ValueError(f"{type(model).__name__} has no FakeQuantize module: prepare it first "
+                         "(qatkit.prepare_qat_fx(model, qconfig_dict))")
+    return fqs
+
+
+def set_exact_evaluation(model: nn.Module, enabled: bool = True) -> int:
+    """Switch exact evaluation (see :func:`evaluates_exactly`) on or off for a whole model.
+
+    On (the default of every fake quant): VALIDATION forwards without autograd evaluate
+    exactly and agree with ``convert_fx``'s integer model to the bit.  Off: they run the
+    plain float32 fake quantization (what torch.ao's fake-quant models compute: faster,
+    notably on GPUs where float64 is slow, and off by float32 rounding at rare near-ties).
+    Switching releases the cached integer weights.
+
+    Args:
+        model: a prepared model.
+        enabled: True for exact evaluation, False for float32.
+
+    Returns:
+        how many fake quants were set.
+
+    Example::
+
+        >>> model = nn.Sequential(FakeQuantize(), nn.ReLU(), FakeQuantize())
+        >>> set_exact_evaluation(model, False)   # float32 fake quant everywhere
+        2
+    """
+    fqs = _fake_quants(model)
+    for fq in fqs:
+        fq.exact_evaluation = bool(enabled)
+    release_exact_caches(model)
+    return len(fqs)
+
+
+@contextlib.contextmanager
+def exact_evaluation(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Run ``model`` with exact evaluation ``enabled`` (or not) inside the block, under
+    ``torch.no_grad()``; on exit the exact-evaluation flags and the grad mode are restored and
+    the cached integer weights are released.
+
+    Raises:
+        ValueError: a fake quant is not in VALIDATION state (exact evaluation applies to a
+            calibrated / trained model with frozen scales).
+
+    Example::
+
+        >>> model = nn.Sequential(FakeQuantize(), nn.ReLU(), FakeQuantize())
+        >>> _ = model(torch.randn(4, 8)); _ = set_fake_quantize(model, "validation")
+        >>> with exact_evaluation(model):     # with a prepared model: == its convert_fx
+        ...     y = model(torch.randn(4, 8))
+        >>> torch.is_grad_enabled()
+        True
+    """
+    fqs = _fake_quants(model)
+    other = [fq._qatkit_name or "<unnamed>" for fq in fqs
+             if fq.state is not FakeQuantState.VALIDATION]
+    if other:
+        raise ValueError(f"exact_evaluation: {len(other)} fake quant(s) of "
+                         f"{type(model).__name__} are not in VALIDATION state "
+                         f"({', '.join(other[:4])}). Fix: qatkit.set_fake_quantize(model, "
+                         "qatkit.FakeQuantState.VALIDATION) after calibrating")
+    saved = [(fq, fq.exact_evaluation) for fq in fqs]
+    try:
+        for fq in fqs:
+            fq.exact_evaluation = bool(enabled)
+        with torch.no_grad():
+            yield model
+    finally:
+        for fq, flag in saved:
+            fq.exact_evaluation = flag
+        release_exact_caches(model)

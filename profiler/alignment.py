@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
+from qatkit.annotation import get_annotations, has_annotations
 from qatkit.fx.naming import float_node_names, op_base_name
-from qatkit.fx.prepare import PROVENANCE_ATTR
 from qatkit.fx.tracer import symbolic_trace
 from torch import fx, nn
 
@@ -39,7 +39,7 @@ def is_prepared(model: nn.Module) -> bool:
         >>> is_prepared(float_model), is_prepared(qat_model)
         (False, True)
     """
-    return isinstance(model, fx.GraphModule) and hasattr(model, PROVENANCE_ATTR)
+    return has_annotations(model)
 
 
 def trace_model(model: nn.Module, label: str = "model") -> fx.GraphModule:
@@ -85,18 +85,13 @@ def reference_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
         >>> reference_names(qat_model)[conv_node]
         'layer1.0.relu(0)'
     """
+    if has_annotations(gm):
+        return {node: (node.name if ann.role == "input" else ann.float_name)
+                for node, ann in get_annotations(gm).items()
+                if node.op == "placeholder" or node.op in _OPS}
     names = float_node_names(gm)
-    prov = getattr(gm, PROVENANCE_ATTR, None)
-    out: dict[fx.Node, str] = {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            out[node] = node.name if prov is not None else names[node]
-        elif node.op in _OPS:
-            if prov is None:
-                out[node] = names[node]
-            elif names[node] in prov:
-                out[node] = prov[names[node]]
-    return out
+    return {node: names[node] for node in gm.graph.nodes
+            if node.op == "placeholder" or node.op in _OPS}
 
 
 def node_type(node: fx.Node, modules: dict[str, nn.Module]) -> str:

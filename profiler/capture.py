@@ -25,16 +25,15 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
+from qatkit.annotation import get_annotations, has_annotations
 from qatkit.fake_quantize import FakeQuantize, FakeQuantState
-from qatkit.fx.convert import op_kind
-from qatkit.fx.patterns import PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS, PASSTHROUGH_MODULES
-from qatkit.quantized import Quantize, QuantizedModule
+from qatkit.fx import op_kind
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .alignment import check_inputs, node_type, op_names, trace_model
 
-__all__ = ["FeatureRecord", "get_raw_features", "analysis_model", "output_qparams",
+__all__ = ["FeatureRecord", "get_raw_features", "analysis_model", "node_qparams",
            "write_table"]
 
 
@@ -77,58 +76,22 @@ class FeatureRecord:
                 f"scale={self.scale}, dtype={self.dtype!r})")
 
 
-def output_qparams(module: nn.Module) -> tuple[float | None, str | None]:
-    """``(scale, dtype)`` of a module's output: its output fake quant (QAT / calibrated) or
-    its integer output (converted); ``(None, None)`` for a float output.  A fake quant without
-    a scale yet gives ``(None, dtype)``; a per-channel one gives ``(None, dtype)``.
-
-    Example::
-
-        >>> output_qparams(int_model.get_submodule("layer1.0.conv1"))
-        (0.0123..., 'qint8')
-    """
-    fq = getattr(module, "activation_post_process", None)
-    if isinstance(fq, FakeQuantize):
-        if not fq.has_scale or fq.scale.numel() != 1:
-            return None, fq.dtype
-        return float(fq.scale), fq.dtype
-    if isinstance(module, Quantize):
-        return float(module.scale.reshape(-1)[0]), f"qint{int(module.quant_max).bit_length() + 1}"
-    if isinstance(module, QuantizedModule):
-        bits = getattr(module, "out_bits", None)
-        scale = getattr(module, "output_scale", None)
-        if scale is None:
-            scale = getattr(module, "out_scale", None)
-        if bits is None or scale is None or scale.numel() != 1:
-            return None, None
-        return float(scale.reshape(-1)[0]), f"qint{bits}"
-    return None, None
-
-
-def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[str(node.target)], PASSTHROUGH_MODULES)
-    if node.op == "call_function":
-        return node.target in PASSTHROUGH_FUNCTIONS
-    return node.op == "call_method" and node.target in PASSTHROUGH_METHODS
-
-
 def node_qparams(gm: fx.GraphModule) -> dict[fx.Node, tuple[float | None, str | None]]:
-    """``(scale, dtype)`` of every node's output; data-moving ops keep their input's.
+    """``(scale, dtype)`` of every node's output, read from the quantization annotation
+    (data-moving ops share their input's); ``(None, None)`` for float tensors and for every
+    node of a float model.  A per-channel or not-yet-calibrated output gives
+    ``(None, dtype)``.
 
     Example::
 
         >>> qp = node_qparams(qat_model)      # {node: (0.0123, 'qint8'), ...}
     """
-    modules = dict(gm.named_modules())
+    if not has_annotations(gm):
+        return {node: (None, None) for node in gm.graph.nodes}
     out: dict[fx.Node, tuple[float | None, str | None]] = {}
-    for node in gm.graph.nodes:
-        qp: tuple[float | None, str | None] = (None, None)
-        if node.op == "call_module":
-            qp = output_qparams(modules[str(node.target)])
-        if qp == (None, None) and _is_passthrough(node, modules) and node.all_input_nodes:
-            qp = out.get(node.all_input_nodes[0], (None, None))
-        out[node] = qp
+    for node, ann in get_annotations(gm).items():
+        spec = ann.output
+        out[node] = (None, None) if spec is None else (spec.scale_value(gm), spec.dtype)
     return out
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 from qatkit.fake_quantize import FakeQuantize
-from qatkit.fx.convert import op_kind
+from qatkit.fx import op_kind
 from qatkit.fx.naming import float_node_names
 from qatkit.fx.patterns import FLOAT_BOUNDARY_MODULES
 from qatkit.observers import FixedScaleObserver

@@ -1,5 +1,7 @@
 """FX passes: tracing, naming, fusion, prepare, hybrid float islands (one pass per file)."""
 
+from .annotate import annotate as annotate
+from .annotate import op_kind as op_kind
 from .convert import convert_fx as convert_fx
 from .convert import set_preserve_qat_mode as set_preserve_qat_mode
 from .naming import float_node_names as float_node_names
@@ -16,5 +18,5 @@ __all__ = [
     "prepare_qat_fx", "convert_fx", "set_preserve_qat_mode", "get_provenance",
     "float_node_names", "symbolic_trace",
     "register_leaf_module", "wrap", "list_leaf_modules", "list_wrapped_functions",
-    "TraceFailure",
+    "TraceFailure", "annotate", "op_kind",
 ]

@@ -1,55 +1,54 @@
 """convert_fx: turn a calibrated / QAT model into the integer model an NPU runs (in torch ops).
 
-The pass walks the prepared GraphModule once, in topological order, and:
+The pass reads the quantization annotation prepare wrote (:mod:`qatkit.annotation`) and:
 
-* propagates each tensor's quantization parameters (scale, bits): a QAT op's output fake quant
-  defines them; data-moving ops (reshape, max pool, getitem, ...) pass them on; float ops and
-  graph inputs have none;
 * replaces every quantized op module by its integer module from :mod:`qatkit.quantized`,
   chosen by op kind through :data:`qatkit.quantized.CONVERTERS` (a registry: a new op is a new
-  entry), given the qparams of the op's inputs and output;
+  entry), given the call's arguments bound by name, each tensor with the qparams its
+  annotation names, and the output's qparams;
+* gives each call site of a module called with inputs of different scales its own integer
+  module (the same integer weights, its own requantization), named ``<module>(<k>)`` like the
+  call sites in every report;
 * keeps float islands (hybrid / ``qconfig=None``) float, and keeps modules marked with
   :func:`set_preserve_qat_mode` in fake-quant form (VALIDATION state), so a user can find the
-  op whose conversion loses accuracy.
+  op whose conversion loses accuracy;
+* writes the integer model's own annotation (its scales live in the integer modules).
 
-Module names do not change, and the provenance map is carried over, so the profiler compares
-float, QAT and integer models by name.  Float in, float out: integer tensors travel as float32
-values on their grid (see :mod:`qatkit.quantized.base`).
+Module names do not change (call sites of a split module aside), and provenance is carried
+over, so the profiler compares float, QAT and integer models by name.  Float in, float out:
+integer tensors travel as float32 values on their grid (see :mod:`qatkit.quantized.base`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
 
+from .._state import module_device, set_module
+from ..annotation import NodeAnnotation, get_annotations, has_annotations, map_arguments
+from ..annotation import set_annotations as _store_annotations
 from ..fake_quantize import FakeQuantize, FakeQuantState
-from ..nn import qat
 from ..quantized import CONVERTERS, TensorQParams
-from .patterns import PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS, PASSTHROUGH_MODULES
-from .prepare import PROVENANCE_ATTR
+from ..quantized.base import BoundCall, TensorArg, spec_qparams
+from .annotate import annotate
 
-__all__ = ["convert_fx", "set_preserve_qat_mode", "op_kind"]
+__all__ = ["convert_fx", "set_preserve_qat_mode", "bound_call"]
 
 
-def op_kind(module: nn.Module) -> str | None:
-    """The integer-converter kind of a QAT module (``"conv"``, ``"add"``...), else None."""
-    if isinstance(module, qat.QuantStub):
-        return "quant_stub"
-    if isinstance(module, qat.FunctionalOp):
-        return module.op
-    if isinstance(module, qat.Linear):
-        return "linear"
-    if hasattr(module, "folded_weight_bias"):
-        return "conv"
-    if isinstance(module, qat.OutputQuantMixin):
-        for cls in type(module).__mro__[1:]:
-            kind = qat.OUTPUT_QUANTIZED_MODULES.get(cls)
-            if kind is not None:
-                return kind
-    return None
+def _quantized_modules(model: nn.Module) -> dict[str, NodeAnnotation]:
+    """Module name -> the annotation of (one of) its calls, for every quantized op module."""
+    if not has_annotations(model):
+        raise ValueError(f"{type(model).__name__} was not made by qatkit.prepare_qat_fx (no "
+                         "quantization annotation)")
+    out: dict[str, NodeAnnotation] = {}
+    for ann in get_annotations(model).values():
+        if ann.is_quantized and ann.module is not None:
+            out.setdefault(ann.module, ann)
+    return out
 
 
 def set_preserve_qat_mode(model: nn.Module, prefixes: Iterable[str] = (),
@@ -58,9 +57,10 @@ def set_preserve_qat_mode(model: nn.Module, prefixes: Iterable[str] = (),
 
     Args:
         model: a prepared model.
-        prefixes: module names (or prefixes of names: ``"layer1"`` covers ``layer1.0.conv1``).
+        prefixes: module names (or prefixes of names: ``"layer1"`` covers ``layer1.0.conv1``);
+            a single string is one name.
         types: QAT module classes (``qatkit.nn.qat.Conv2d``) or float classes they replace
-            (``torch.nn.Sigmoid``), or op kinds (``"add"``).
+            (``torch.nn.Sigmoid``), or op kinds (``"add"``); a single one may be given alone.
         value: True to preserve, False to clear the mark.
 
     Returns:
@@ -75,13 +75,17 @@ def set_preserve_qat_mode(model: nn.Module, prefixes: Iterable[str] = (),
         ['layer4.1.conv2']
         >>> int_model = convert_fx(qat_model)   # layer4.1.conv2 stays fake-quant
     """
+    if isinstance(prefixes, str):  # one name, as set_preserve_qat_mode(m, ("conv1"), ()) gives
+        prefixes = [prefixes]
+    if isinstance(types, (str, type)):
+        types = [types]
     prefixes, types = list(prefixes), list(types)
     marked: list[str] = []
     hit_prefix, hit_type = set(), set()
-    for name, mod in model.named_modules():
-        kind = op_kind(mod)
-        if kind is None:
-            continue
+    quantized = _quantized_modules(model)
+    for name, ann in quantized.items():
+        mod = model.get_submodule(name)
+        kind = ann.kind
         for p in prefixes:
             if name == p or name.startswith(p + "."):
                 hit_prefix.add(p)
@@ -99,7 +103,7 @@ def set_preserve_qat_mode(model: nn.Module, prefixes: Iterable[str] = (),
     if missing:
         raise ValueError(f"set_preserve_qat_mode: {missing} match no quantized module of "
                          f"{type(model).__name__}; names look like "
-                         f"{[n for n, m in model.named_modules() if op_kind(m)][:8]}")
+                         f"{list(quantized)[:8]}")
     return marked
 
 
@@ -127,60 +131,98 @@ def convert_fx(qat_model: fx.GraphModule, inplace: bool = False) -> fx.GraphModu
         >>> int_model = convert_fx(qat_model)
         >>> y = int_model(x)     # float in, float out; integer arithmetic inside
     """
-    if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, PROVENANCE_ATTR):
+    if not has_annotations(qat_model):
         raise ValueError(f"convert_fx takes a model made by qatkit.prepare_qat_fx, got "
                          f"{type(qat_model).__name__}")
     model = qat_model if inplace else copy.deepcopy(qat_model)
     _check_calibrated(model)
     model.eval()
+    annotations = get_annotations(model)
     modules = dict(model.named_modules())
-    qparams: dict[fx.Node, TensorQParams | None] = {}
-    converted: dict[str, tuple[list, Any]] = {}
-    for node in model.graph.nodes:
-        qparams[node] = None
-        if node.op == "call_module":
-            mod = modules[str(node.target)]
-            kind = op_kind(mod)
-            if kind is None:
-                if isinstance(mod, PASSTHROUGH_MODULES):
-                    qparams[node] = _first_input_qparams(node, qparams)
-                continue
-            out_qp = _out_qparams(mod)
-            qparams[node] = out_qp
-            in_qps = [qparams.get(a) for a in _flat_nodes(node)]
-            if getattr(mod, "preserve_qat_mode", False):
-                for fq in mod.modules():
-                    if isinstance(fq, FakeQuantize):
-                        fq.set_state(FakeQuantState.VALIDATION)
-                continue
-            target = str(node.target)
-            if target in converted:  # a module called several times: convert it once
-                if _qp_key(converted[target][0]) != _qp_key(in_qps):
-                    raise ValueError(f"convert_fx: module '{target}' is called with inputs of "
-                                     "different scales; give each call site its own module")
-                continue
-            converter = CONVERTERS.get(kind)
-            if converter is None:
-                raise NotImplementedError(
-                    f"convert_fx: no integer implementation for op '{kind}' at module "
-                    f"'{target}' ({mod._get_name()}). Keep it float (qconfig_dict "
-                    f"{{'module_name': [('{target}', None)]}}) or keep it in fake-quant form "
-                    f"(set_preserve_qat_mode(model, prefixes=['{target}']))")
-            try:
-                new = converter(mod, in_qps, out_qp, node)
-            except (ValueError, NotImplementedError) as e:
-                raise type(e)(f"convert_fx failed at module '{target}' ({mod._get_name()}, "
-                              f"node {node.format_node()}): {e}") from e
-            converted[target] = (in_qps, new)
-            _set_module(model, target, new.to(_device_of(mod)))
-        elif node.op in ("call_function", "call_method"):
-            if (node.op == "call_function" and node.target in PASSTHROUGH_FUNCTIONS) or (
-                    node.op == "call_method" and node.target in PASSTHROUGH_METHODS):
-                qparams[node] = _first_input_qparams(node, qparams)
+    calls = Counter(str(n.target) for n in model.graph.nodes if n.op == "call_module")
+    sites: dict[str, list[tuple[fx.Node, BoundCall]]] = {}
+    for node, ann in annotations.items():
+        if not ann.is_quantized or node.op != "call_module":
+            continue
+        mod = modules[str(node.target)]
+        if getattr(mod, "preserve_qat_mode", False):
+            for fq in mod.modules():
+                if isinstance(fq, FakeQuantize):
+                    fq.set_state(FakeQuantState.VALIDATION)
+            continue
+        sites.setdefault(str(node.target), []).append((node, bound_call(model, node, ann)))
+    for target, calls_of in sites.items():
+        mod = modules[target]
+        ann = annotations[calls_of[0][0]]
+        out_qp = _out_qparams(model, ann, target)
+        converter = CONVERTERS.get(ann.kind)
+        if converter is None:
+            raise NotImplementedError(
+                f"convert_fx: no integer implementation for op '{ann.kind}' at module "
+                f"'{target}' ({mod._get_name()}). Keep it float (qconfig_dict "
+                f"{{'module_name': [('{target}', None)]}}) or keep it in fake-quant form "
+                f"(set_preserve_qat_mode(model, prefixes=['{target}']))")
+        keys = {_call_key(call) for _, call in calls_of}
+        if len(keys) == 1:  # called once, or every call sees the same scales: one module
+            new = _convert_one(converter, mod, calls_of[0], out_qp, target)
+            set_module(model, target, new.to(module_device(mod, torch.device("cpu"))))
+            continue
+        # call sites with different input scales: one integer module per call site
+        parent, _, leaf = target.rpartition(".")
+        for k, (node, call) in enumerate(calls_of):
+            new = _convert_one(converter, mod, (node, call), out_qp, target)
+            name = f"{parent}.{leaf}({k})" if parent else f"{leaf}({k})"
+            set_module(model, name, new.to(module_device(mod, torch.device("cpu"))))
+            node.target = name
+        if calls[target] == len(calls_of):
+            delattr(model.get_submodule(parent) if parent else model, leaf)
     model.graph.lint()
     model.recompile()
-    setattr(model, PROVENANCE_ATTR, dict(getattr(qat_model, PROVENANCE_ATTR)))
+    nodes = list(model.graph.nodes)
+    _store_annotations(model, annotate(
+        model, float_names={n: annotations[n].float_name for n in nodes},
+        non_tensor={n for n in nodes if annotations[n].role == "non_tensor"},
+        notes={n: annotations[n].note for n in nodes}))
     return model
+
+
+def bound_call(model: fx.GraphModule, node: fx.Node,
+               ann: NodeAnnotation | None = None) -> BoundCall:
+    """The call of quantized op ``node`` as its converter sees it: the arguments bound by
+    name, each tensor argument a :class:`~qatkit.quantized.TensorArg` with the qparams its
+    annotation names.
+
+    Example::
+
+        >>> call = bound_call(qat_model, node)
+        >>> CONVERTERS[call_kind](qat_model.get_submodule(node.target), call, out_qparams)
+    """
+    ann = ann if ann is not None else get_annotations(model)[node]
+    names = model.get_submodule(str(node.target)).qatkit_signature
+    args, kwargs = map_arguments(
+        names, node.args, node.kwargs,
+        lambda name, _: TensorArg(spec_qparams(ann.input_spec(name), model)),
+        lambda v: isinstance(v, fx.Node))
+    return BoundCall(names, args, kwargs)
+
+
+def _call_key(call: BoundCall) -> tuple:
+    """What makes two calls of a module convert differently: their input scales."""
+    return tuple((name, None if a.qparams is None else
+                  (a.qparams.bits, tuple(a.qparams.scale.tolist())))
+                 for name, a in call.tensors())
+
+
+def _convert_one(converter: Any, mod: nn.Module, site: tuple[fx.Node, BoundCall],
+                 out_qp: TensorQParams | None, target: str) -> nn.Module:
+    node, call = site
+    try:
+        new = converter(mod, call, out_qp)
+        new.qatkit_name = target
+        return new
+    except (ValueError, NotImplementedError) as e:
+        raise type(e)(f"convert_fx failed at module '{target}' ({mod._get_name()}, "
+                      f"node {node.format_node()}): {e}") from e
 
 
 def _check_calibrated(model: nn.Module) -> None:
@@ -194,44 +236,8 @@ def _check_calibrated(model: nn.Module) -> None:
                          "FakeQuantState.VALIDATION)")
 
 
-def _out_qparams(mod: nn.Module) -> TensorQParams | None:
-    fq = getattr(mod, "activation_post_process", None)
-    if fq is None:
-        return None
-    if fq.is_per_channel:
+def _out_qparams(model: nn.Module, ann: NodeAnnotation, target: str) -> TensorQParams | None:
+    if ann.output is not None and ann.output.ch_axis is not None:
         raise ValueError(f"convert_fx: per-channel activation quantization is not supported "
-                         f"({mod._get_name()})")
-    return TensorQParams(fq.scale, fq.bits)
-
-
-def _flat_nodes(node: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-
-    def visit(a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            found.append(a)
-        return a
-
-    fx.node.map_aggregate(node.args, visit)
-    fx.node.map_aggregate(node.kwargs, visit)
-    return found
-
-
-def _first_input_qparams(node: fx.Node, qparams: dict) -> TensorQParams | None:
-    inputs = _flat_nodes(node)
-    return qparams.get(inputs[0]) if inputs else None
-
-
-def _qp_key(qps: list) -> list:
-    return [None if q is None else (q.bits, q.scale.tolist()) for q in qps]
-
-
-def _device_of(mod: nn.Module) -> torch.device:
-    for t in list(mod.parameters()) + list(mod.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, mod)
+                         f"(module '{target}')")
+    return spec_qparams(ann.output, model)

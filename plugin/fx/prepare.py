@@ -12,8 +12,9 @@ weighted chains into QAT modules (:mod:`.fuse`), then one walk over the graph th
 * inserts a ``QuantStub`` wherever a float tensor (graph input, float op, 32-bit output)
   feeds a quantized op, named ``<producer>_quant``; an explicit user ``QuantStub`` is
   honoured, a fixed ``scale`` included;
-* records provenance: for each node of the prepared model, the float node whose output it
-  reproduces (:func:`get_provenance`).
+* writes the quantization annotation of every node (:mod:`qatkit.fx.annotate`): the float
+  name it reproduces (provenance, :func:`get_provenance`), its op kind, its inputs' and
+  output's quantization; exact evaluation's input links are made from it.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from ..annotation import NodeAnnotation, get_annotations, has_annotations, set_annotations
 from ..fake_quantize import FakeQuantize
 from ..nn import qat
 from ..nn.stubs import QuantStub
-from ..observers import FixedScaleObserver
+from ..observers import FixedScaleObserver, dtype_to_bits
+from .annotate import annotate, op_kind
 from .fuse import META_FLOAT_NAME, META_ROLE, find_fusion_groups, fuse_weighted_modules
 from .hybrid import check_hybrid_args
 from .naming import float_node_names, node_scope, op_base_name
@@ -43,19 +45,19 @@ from .patterns import (
     PASSTHROUGH_FUNCTIONS,
     PASSTHROUGH_METHODS,
     PASSTHROUGH_MODULES,
-    QUANTIZED_FUNCTIONS,
-    QUANTIZED_METHODS,
 )
 from .qconfig_dict import QConfigResolver
 from .tracer import symbolic_trace
 
-__all__ = ["prepare_qat_fx", "get_provenance", "PROVENANCE_ATTR"]
+__all__ = ["prepare_qat_fx", "get_provenance", "link_exact_inputs"]
 
-PROVENANCE_ATTR = "qatkit_provenance"
 _CUSTOM_KEYS = {"concrete_args", "leaf_module_types", "leaf_module_names", "wrapped_functions"}
 
 # quantization state of a node's output
 _FLOAT, _QUANT, _OTHER = "float", "quant", "other"
+# why an op stays float (the annotation's ``note``)
+_NOTE_CONFIG = "qconfig None (float island)"
+_NOTE_UNSUPPORTED = "no quantized implementation"
 # data-moving ops whose input or output is a tuple: a QuantStub cannot move before them
 _MULTI_OUTPUT = (operator.getitem, torch.chunk, torch.split, torch.unbind, torch.tensor_split,
                  "chunk", "split", "unbind", "tensor_split", "__getitem__")
@@ -107,7 +109,7 @@ def prepare_qat_fx(
                         wrapped_functions=custom.get("wrapped_functions", ()))
     names = float_node_names(gm)
     modules = dict(gm.named_modules())
-    op_kinds = {n: _op_kind(n, modules) for n in gm.graph.nodes}
+    op_kinds = {n: op_kind(n, modules) for n in gm.graph.nodes}
     op_kinds = {n: k for n, k in op_kinds.items() if k is not None}
     resolver = QConfigResolver(qconfig_dict, gm, names, op_kinds, float_overrides=float_islands,
                                root=model)
@@ -120,14 +122,20 @@ def prepare_qat_fx(
     qconfigs = {g.weighted: _node_qconfig(g.weighted, names, modules, resolver, op_kinds)
                 for g in groups}
     fuse_weighted_modules(gm, groups, qconfigs, names)
-    _Rewriter(gm, names, resolver, tensors, op_kinds).run()
+    rewriter = _Rewriter(gm, names, resolver, tensors, op_kinds)
+    rewriter.run()
 
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    _link_input_fake_quants(gm)
-    _record_provenance(gm)
+    nodes = list(gm.graph.nodes)
+    set_annotations(gm, annotate(
+        gm, float_names={n: n.meta.get(META_FLOAT_NAME, n.name) for n in nodes},
+        non_tensor={n for n in nodes if rewriter.state.get(n) == _OTHER
+                    and n.op in ("placeholder", "call_function", "call_method", "call_module")},
+        notes=rewriter.notes))
+    link_exact_inputs(gm)
     return gm
 
 
@@ -136,7 +144,8 @@ def get_provenance(model: fx.GraphModule) -> dict[str, str]:
 
     Keys are the prepared model's op names (module names; ``name(k)`` per call of a module
     called several times), values the float model's names (:mod:`qatkit.fx.naming`).
-    A fused conv+bn+relu maps to the relu's float name.
+    A fused conv+bn+relu maps to the relu's float name.  Read from the quantization
+    annotation (:func:`qatkit.annotation.get_annotations`).
 
     Raises:
         ValueError: ``model`` was not made by :func:`prepare_qat_fx`.
@@ -146,78 +155,51 @@ def get_provenance(model: fx.GraphModule) -> dict[str, str]:
         >>> get_provenance(qat_model)["layer1.0.conv1"]
         'layer1.0.relu(0)'
     """
-    prov = getattr(model, PROVENANCE_ATTR, None)
-    if prov is None:
+    if not has_annotations(model):
         raise ValueError(f"{type(model).__name__} has no qatkit provenance: it was not made by "
                          "qatkit.prepare_qat_fx")
-    return dict(prov)
+    return {a.name: a.float_name for a in get_annotations(model).values()
+            if a.role not in ("input", "attr", "output")}
 
 
-def _producer_fake_quant(gm: fx.GraphModule, src: Any) -> nn.Module | None:
-    """The fake quant that made ``src``'s value, found through data-moving ops, else None."""
-    while isinstance(src, fx.Node):
-        if src.op == "call_module":
-            producer = gm.get_submodule(str(src.target))
-            if isinstance(producer, PASSTHROUGH_MODULES):
-                src = src.args[0] if src.args else None
-                continue
-            fq = getattr(producer, "activation_post_process", None)
-            return fq if isinstance(fq, FakeQuantize) else None
-        if (src.op == "call_function" and src.target in PASSTHROUGH_FUNCTIONS) or (
-                src.op == "call_method" and src.target in PASSTHROUGH_METHODS):
-            src = src.args[0] if src.args else None
-            continue
-        return None
-    return None
+def link_exact_inputs(gm: fx.GraphModule,
+                      annotations: dict[fx.Node, NodeAnnotation] | None = None) -> None:
+    """Tell each QAT module called once which fake quants made its inputs, by argument name,
+    from the quantization annotation: weighted modules put their bias on the integer
+    accumulator grid with their input's, and exact evaluation snaps every linked input to its
+    grid.  A module called several times sees several producers: it gets no links.
 
+    Example::
 
-def _link_input_fake_quants(gm: fx.GraphModule) -> None:
-    """Tell each QAT module called once which fake quants made its inputs (found through
-    data-moving ops): weighted modules put their bias on the integer accumulator grid with the
-    first one, and exact evaluation (``evaluates_exactly``) snaps inputs to their grids.  A
-    module called several times sees several producers: it gets no links."""
+        >>> link_exact_inputs(qat_model)      # prepare_qat_fx does this
+    """
+    annotations = annotations or get_annotations(gm)
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    for node in gm.graph.nodes:
+    for node, ann in annotations.items():
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(str(node.target))
-        once = calls[str(node.target)] == 1
-        if hasattr(mod, "link_exact_inputs"):
-            links = {}
-            if once:
-                for path, leaf in (qat.input_paths(tuple(node.args), ("args",))
-                                   + qat.input_paths(dict(node.kwargs), ("kwargs",))):
-                    fq = _producer_fake_quant(gm, leaf)
-                    if fq is not None:
-                        links[path] = fq
-            mod.link_exact_inputs(links)
-
-
-def _record_provenance(gm: fx.GraphModule) -> None:
-    names = float_node_names(gm)
-    prov: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
+        if not hasattr(mod, "link_exact_inputs"):
             continue
-        float_name = node.meta.get(META_FLOAT_NAME)
-        if float_name is not None:
-            prov[names[node]] = float_name
-    setattr(gm, PROVENANCE_ATTR, prov)
-    # GraphModule.__deepcopy__ keeps only graph-referenced attributes and these ones
-    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[PROVENANCE_ATTR] = prov
+        links = {}
+        if calls[str(node.target)] == 1:
+            for inp in ann.inputs:
+                if inp.spec is not None:
+                    fq = gm.get_submodule(inp.spec.module_path)
+                    if isinstance(fq, FakeQuantize):
+                        links[inp.name] = fq
+        mod.link_exact_inputs(links)
 
 
-def _op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    if node.op == "call_function":
-        return QUANTIZED_FUNCTIONS.get(node.target)
-    if node.op == "call_method":
-        return QUANTIZED_METHODS.get(node.target)
-    if node.op == "call_module":
-        return qat.OUTPUT_QUANTIZED_MODULES.get(type(modules[node.target]))
-    return None
+def _stub_dtype(stub: QuantStub, qconfig: Any) -> str:
+    """The dtype of a user QuantStub's fake quant: its own ``dtype`` when given, else its
+    qconfig's activation dtype (a 16-bit qconfig gives a 16-bit input, fixed scale or not)."""
+    if stub.dtype is not None:
+        return f"qint{dtype_to_bits(stub.dtype)}"
+    return qconfig.activation().dtype if qconfig.activation is not None else "qint8"
 
 
 def _node_qconfig(node: fx.Node, names, modules, resolver: QConfigResolver, op_kinds) -> Any:
@@ -309,6 +291,7 @@ class _Rewriter:
         self.quant_of: dict[fx.Node, fx.Node] = {}
         self.taken = {n for n, _ in gm.named_modules()}
         self.float_ops: dict[str, list[str]] = {}
+        self.notes: dict[fx.Node, str] = {}  # why a node stays float
         self.moved_from: dict[fx.Node, fx.Node] = {}  # float data-moving op -> its input
         self.shared_scales: set[str] = set()  # modules whose call sites share one fake quant
         self.wrapped: set[str] = set()
@@ -347,6 +330,7 @@ class _Rewriter:
             self._quantize_inputs(node, self._qconfig_of_module(mod))
             return _QUANT if mod.activation_post_process is not None else _FLOAT
         if role == "float_by_config":
+            self.notes[node] = _NOTE_CONFIG
             return _FLOAT
         if not self.tensors.get(node, True):
             return _OTHER
@@ -374,6 +358,7 @@ class _Rewriter:
         qconfig = self._qconfig(node)
         if type(mod) in qat.OUTPUT_QUANTIZED_MODULES:
             if qconfig is None:
+                self.notes[node] = _NOTE_CONFIG
                 return _FLOAT
             fq = qconfig.activation() if qconfig.activation is not None else None
             new = qat.output_quantized(mod, fq)
@@ -383,15 +368,15 @@ class _Rewriter:
             return _QUANT if fq is not None else _FLOAT
         if qconfig is not None:
             self.float_ops.setdefault(type(mod).__name__, []).append(self.names[node])
+        self.notes[node] = _NOTE_CONFIG if qconfig is None else _NOTE_UNSUPPORTED
         return _FLOAT
 
     def _visit_quant_stub(self, node: fx.Node, stub: QuantStub) -> str:
         qconfig = self._qconfig(node)
         if qconfig is None or (qconfig.activation is None and stub.scale is None):
+            self.notes[node] = _NOTE_CONFIG
             return _FLOAT
-        kwargs: dict[str, Any] = {}
-        if stub.dtype is not None:
-            kwargs["dtype"] = stub.dtype
+        kwargs: dict[str, Any] = {"dtype": _stub_dtype(stub, qconfig)}
         if stub.scale is not None:
             fq = FakeQuantize(observer=FixedScaleObserver, scale=stub.scale, **kwargs)
         else:
@@ -416,8 +401,10 @@ class _Rewriter:
             if qconfig is not None:
                 label = op_base_name(node)
                 self.float_ops.setdefault(label, []).append(self.names[node])
+            self.notes[node] = _NOTE_CONFIG if qconfig is None else _NOTE_UNSUPPORTED
             return _FLOAT
         if qconfig is None:
+            self.notes[node] = _NOTE_CONFIG
             return _FLOAT
         fn = self._function(node)
         fq = qconfig.activation() if qconfig.activation is not None else None

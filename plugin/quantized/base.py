@@ -18,17 +18,24 @@ rounds half to even, exactly.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._state import ResizeBuffersOnLoad
+from ..annotation import (
+    AnnotatedOp,
+    QuantSpec,
+    bind_arguments,
+    flat_tensor_args,
+    map_arguments,
+)
 
 __all__ = ["QuantizedModule", "TensorQParams", "quantize_multiplier", "requantize",
            "trailing_zeros", "to_int", "from_int", "register_converter", "CONVERTERS", "saturate",
-           "float_op"]
+           "TensorArg", "BoundCall", "bind_call", "spec_qparams"]
 
 
 class TensorQParams:
@@ -49,6 +56,116 @@ class TensorQParams:
 
     def __repr__(self) -> str:
         return f"TensorQParams(scale={self.scale.tolist()}, bits={self.bits})"
+
+
+def spec_qparams(spec: QuantSpec | None, model: nn.Module) -> TensorQParams | None:
+    """The :class:`TensorQParams` of an annotation's spec, read from ``model`` (None for a
+    float tensor).
+
+    Example::
+
+        >>> spec_qparams(get_annotations(qat_model)[node].output, qat_model)
+        TensorQParams(scale=[0.0123], bits=8)
+    """
+    if spec is None:
+        return None
+    return TensorQParams(spec.scale(model), spec.bits)
+
+
+class TensorArg:
+    """A tensor argument of an op at conversion: its qparams, None for a float tensor.
+
+    Example::
+
+        >>> TensorArg(TensorQParams(torch.tensor([0.5]), 8)).qparams.bits
+        8
+    """
+
+    __slots__ = ("qparams",)
+
+    def __init__(self, qparams: TensorQParams | None) -> None:
+        self.qparams = qparams
+
+    def __repr__(self) -> str:
+        return f"TensorArg({self.qparams!r})"
+
+
+def _is_tensor_arg(v: Any) -> bool:
+    return isinstance(v, TensorArg)
+
+
+class BoundCall(Mapping):
+    """One call of a quantized op, as its converter sees it: the arguments of the call, tensors
+    replaced by :class:`TensorArg`, bound by name to the op's parameters (``call["input"]``,
+    ``call["other"]``, ``call["tensors"][1]``, ``call["dim"]``).
+
+    ``args`` / ``kwargs`` keep the call's own layout, for converters that evaluate the float op
+    (:meth:`evaluate`).  Built by :func:`qatkit.convert_fx` from the graph and its
+    quantization annotation, or by hand with :func:`bind_call`.
+
+    Example::
+
+        >>> call = bind_call(qat_add, TensorQParams(torch.tensor([0.1]), 8),
+        ...                  TensorQParams(torch.tensor([0.2]), 8))
+        >>> call["other"].qparams.scale
+        tensor([0.2000])
+    """
+
+    def __init__(self, names: Sequence[str], args: Sequence[Any],
+                 kwargs: Mapping[str, Any] | None = None) -> None:
+        self.names = tuple(names)
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self._bound = bind_arguments(self.names, self.args, self.kwargs)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._bound[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bound)
+
+    def __len__(self) -> int:
+        return len(self._bound)
+
+    def qparams(self, name: str) -> TensorQParams | None:
+        """The qparams of tensor argument ``name`` (None: float, absent or not a tensor)."""
+        value = self._bound.get(name)
+        return value.qparams if isinstance(value, TensorArg) else None
+
+    def tensors(self) -> list[tuple[str, TensorArg]]:
+        """Every tensor argument as ``(name, TensorArg)``, nested ones as ``tensors.1``."""
+        return list(flat_tensor_args(self._bound, _is_tensor_arg))
+
+    def evaluate(self, fn: Callable[..., Any], value: Callable[[str, TensorArg], Any]) -> Any:
+        """``fn`` called with the call's own arguments, each tensor argument replaced by
+        ``value(name, arg)``."""
+        args, kwargs = map_arguments(self.names, self.args, self.kwargs, value, _is_tensor_arg)
+        return fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"BoundCall({self._bound!r})"
+
+
+def bind_call(qat_module: nn.Module, *args: Any, **kwargs: Any) -> BoundCall:
+    """A :class:`BoundCall` built by hand, to convert one QAT module without a graph.
+
+    Tensor arguments are given as :class:`TensorQParams` (quantized) or :class:`TensorArg`
+    (``TensorArg(None)`` for a float tensor); other arguments are the call's constants.
+
+    Example::
+
+        >>> qconv = CONVERTERS["conv"](qat_conv, bind_call(qat_conv, qp_in), qp_out)
+        >>> qcat = CONVERTERS["cat"](qat_cat, bind_call(qat_cat, [qp_a, qp_b], 1), qp_out)
+    """
+    def wrap(v: Any) -> Any:
+        if isinstance(v, TensorQParams):
+            return TensorArg(v)
+        if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+            return type(v)(wrap(x) for x in v)
+        return v
+
+    names = getattr(qat_module, "qatkit_signature", ("input",))
+    return BoundCall(names, [wrap(a) for a in args], {k: wrap(v) for k, v in kwargs.items()})
 
 
 def quantize_multiplier(multiplier: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,11 +280,13 @@ def from_int(q: Tensor, qp: TensorQParams) -> Tensor:
     return q.to(torch.float32) * qp.scale.to(q.device).reshape(())
 
 
-class QuantizedModule(ResizeBuffersOnLoad):
+class QuantizedModule(AnnotatedOp, ResizeBuffersOnLoad):
     """Base of the integer modules: float grid values in, float grid values out.
 
     Subclasses keep every quantity they need (int weights, multipliers, LUTs) as buffers, so
-    ``state_dict()`` loads back with ``torch.load(..., weights_only=True)``.
+    ``state_dict()`` loads back with ``torch.load(..., weights_only=True)``.  Every one holds
+    its output's scale in the buffer ``output_scale`` and its bit width in ``out_bits`` (None
+    for a float output): the quantization annotation of the integer model points there.
 
     Example::
 
@@ -181,30 +300,48 @@ class QuantizedModule(ResizeBuffersOnLoad):
 
     _qatkit_leaf = True
     op: str = "op"
+    out_bits: int | None = None
+    #: the op's name in its model (convert_fx sets it), for error messages
+    qatkit_name: str = ""
+
+    def _where(self) -> str:
+        """``Quantized[matmul] 'blocks.0.matmul'``: how errors name this module."""
+        return f"{self._get_name()} '{self.qatkit_name}'" if self.qatkit_name else \
+            self._get_name()
+
+    def qatkit_output_spec(self, path: str) -> QuantSpec | None:
+        """The spec of the output: ``<path>.output_scale`` at ``out_bits``."""
+        scale = getattr(self, "output_scale", None)
+        if self.out_bits is None or not isinstance(scale, Tensor):
+            return None
+        return QuantSpec(source=f"{path}.output_scale" if path else "output_scale",
+                         dtype=f"qint{self.out_bits}")
+
+    def qatkit_weight_spec(self, path: str) -> QuantSpec | None:
+        return None
 
     def _get_name(self) -> str:
         return f"Quantized[{self.op}]"
 
 
-#: converter for each op kind: (qat_module, input qparams, output qparams or None) -> module
+#: converter for each op kind: ``fn(qat_module, call, out_qparams) -> module``
 CONVERTERS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_converter(*kinds: str) -> Callable[[Callable], Callable]:
     """Register a converter for op kinds (``"add"``, ``"conv"``, ``"sigmoid"``...).
 
-    A converter is called as ``fn(qat_module, in_qparams, out_qparams, node)`` where
-    ``in_qparams`` is a list with one :class:`TensorQParams` (or ``None`` for a float /
-    non-tensor argument) per tensor argument of the op, in the order the tensors appear in
-    the op's flattened arguments, and ``out_qparams`` is the output's (``None`` for a 32-bit
-    output), and ``node`` is the op's ``torch.fx.Node`` (its non-Node arguments are the
-    constants the op is called with).  It returns a module with the same call signature as
-    the QAT module.
+    A converter is called as ``fn(qat_module, call, out_qparams)``: ``call`` is a
+    :class:`BoundCall` (the op's arguments bound by name, each tensor a :class:`TensorArg`
+    with its qparams, the constants as given), ``out_qparams`` the output's
+    :class:`TensorQParams` (``None`` for a 32-bit / float output).  It returns a module called
+    like the QAT module.  :func:`qatkit.convert_fx` builds ``call`` from the graph's
+    quantization annotation; :func:`bind_call` builds one by hand.
 
     Example::
 
         >>> @register_converter("double")
-        ... def convert_double(qat_module, in_qparams, out_qparams, node):
+        ... def convert_double(qat_module, call, out_qparams):
         ...     return Double(out_qparams)
     """
 
@@ -214,25 +351,3 @@ def register_converter(*kinds: str) -> Callable[[Callable], Callable]:
         return fn
 
     return deco
-
-
-def float_op(qat_module: nn.Module) -> Callable[..., Any]:
-    """The op of a QAT module without its output fake quant, called like the module.
-
-    ``FunctionalOp`` -> its function; an output-quantized module (``qat.ReLU``...) -> the float
-    class's forward bound to it; anything else -> its ``forward`` unchanged.
-
-    Example::
-
-        >>> float_op(qatkit.nn.qat.FunctionalOp("add", operator.add, None))(1, 2)
-        3
-    """
-    from ..nn.qat.ops import FunctionalOp, OutputQuantMixin
-
-    if isinstance(qat_module, FunctionalOp):
-        return qat_module.fn
-    if isinstance(qat_module, OutputQuantMixin):
-        float_cls = next(c for c in type(qat_module).__mro__[1:]
-                         if issubclass(c, nn.Module) and not issubclass(c, OutputQuantMixin))
-        return functools.partial(float_cls.forward, qat_module)
-    return qat_module.forward

@@ -30,11 +30,11 @@ devices (TF32, Winograd), or when torch's CPU float32 kernels are not plain IEEE
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .._exact import F32_EXACT as _F32_EXACT
 from .._exact import F64_EXACT as _F64_EXACT
@@ -42,7 +42,9 @@ from .._exact import acc_bound as _acc_bound
 from .._exact import cpu_fp32_is_ieee as _cpu_fp32_is_ieee
 from .._exact import grid_int as _grid_int
 from .._exact import split_weight
+from ..annotation import QuantSpec
 from .base import (
+    BoundCall,
     QuantizedModule,
     TensorQParams,
     from_int,
@@ -72,7 +74,8 @@ class QuantizedConv(QuantizedModule):
         output_qparams: of the output, ``None`` for a 32-bit (float) output.
         add_qparams: of ``other`` when an add is fused (ignored for a 32-bit output).
 
-    Buffers: ``weight`` (int8/int16), ``bias`` (int32; int64 holding 48 bits when the input
+    Buffers: ``weight`` (int8/int16), ``weight_scale`` (float32, per output channel: the
+    weight fake quant's), ``bias`` (int32; int64 holding 48 bits when the input
     or the weight is int16), ``multiplier``/``shift`` (int32, per output channel),
     ``add_multiplier``/``add_shift``/``add_frac_bits`` (int32, fused add),
     ``out_min``/``out_max`` (int32 clamp bounds, activation included), ``acc_scale``
@@ -107,6 +110,7 @@ class QuantizedConv(QuantizedModule):
         bias_q = bias_q.to(torch.int32 if self.in_bits == 8 and w_bits == 8 else torch.int64)
         self.w_bits = w_bits
         self.register_buffer("weight", w_q.to(torch.int8 if w_bits == 8 else torch.int16))
+        self.register_buffer("weight_scale", _weight_scale(qat_module).cpu())
         self.register_buffer("bias", bias_q)
         self.register_buffer("acc_scale", acc_scale)
         self.register_buffer("input_scale", input_qparams.scale.clone().cpu())
@@ -124,12 +128,21 @@ class QuantizedConv(QuantizedModule):
         self._refresh_exactness()
 
     # -- construction ---------------------------------------------------------------------------
+    def qatkit_weight_spec(self, path: str) -> QuantSpec | None:
+        """The weight's spec: ``<path>.weight_scale``, per output channel (ConvTranspose's
+        weight ``[in, out / groups, *k]``: axis 1)."""
+        return QuantSpec(source=f"{path}.weight_scale" if path else "weight_scale",
+                         dtype=f"qint{self.w_bits}",
+                         ch_axis=1 if self._kind == "ConvTranspose" else 0)
+
     def _copy_structure(self, qat: nn.Module) -> None:
         kind = getattr(qat, "_KIND", None)
         if kind not in ("Conv", "ConvTranspose", "Linear"):
             raise ValueError(f"{type(qat).__name__} is not a qatkit.nn.qat conv / conv-transpose "
                              "/ linear module")
         self._kind = kind
+        self.qatkit_op_kind = qat.qatkit_op_kind
+        self.qatkit_signature = qat.qatkit_signature
         self.with_add = bool(qat.with_add)
         self.act = qat.act
         self.groups = getattr(qat, "groups", 1)
@@ -217,11 +230,11 @@ class QuantizedConv(QuantizedModule):
                 output_size: list[int] | None = None) -> Tensor:
         """``act(op(input) [+ other])`` on the output grid (float32 if 32-bit out)."""
         if (other is not None) != self.with_add:
-            raise ValueError(f"{self._get_name()}: " + (
+            raise ValueError(f"{self._where()}: " + (
                 "a fused add needs forward(input, other)" if self.with_add
                 else "got a second input but no add is fused"))
         if output_size is not None and self._kind != "ConvTranspose":
-            raise ValueError(f"{self._get_name()}: output_size is for conv-transpose only")
+            raise ValueError(f"{self._where()}: output_size is for conv-transpose only")
         q_x = _grid_int(input, self.input_scale)
         shape = (-1,) if self._kind == "Linear" else (-1,) + (1,) * self.dim
         acc = self._accumulate(q_x, output_size, shape)  # bias included
@@ -314,55 +327,33 @@ class QuantizedConv(QuantizedModule):
 
 # -- converter ------------------------------------------------------------------------------------
 @register_converter("conv", "linear")
-def convert_conv(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None = None) -> QuantizedConv:
+def convert_conv(qat_module: nn.Module, call: BoundCall,
+                 out_qparams: TensorQParams | None) -> QuantizedConv:
     """The :class:`QuantizedConv` of a calibrated QAT conv / conv-transpose / linear.
 
     Args:
         qat_module: the QAT module (any fused variant).
-        in_qparams: one entry per ``fx.Node`` in the node's flattened args and kwargs
-            (``None`` for a float tensor); without ``node``: ``[input]`` or ``[input, other]``.
+        call: the call's arguments bound by name: ``input`` and, with a fused add,
+            ``other`` (:class:`~qatkit.quantized.base.BoundCall`).
         out_qparams: of the output fake quant, ``None`` for a 32-bit output.
-        node: the module's call node, to find which entry is ``input`` and which ``other``.
 
     Raises:
-        ValueError: the input is not quantized, or see :class:`QuantizedConv`.
+        ValueError: the input (or the fused add's other input) is not quantized, or see
+            :class:`QuantizedConv`.
 
     Example::
 
-        >>> qconv = convert_conv(qat_conv, [TensorQParams(torch.tensor([1 / 64]), 8)],
-        ...                      TensorQParams(qat_conv.activation_post_process.scale, 8))
+        >>> in_qp = TensorQParams(torch.tensor([1 / 64]), 8)
+        >>> out_qp = TensorQParams(qat_conv.activation_post_process.scale, 8)
+        >>> qconv = convert_conv(qat_conv, bind_call(qat_conv, in_qp), out_qp)
     """
-    in_qp = _arg_qparams(node, in_qparams, 0, "input")
+    in_qp = call.qparams("input")
     if in_qp is None:
         raise ValueError(f"the input of {qat_module._get_name()} is not quantized (float): an "
                          "integer conv needs a quantized input; put a QuantStub before it or "
                          "keep the layer float")
-    add_qp = _arg_qparams(node, in_qparams, 1, "other") if qat_module.with_add else None
+    add_qp = call.qparams("other") if qat_module.with_add else None
     return QuantizedConv(qat_module, in_qp, out_qparams, add_qp)
-
-
-def _arg_qparams(node: fx.Node | None, in_qparams: Sequence[TensorQParams | None], pos: int,
-                 name: str) -> TensorQParams | None:
-    """The qparams of argument ``pos`` / keyword ``name`` of the call, None if not a Node."""
-    if node is None:
-        return in_qparams[pos] if pos < len(in_qparams) else None
-    if pos < len(node.args):
-        arg, before = node.args[pos], _count_nodes(node.args[:pos])
-    elif name in node.kwargs:
-        keys = list(node.kwargs)
-        arg = node.kwargs[name]
-        before = _count_nodes(node.args) + _count_nodes(
-            [node.kwargs[k] for k in keys[:keys.index(name)]])
-    else:
-        return None
-    return in_qparams[before] if isinstance(arg, fx.Node) else None
-
-
-def _count_nodes(args: Any) -> int:
-    found: list[fx.Node] = []
-    fx.node.map_aggregate(args, lambda a: found.append(a) if isinstance(a, fx.Node) else None)
-    return len(found)
 
 
 # -- numerics helpers ---------------------------------------------------------------------------
@@ -370,6 +361,12 @@ def _reciprocal(scale: Tensor) -> Tensor:
     """float32 ``1 / scale``, correctly rounded: the factor a fake quant multiplies by."""
     scale = scale.detach().to(torch.float32).cpu()
     return torch.ones_like(scale).div_(scale)
+
+
+def _weight_scale(qat: nn.Module) -> Tensor:
+    """The weight fake quant's scale as the QAT module uses it (LSQ clamps it at eps)."""
+    s_w = qat.weight_fake_quant.scale.detach().to(torch.float32)
+    return s_w.clamp(min=torch.finfo(torch.float32).eps).clone()
 
 
 def _quantize_weight(qat: nn.Module) -> tuple[Tensor, int]:

@@ -18,9 +18,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from .base import QuantizedModule, TensorQParams, float_op, from_int, register_converter, to_int
+from .._state import module_device
+from ..annotation import bind_arguments
+from .base import BoundCall, QuantizedModule, TensorQParams, from_int, register_converter, to_int
 
 __all__ = ["LUT_OPS", "QuantizedLookupTable", "convert_lut"]
 
@@ -35,16 +37,18 @@ class QuantizedLookupTable(QuantizedModule):
     """``table[q - qmin]``: a unary elementwise op on a quantized input.
 
     Called like the QAT module it replaces (``forward(*args, **kwargs)``); the tensor input is
-    found at the argument position (or keyword) given by ``input_arg``, every other argument
-    was a constant baked into the table.  Inputs outside the input range saturate to it.
+    the argument named ``input_name`` of the call (bound by ``signature``), every other
+    argument was a constant baked into the table.  Inputs outside the input range saturate
+    to it.
 
     Args:
         table: ``2**in_bits`` outputs, one per input integer from ``qmin`` up: integers
             (int8/int16 tensor) with ``output_qparams``, float32 without.
         input_qparams: scale and bits of the input.
         output_qparams: of the output, ``None`` for a float output.
-        input_arg: position (int) or keyword (str) of the tensor input in the call.
-        op: the op kind, for the repr (``"sigmoid"``...).
+        input_name: the name of the tensor argument (``"input"``).
+        op: the op kind (``"sigmoid"``...).
+        signature: the call's positional parameter names (default ``("input",)``).
 
     Example::
 
@@ -56,14 +60,16 @@ class QuantizedLookupTable(QuantizedModule):
     """
 
     def __init__(self, table: Tensor, input_qparams: TensorQParams,
-                 output_qparams: TensorQParams | None, input_arg: int | str = 0,
-                 op: str = "lut") -> None:
+                 output_qparams: TensorQParams | None, input_name: str = "input",
+                 op: str = "lut", signature: Sequence[str] = ("input",)) -> None:
         super().__init__()
         if table.numel() != 2**input_qparams.bits:
             raise ValueError(f"a lookup table for int{input_qparams.bits} inputs has "
                              f"{2**input_qparams.bits} entries, got {table.numel()}")
         self.op = op
-        self.input_arg = input_arg
+        self.qatkit_op_kind = op
+        self.qatkit_signature = tuple(signature)
+        self.input_name = input_name
         self.in_bits = input_qparams.bits
         self.out_bits = None if output_qparams is None else output_qparams.bits
         self.register_buffer("table", table.detach().reshape(-1).clone())
@@ -72,8 +78,8 @@ class QuantizedLookupTable(QuantizedModule):
                              else output_qparams.scale.clone())
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The op's output for the tensor input ``args[input_arg]`` / ``kwargs[input_arg]``."""
-        x = args[self.input_arg] if isinstance(self.input_arg, int) else kwargs[self.input_arg]
+        """The op's output for the tensor argument ``input_name``."""
+        x = bind_arguments(self.qatkit_signature, args, kwargs)[self.input_name]
         qp = TensorQParams(self.input_scale, self.in_bits)
         index = (to_int(x, qp).clamp_(qp.quant_min, qp.quant_max) - qp.quant_min)
         out = self.table[index]
@@ -87,45 +93,45 @@ class QuantizedLookupTable(QuantizedModule):
 
 
 @register_converter(*LUT_OPS)
-def convert_lut(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                out_qparams: TensorQParams | None,
-                node: fx.Node | None = None) -> QuantizedLookupTable:
+def convert_lut(qat_module: nn.Module, call: BoundCall,
+                out_qparams: TensorQParams | None) -> QuantizedLookupTable:
     """The lookup table of a QAT unary elementwise op (``qat.Sigmoid``, ``FunctionalOp``...).
 
     Args:
-        qat_module: the QAT op module; ``float_op(qat_module)`` is evaluated on the input grid.
-        in_qparams: one entry per ``fx.Node`` in the node's flattened args and kwargs.
+        qat_module: the QAT op module; its ``float_forward`` (the op without its output fake
+            quant) is evaluated on the input grid, with the call's constant arguments.
+        call: the call bound by name (:class:`~qatkit.quantized.base.BoundCall`): exactly one
+            tensor argument, quantized.
         out_qparams: of the output fake quant, ``None`` for a float output.
-        node: the call node: its single Node argument is the input, its other arguments are
-            constants passed to the function.  Without a node: ``f(x)`` with ``in_qparams[0]``.
 
     Raises:
-        ValueError: the call has several Node arguments (not unary), a float input, or the
+        ValueError: the call has several tensor arguments (not unary), a float input, or the
             function is not elementwise / gives NaN on the grid.
 
     Example::
 
-        >>> sig = convert_lut(qat_model.sigmoid, [TensorQParams(torch.tensor([1 / 32]), 8)],
-        ...                   TensorQParams(qat_model.sigmoid.activation_post_process.scale, 8),
-        ...                   node)
+        >>> sig = convert_lut(qat_model.sigmoid, bind_call(qat_model.sigmoid,
+        ...                   TensorQParams(torch.tensor([1 / 32]), 8)),
+        ...                   TensorQParams(qat_model.sigmoid.activation_post_process.scale, 8))
     """
-    where = f"node {node.format_node()}" if node is not None else qat_module._get_name()
-    args, kwargs, input_arg, in_qp = _split_call(node, in_qparams, where)
+    where = f"{qat_module._get_name()} {call!r}"
+    tensors = call.tensors()
+    if len(tensors) != 1:
+        raise ValueError(f"{where}: a lookup table takes exactly one tensor input, the call has "
+                         f"{len(tensors)}")
+    input_name, arg = tensors[0]
+    in_qp = arg.qparams
     if in_qp is None:
         raise ValueError(f"{where}: the input is not quantized (float); a lookup table needs a "
                          "quantized input")
-    device = _device_of(qat_module)
+    device = module_device(qat_module, torch.device("cpu"))
     grid = torch.arange(in_qp.quant_min, in_qp.quant_max + 1, device=device,
                         dtype=torch.float32) * in_qp.scale.to(device)  # == from_int(q)
-    fn = float_op(qat_module)
+    fn = qat_module.float_forward
     with torch.no_grad():
-        if isinstance(input_arg, int):
-            args = args[:input_arg] + (grid,) + args[input_arg + 1:]
-        else:
-            kwargs = {**kwargs, input_arg: grid}
-        y = fn(*args, **kwargs)
+        y = call.evaluate(fn, lambda name, a: grid)
     if not isinstance(y, Tensor) or y.shape != grid.shape or not y.is_floating_point():
-        raise ValueError(f"{where}: {getattr(fn, '__name__', fn)} is not a float elementwise op "
+        raise ValueError(f"{where}: {qat_module._get_name()} is not a float elementwise op "
                          f"(on a [{grid.numel()}] input it returned "
                          f"{getattr(y, 'shape', type(y).__name__)}); no lookup table")
     y = y.to(torch.float32)
@@ -138,37 +144,5 @@ def convert_lut(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None
         inv = torch.ones_like(scale).div_(scale)  # float32 1/s_out, as the fake quant
         q = torch.mul(y, inv).round_().clamp_(out_qparams.quant_min, out_qparams.quant_max)
         table = q.to(torch.int8 if out_qparams.bits == 8 else torch.int16)
-    return QuantizedLookupTable(table, in_qp, out_qparams, input_arg, op=_op_name(qat_module))
-
-
-def _split_call(node: fx.Node | None, in_qparams: Sequence[TensorQParams | None],
-                where: str) -> tuple[tuple, dict, int | str, TensorQParams | None]:
-    """The node's constant args/kwargs, where its single tensor input sits, and its qparams."""
-    if node is None:
-        return (None,), {}, 0, (in_qparams[0] if in_qparams else None)
-    nodes = [(i, a) for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
-    nodes += [(k, a) for k, a in node.kwargs.items() if isinstance(a, fx.Node)]
-    nested = sum(_count_nodes(a) for a in list(node.args) + list(node.kwargs.values())
-                 if not isinstance(a, fx.Node))
-    if len(nodes) != 1 or nested:
-        raise ValueError(f"{where}: a lookup table takes exactly one tensor input, the call has "
-                         f"{len(nodes) + nested} Node arguments")
-    in_qp = in_qparams[0] if in_qparams else None  # the only Node of the call
-    return tuple(node.args), dict(node.kwargs), nodes[0][0], in_qp
-
-
-def _count_nodes(args: Any) -> int:
-    found: list[fx.Node] = []
-    fx.node.map_aggregate(args, lambda a: found.append(a) if isinstance(a, fx.Node) else None)
-    return len(found)
-
-
-def _device_of(mod: nn.Module) -> torch.device:
-    for t in list(mod.parameters()) + list(mod.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _op_name(mod: nn.Module) -> str:
-    op = getattr(mod, "op", None)
-    return op if isinstance(op, str) else type(mod).__name__.lower()
+    return QuantizedLookupTable(table, in_qp, out_qparams, input_name,
+                                op=qat_module.qatkit_op_kind, signature=call.names)

@@ -21,10 +21,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from .base import TensorQParams, register_converter
-from .ops import _arg, _call_site, _In, _kind_of, _QOp, _qp, _unsupported
+from ..annotation import bind_arguments
+from .base import BoundCall, TensorArg, TensorQParams, register_converter
+from .ops import _call_site, _QOp, _qp, _unsupported
 
 __all__ = ["QuantizedSoftmax", "QuantizedLayerNorm", "QuantizedGroupNorm",
            "QuantizedBatchNorm", "EXP_LUT_BITS"]
@@ -54,20 +55,21 @@ class QuantizedSoftmax(_QOp):
 
     Example::
 
-        >>> qsm = CONVERTERS["softmax"](qat.Softmax(dim=-1), [qp_in], qp_out)
+        >>> sm = qat.Softmax(dim=-1)
+        >>> qsm = CONVERTERS["softmax"](sm, bind_call(sm, qp_in), qp_out)
         >>> y = qsm(x)
     """
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 out_qparams: TensorQParams | None, call: BoundCall | None,
                  fixed: dict[str, Any]) -> None:
-        super().__init__(kind, fn, in_qparams, out_qparams, node, fixed)
+        super().__init__(kind, fn, in_qparams, out_qparams, call, fixed)
         self.register_buffer("exp_lut", _exp_lut(self.in_scale[0], self.in_bits[0]))
 
     def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        x = _arg(args, kwargs, 0, ("input", "self"))
+        x = self._arg(args, kwargs, "input")
         q = self._int(x, 0)
-        dim = _softmax_dim(_arg(args, {**self.fixed, **kwargs}, 1, ("dim",)), q.dim())
+        dim = _softmax_dim(self._arg(args, {**self.fixed, **kwargs}, "dim"), q.dim())
         k = q.amax(dim=dim, keepdim=True) - q
         e = self.exp_lut[k.clamp(max=self.exp_lut.numel() - 1)]
         total = e.sum(dim=dim, keepdim=True).to(torch.float64)
@@ -80,20 +82,17 @@ class QuantizedSoftmax(_QOp):
 
 
 @register_converter("softmax", "log_softmax")
-def _convert_softmax(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                     out_qparams: TensorQParams | None,
-                     node: fx.Node | None = None) -> QuantizedSoftmax:
-    kind, fn, fixed, args, kwargs = _call_site(qat_module, in_qparams, node)
-    x = _arg(args, kwargs, 0, ("input", "self"))
-    if _qp(x) is None:
-        raise _unsupported(node, kind, "the input is not a quantized tensor")
-    dtype_pos = 3 if fn in (F.softmax, F.log_softmax) else 2  # F.*: (input, dim, _stacklevel)
-    dtype = _arg(args, kwargs, dtype_pos, ("dtype",))
+def _convert_softmax(qat_module: nn.Module, call: BoundCall,
+                     out_qparams: TensorQParams | None) -> QuantizedSoftmax:
+    kind, fn, fixed, _, _ = _call_site(qat_module, call)
+    if _qp(call.get("input")) is None:
+        raise _unsupported("input", kind, "the input is not a quantized tensor")
+    dtype = call.get("dtype")
     if dtype not in (None, torch.float32):
-        raise _unsupported(node, kind, f"dtype={dtype} (the integer model outputs float32)")
-    if isinstance(_arg(args, {**fixed, **kwargs}, 1, ("dim",)), _In):
-        raise _unsupported(node, kind, "dim must be a constant")
-    return QuantizedSoftmax(kind, fn, [_qp(x)], out_qparams, node, fixed)
+        raise _unsupported("dtype", kind, f"dtype={dtype} (the integer model outputs float32)")
+    if isinstance(fixed.get("dim", call.get("dim")), TensorArg):
+        raise _unsupported("dim", kind, "dim must be a constant")
+    return QuantizedSoftmax(kind, fn, [_qp(call.get("input"))], out_qparams, call, fixed)
 
 
 # -- layer_norm / group_norm -----------------------------------------------------------------
@@ -130,9 +129,9 @@ class _Norm(_QOp):
     _DEFAULTS: dict[str, Any] = {}
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 out_qparams: TensorQParams | None, call: BoundCall | None,
                  fixed: dict[str, Any], tensors: dict[str, Tensor | None]) -> None:
-        super().__init__(kind, fn, in_qparams, out_qparams, node, fixed)
+        super().__init__(kind, fn, in_qparams, out_qparams, call, fixed)
         for name, t in tensors.items():
             self.register_buffer(name, t.detach().to(torch.float32).clone()
                                  if t is not None else None)
@@ -142,8 +141,7 @@ class _Norm(_QOp):
         bound = dict(self._DEFAULTS)
         bound.update(self.fixed)
         bound.update({name: getattr(self, name) for name in self.owned})
-        bound.update(zip(self._SIGNATURE, args, strict=False))
-        bound.update(kwargs)
+        bound.update(bind_arguments(self.qatkit_signature, args, kwargs))
         return bound
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -171,7 +169,7 @@ class QuantizedLayerNorm(_Norm):
             else (p["normalized_shape"],)
         rows = q.reshape(*q.shape[: q.dim() - len(shape)], -1)
         d, r = _centered(rows, math.prod(shape), self.in_bits[0], self.in_scale[0],
-                         float(p["eps"]), f"{self._get_name()} {self.node_name}")
+                         float(p["eps"]), self._where())
         t = (d.to(torch.float64) * r).reshape(q.shape)
         return self._finish(_affine(t, p["weight"], p["bias"], self._inv_out()[0], shape))
 
@@ -193,7 +191,7 @@ class QuantizedGroupNorm(_Norm):
         groups = int(p["num_groups"])
         rows = q.reshape(q.shape[0], groups, -1)
         d, r = _centered(rows, rows.shape[-1], self.in_bits[0], self.in_scale[0],
-                         float(p["eps"]), f"{self._get_name()} {self.node_name}")
+                         float(p["eps"]), self._where())
         t = (d.to(torch.float64) * r).reshape(q.shape)
         shape = (-1,) + (1,) * (q.dim() - 2)
         return self._finish(_affine(t, p["weight"], p["bias"], self._inv_out()[0], shape))
@@ -237,33 +235,34 @@ _NORM_FUNCTIONS = {"layer_norm": F.layer_norm, "group_norm": F.group_norm,
 
 
 @register_converter("layer_norm", "group_norm", "batch_norm")
-def _convert_norm(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                  out_qparams: TensorQParams | None, node: fx.Node | None = None) -> _Norm:
+def _convert_norm(qat_module: nn.Module, call: BoundCall,
+                  out_qparams: TensorQParams | None) -> _Norm:
     from ..nn.qat.ops import FunctionalOp
 
-    kind = _kind_of(qat_module)
+    kind = qat_module.qatkit_op_kind
     cls, attrs, owned = _NORMS[kind]
     if isinstance(qat_module, FunctionalOp):
-        kind, fn, fixed, args, kwargs = _call_site(qat_module, in_qparams, node)
-        p = {**cls._DEFAULTS, **dict(zip(cls._SIGNATURE, args, strict=False)), **kwargs}
+        kind, fn, fixed, _, _ = _call_site(qat_module, call)
+        p = {**cls._DEFAULTS, **call}
         tensors: dict[str, Tensor | None] = {}
         for name, value in p.items():
             if name not in ("input", "weight", "bias", "running_mean", "running_var") \
-                    and isinstance(value, _In):
-                raise _unsupported(node, kind, f"{name} must be a constant")
+                    and isinstance(value, TensorArg):
+                raise _unsupported(name, kind, f"{name} must be a constant")
     else:
-        if len(in_qparams) != 1:
+        if len(call.tensors()) != 1:
             raise ValueError(f"convert failed at a {kind!r} module: one input expected, got "
-                             f"{len(in_qparams)} input qparams")
+                             f"{call!r}")
         fn, fixed = _NORM_FUNCTIONS[kind], {a: getattr(qat_module, a) for a in attrs}
         tensors = {name: getattr(qat_module, name) for name in owned}
-        p = {"input": _In(in_qparams[0]), "training": False}
+        p = {"input": call["input"], "training": False}
         if kind == "batch_norm" and tensors["running_mean"] is None:
-            raise _unsupported(node, kind, f"{type(qat_module).__name__} has no running "
+            raise _unsupported("input", kind, f"{type(qat_module).__name__} has no running "
                                "statistics (track_running_stats=False)")
     if _qp(p.get("input")) is None:
-        raise _unsupported(node, kind, "the input is not a quantized tensor")
+        raise _unsupported("input", kind, "the input is not a quantized tensor")
     if kind == "batch_norm" and (p.get("training") is not False or
                                  p.get("running_mean", 0) is None):
-        raise _unsupported(node, kind, "batch_norm must use running statistics (training=False)")
-    return cls(kind, fn, [_qp(p["input"])], out_qparams, node, fixed, tensors)
+        raise _unsupported("training", kind,
+                           "batch_norm must use running statistics (training=False)")
+    return cls(kind, fn, [_qp(p["input"])], out_qparams, call, fixed, tensors)

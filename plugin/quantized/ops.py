@@ -27,10 +27,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
+from ..annotation import bind_arguments
 from .base import (
+    BoundCall,
     QuantizedModule,
+    TensorArg,
     TensorQParams,
     quantize_multiplier,
     register_converter,
@@ -62,92 +65,47 @@ _NEAREST = ("nearest", "nearest-exact")
 
 
 # -- convert-time helpers --------------------------------------------------------------------
-class _In:
-    """An ``fx.Node`` argument at convert time, with its qparams (``None``: not quantized)."""
-
-    __slots__ = ("qp",)
-
-    def __init__(self, qp: TensorQParams | None) -> None:
-        self.qp = qp
-
-
 def _qp(arg: Any) -> TensorQParams | None:
-    return arg.qp if isinstance(arg, _In) else None
+    return arg.qparams if isinstance(arg, TensorArg) else None
 
 
-def _label(node: fx.Node | None, kind: str) -> str:
-    return f"node {node.format_node()}" if node is not None else f"a {kind!r} module"
+def _label(name: str, kind: str) -> str:
+    return f"argument {name!r} of a {kind!r} op ({kind})"
 
 
-def _unsupported(node: fx.Node | None, kind: str, what: str) -> NotImplementedError:
+def _unsupported(name: str, kind: str, what: str) -> NotImplementedError:
     return NotImplementedError(
-        f"convert failed at {_label(node, kind)}: {what}. Fix: keep the op float (qconfig_dict "
+        f"convert failed at {_label(name, kind)}: {what}. Fix: keep the op float (qconfig_dict "
         "entry None or hybrid_dict) or keep it in fake-quant form (set_preserve_qat_mode)")
 
 
-def _arg(args: Sequence[Any], kwargs: dict[str, Any], pos: int | None, names: Sequence[str],
-         default: Any = None) -> Any:
-    """Argument ``pos`` (positional) or keyword ``names``, else ``default``."""
-    if pos is not None and len(args) > pos:
-        return args[pos]
-    for name in names:
-        if name in kwargs:
-            return kwargs[name]
-    return default
+def _call_site(qat_module: nn.Module, call: BoundCall) -> tuple[str, Callable, dict[str, Any],
+                                                                 tuple, dict]:
+    """``(kind, fn, fixed kwargs, args, kwargs)`` of a QAT op, tensors as ``TensorArg``.
 
-
-def _kind_of(qat_module: nn.Module) -> str:
-    from ..nn.qat.ops import OUTPUT_QUANTIZED_MODULES, FunctionalOp
-
-    if isinstance(qat_module, FunctionalOp):
-        return qat_module.op
-    for cls in type(qat_module).__mro__:
-        if cls in OUTPUT_QUANTIZED_MODULES:
-            return OUTPUT_QUANTIZED_MODULES[cls]
-    return type(qat_module).__name__
-
-
-def _call_site(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-               node: fx.Node | None) -> tuple[str, Callable, dict[str, Any], tuple, dict]:
-    """``(kind, fn, fixed kwargs, args, kwargs)`` of a QAT op, with ``_In`` for its Nodes.
-
-    A ``FunctionalOp`` calls its function with the node's arguments; a module kind calls the
-    function of :data:`MODULE_FUNCTIONS` with ``x`` and the module's attributes.
+    A ``FunctionalOp`` calls its function with the call's own arguments; a module kind calls
+    the function of :data:`MODULE_FUNCTIONS` with ``input`` and the module's attributes.
     """
     from ..nn.qat.ops import FunctionalOp
 
-    kind = _kind_of(qat_module)
-    qps = list(in_qparams)
-    for qp in qps:
+    kind = qat_module.qatkit_op_kind
+    for name, arg in call.tensors():
+        qp = arg.qparams
         if qp is not None and qp.scale.numel() != 1:
-            raise ValueError(f"convert failed at {_label(node, kind)}: input qparams must be per "
+            raise ValueError(f"convert failed at {_label(name, kind)}: input qparams must be per "
                              f"tensor, got {qp}")
     if isinstance(qat_module, FunctionalOp):
-        if node is None:
-            raise ValueError(f"the {kind!r} converter needs the fx.Node of the call")
-        count = 0
-
-        def wrap(a: Any) -> Any:
-            nonlocal count
-            if not isinstance(a, fx.Node):
-                return a
-            count += 1
-            return _In(qps[count - 1] if count <= len(qps) else None)
-
-        args, kwargs = fx.node.map_aggregate((node.args, dict(node.kwargs)), wrap)
-        if count != len(qps):
-            raise ValueError(f"convert failed at {_label(node, kind)}: {len(qps)} input qparams "
-                             f"for {count} node arguments")
-        return kind, qat_module.fn, {}, tuple(args), dict(kwargs)
+        return kind, qat_module.fn, {}, call.args, call.kwargs
     for cls in type(qat_module).__mro__:
         if cls in MODULE_FUNCTIONS:
             fn, attrs = MODULE_FUNCTIONS[cls]
-            if len(qps) != 1:
-                raise ValueError(f"convert failed at {_label(node, kind)}: a module call takes "
-                                 f"one input, got {len(qps)} input qparams")
+            if len(call.tensors()) != 1:
+                raise ValueError(f"convert failed at a {kind!r} module: a module call takes "
+                                 f"one input, got {call!r}")
             fixed = {a: getattr(qat_module, a) for a in attrs}
-            return kind, fn, fixed, (_In(qps[0]),), {}
-    raise _unsupported(node, kind, f"no integer implementation of {type(qat_module).__name__}")
+            return kind, fn, fixed, (call["input"],), {}
+    raise _unsupported(type(qat_module).__name__, kind,
+                       f"no integer implementation of {type(qat_module).__name__}")
 
 
 def _fixed_point(mult: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,25 +130,32 @@ def _round_shift(acc: Tensor, shift: Tensor) -> Tensor:
 # -- the shared module -----------------------------------------------------------------------
 class _QOp(QuantizedModule):
     """Input scales (``in_scale``, NaN for a non-quantized argument) and the output scale as
-    buffers; ``fn`` is the float op, ``fixed`` the keywords a module kind adds to it."""
+    buffers; ``fn`` is the float op, ``fixed`` the keywords a module kind adds to it;
+    ``qatkit_signature`` binds a call's arguments by name (:func:`_arg`)."""
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 out_qparams: TensorQParams | None, call: BoundCall | None = None,
                  fixed: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.op = kind
+        self.qatkit_op_kind = kind
+        self.qatkit_signature = call.names if call is not None else ("input",)
         self.fn = fn
         self.fixed = dict(fixed or {})
-        self.node_name = node.name if node is not None else kind
         self.in_bits = [qp.bits if qp is not None else None for qp in in_qparams]
         scales = [qp.scale.reshape(1) if qp is not None else torch.full([1], math.nan)
                   for qp in in_qparams]
         self.register_buffer("in_scale", torch.cat(scales) if scales else torch.zeros(0))
         self.out_bits = out_qparams.bits if out_qparams is not None else None
-        self.register_buffer("out_scale", out_qparams.scale.reshape(1).clone()
+        self.register_buffer("output_scale", out_qparams.scale.reshape(1).clone()
                              if out_qparams is not None else torch.ones(1))
         if out_qparams is not None:
             self.quant_min, self.quant_max = out_qparams.quant_min, out_qparams.quant_max
+
+    def _arg(self, args: Sequence[Any], kwargs: dict[str, Any], name: str,
+             default: Any = None) -> Any:
+        """The call's argument ``name`` (bound by ``qatkit_signature``), else ``default``."""
+        return bind_arguments(self.qatkit_signature, args, kwargs).get(name, default)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.out_bits is None:  # float output: the float op, as in the fake-quant model
@@ -203,21 +168,21 @@ class _QOp(QuantizedModule):
     def _int(self, x: Any, i: int) -> Tensor:
         """The int64 integers of grid tensor ``x`` (input ``i``)."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"{self._get_name()} {self.node_name}: input {i} should be a "
+            raise TypeError(f"{self._where()}: input {i} should be a "
                             f"quantized tensor, got {type(x).__name__}")
         return torch.round(x.to(torch.float64) / self.in_scale[i].to(torch.float64)).to(
             torch.int64)
 
     def _inv_out(self) -> Tensor:
         """float64 of the float32 ``1 / s_out`` the output fake quant multiplies by (shape [1])."""
-        return torch.ones_like(self.out_scale).div_(self.out_scale).to(torch.float64)
+        return torch.ones_like(self.output_scale).div_(self.output_scale).to(torch.float64)
 
     def _ratio(self, i: int) -> Tensor:
         """``M = s_in[i] * float32(1 / s_out)`` in float64."""
         return self.in_scale[i].to(torch.float64) * self._inv_out()[0]
 
     def _from_int(self, q: Tensor) -> Tensor:
-        return q.to(torch.float32) * self.out_scale.reshape(())  # 0-d: keeps the shape of q
+        return q.to(torch.float32) * self.output_scale.reshape(())  # 0-d: keeps the shape of q
 
     def _finish(self, u: Tensor) -> Tensor:
         """Float64 ``u`` in output LSBs -> rint (half to even), saturate, to the output grid."""
@@ -228,11 +193,11 @@ class _QOp(QuantizedModule):
         as the fake-quant model sees it."""
         if isinstance(c, Tensor):
             c = c.detach()
-        return torch.as_tensor(c, dtype=torch.float32, device=self.out_scale.device).to(
+        return torch.as_tensor(c, dtype=torch.float32, device=self.output_scale.device).to(
             torch.float64)
 
     def extra_repr(self) -> str:
-        return f"node={self.node_name}, in_bits={self.in_bits}, out_bits={self.out_bits}"
+        return f"in_bits={self.in_bits}, out_bits={self.out_bits}"
 
 
 # -- add / sub -------------------------------------------------------------------------------
@@ -246,15 +211,15 @@ class QuantizedAdd(_QOp):
     Example::
 
         >>> qat = FunctionalOp("add", operator.add, qatkit.FakeQuantize())
-        >>> ...  # calibrate, then, with node the fx.Node of the call:
-        >>> qadd = CONVERTERS["add"](qat, [qp_a, qp_b], qp_out, node)
+        >>> ...  # calibrate, then:
+        >>> qadd = CONVERTERS["add"](qat, bind_call(qat, qp_a, qp_b), qp_out)
         >>> y = qadd(a, b)  # a, b on their grids; y on the output grid
     """
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 out_qparams: TensorQParams | None, call: BoundCall | None,
                  coef: tuple[float, float]) -> None:
-        super().__init__(kind, fn, in_qparams, out_qparams, node)
+        super().__init__(kind, fn, in_qparams, out_qparams, call)
         self.coef = tuple(float(c) for c in coef)
         r_out = self._inv_out()[0]
         mult = torch.stack([self.in_scale[i].to(torch.float64) * c * r_out
@@ -265,8 +230,7 @@ class QuantizedAdd(_QOp):
         self.register_buffer("shift", shift)
 
     def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        a = _arg(args, kwargs, 0, ("input", "self"))
-        b = _arg(args, kwargs, 1, ("other",))
+        a, b = self._arg(args, kwargs, "input"), self._arg(args, kwargs, "other")
         acc = self._term(a, 0) + self._term(b, 1)
         return self._from_int(_round_shift(acc, self.shift).clamp_(self.quant_min,
                                                                     self.quant_max))
@@ -280,17 +244,17 @@ class QuantizedAdd(_QOp):
 
 
 @register_converter("add", "sub")
-def _convert_add(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None = None) -> QuantizedAdd:
-    kind, fn, _, args, kwargs = _call_site(qat_module, in_qparams, node)
-    a, b = _arg(args, kwargs, 0, ("input", "self")), _arg(args, kwargs, 1, ("other",))
-    alpha = _arg(args, kwargs, None, ("alpha",), 1)
-    if isinstance(alpha, _In) or not isinstance(alpha, (int, float)):
-        raise _unsupported(node, kind, f"alpha must be a python number, got {alpha!r}")
+def _convert_add(qat_module: nn.Module, call: BoundCall,
+                 out_qparams: TensorQParams | None) -> QuantizedAdd:
+    kind, fn, _, _, _ = _call_site(qat_module, call)
+    a, b = call.get("input"), call.get("other")
+    alpha = call.get("alpha", 1)
+    if isinstance(alpha, TensorArg) or not isinstance(alpha, (int, float)):
+        raise _unsupported("alpha", kind, f"alpha must be a python number, got {alpha!r}")
     if _qp(a) is None and _qp(b) is None:
-        raise _unsupported(node, kind, "no operand is a quantized tensor")
+        raise _unsupported("input", kind, "no operand is a quantized tensor")
     coef = (1.0, float(alpha) * (-1.0 if kind == "sub" else 1.0))
-    return QuantizedAdd(kind, fn, [_qp(a), _qp(b)], out_qparams, node, coef)
+    return QuantizedAdd(kind, fn, [_qp(a), _qp(b)], out_qparams, call, coef)
 
 
 # -- mul -------------------------------------------------------------------------------------
@@ -303,13 +267,13 @@ class QuantizedMul(_QOp):
 
     Example::
 
-        >>> qmul = CONVERTERS["mul"](qat_mul, [qp_a, qp_b], qp_out, node)
+        >>> qmul = CONVERTERS["mul"](qat_mul, bind_call(qat_mul, qp_a, qp_b), qp_out)
         >>> y = qmul(a, b)
     """
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None) -> None:
-        super().__init__(kind, fn, in_qparams, out_qparams, node)
+                 out_qparams: TensorQParams | None, call: BoundCall | None) -> None:
+        super().__init__(kind, fn, in_qparams, out_qparams, call)
         s = self.in_scale.to(torch.float64).nan_to_num(1.0)
         m, shift = quantize_multiplier((s[0] * s[1] * self._inv_out()[0])
                                        .reshape(1))
@@ -317,7 +281,7 @@ class QuantizedMul(_QOp):
         self.register_buffer("shift", shift)
 
     def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        ops = [_arg(args, kwargs, 0, ("input", "self")), _arg(args, kwargs, 1, ("other",))]
+        ops = [self._arg(args, kwargs, "input"), self._arg(args, kwargs, "other")]
         if None not in self.in_bits:
             acc = self._int(ops[0], 0) * self._int(ops[1], 1)
             return self._from_int(requantize(acc, self.multiplier, self.shift,
@@ -331,13 +295,13 @@ class QuantizedMul(_QOp):
 
 
 @register_converter("mul")
-def _convert_mul(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None = None) -> QuantizedMul:
-    kind, fn, _, args, kwargs = _call_site(qat_module, in_qparams, node)
-    a, b = _arg(args, kwargs, 0, ("input", "self")), _arg(args, kwargs, 1, ("other",))
+def _convert_mul(qat_module: nn.Module, call: BoundCall,
+                 out_qparams: TensorQParams | None) -> QuantizedMul:
+    kind, fn, _, _, _ = _call_site(qat_module, call)
+    a, b = call.get("input"), call.get("other")
     if _qp(a) is None and _qp(b) is None:
-        raise _unsupported(node, kind, "no operand is a quantized tensor")
-    return QuantizedMul(kind, fn, [_qp(a), _qp(b)], out_qparams, node)
+        raise _unsupported("input", kind, "no operand is a quantized tensor")
+    return QuantizedMul(kind, fn, [_qp(a), _qp(b)], out_qparams, call)
 
 
 # -- cat / stack -----------------------------------------------------------------------------
@@ -350,14 +314,14 @@ class QuantizedCat(_QOp):
 
     Example::
 
-        >>> qcat = CONVERTERS["cat"](qat_cat, [qp_a, qp_b], qp_out, node)  # torch.cat([a, b], 1)
+        >>> qcat = CONVERTERS["cat"](qat_cat, bind_call(qat_cat, [qp_a, qp_b], 1), qp_out)
         >>> y = qcat([a, b], 1)
     """
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 out_qparams: TensorQParams | None, call: BoundCall | None,
                  one_node: bool) -> None:
-        super().__init__(kind, fn, in_qparams, out_qparams, node)
+        super().__init__(kind, fn, in_qparams, out_qparams, call)
         self.one_node = one_node  # one Node yields all tensors (e.g. the output of chunk)
         ms, shifts = [], []
         for i in range(len(self.in_bits)):
@@ -368,7 +332,7 @@ class QuantizedCat(_QOp):
         self.register_buffer("shift", torch.cat(shifts))
 
     def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        tensors = _arg(args, kwargs, 0, ("tensors",))
+        tensors = self._arg(args, kwargs, "tensors")
         rest = {k: v for k, v in kwargs.items() if k != "tensors"}
         roles = [0] * len(tensors) if self.one_node else range(len(tensors))
         qs = [self._rescale(t, i) for t, i in zip(tensors, roles, strict=True)]
@@ -383,19 +347,19 @@ class QuantizedCat(_QOp):
 
 
 @register_converter("cat", "stack")
-def _convert_cat(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None = None) -> QuantizedCat:
-    kind, fn, _, args, kwargs = _call_site(qat_module, in_qparams, node)
-    tensors = _arg(args, kwargs, 0, ("tensors",))
-    if isinstance(tensors, _In):
-        qps, one_node = [tensors.qp], True
-    elif isinstance(tensors, (list, tuple)) and all(isinstance(t, _In) for t in tensors):
-        qps, one_node = [t.qp for t in tensors], False
+def _convert_cat(qat_module: nn.Module, call: BoundCall,
+                 out_qparams: TensorQParams | None) -> QuantizedCat:
+    kind, fn, _, _, _ = _call_site(qat_module, call)
+    tensors = call.get("tensors")
+    if isinstance(tensors, TensorArg):
+        qps, one_node = [tensors.qparams], True
+    elif isinstance(tensors, (list, tuple)) and all(isinstance(t, TensorArg) for t in tensors):
+        qps, one_node = [t.qparams for t in tensors], False
     else:
-        raise _unsupported(node, kind, f"expected a list of tensors, got {tensors!r}")
+        raise _unsupported("tensors", kind, f"expected a list of tensors, got {tensors!r}")
     if all(qp is None for qp in qps):
-        raise _unsupported(node, kind, "no input is a quantized tensor")
-    return QuantizedCat(kind, fn, qps, out_qparams, node, one_node)
+        raise _unsupported("tensors", kind, "no input is a quantized tensor")
+    return QuantizedCat(kind, fn, qps, out_qparams, call, one_node)
 
 
 # -- matmul / einsum -------------------------------------------------------------------------
@@ -429,32 +393,31 @@ class QuantizedMatmul(_QOp):
 
     Example::
 
-        >>> qmm = CONVERTERS["matmul"](qat_matmul, [qp_a, qp_b], qp_out, node)
+        >>> qmm = CONVERTERS["matmul"](qat_matmul, bind_call(qat_matmul, qp_a, qp_b), qp_out)
         >>> y = qmm(a, b)
     """
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None) -> None:
-        super().__init__(kind, fn, in_qparams, out_qparams, node)
+                 out_qparams: TensorQParams | None, call: BoundCall | None) -> None:
+        super().__init__(kind, fn, in_qparams, out_qparams, call)
         mult = torch.prod(self.in_scale.to(torch.float64)) * self._inv_out()
         m, shift = quantize_multiplier(mult.reshape(1))
         self.register_buffer("multiplier", m)
         self.register_buffer("shift", shift)
 
     def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        bound = bind_arguments(self.qatkit_signature, args, kwargs)
         if self.op == "einsum":
-            equation = _arg(args, kwargs, 0, ("equation",))
-            ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) \
-                else list(args[1:])
+            equation = bound["equation"]
+            ops = _operands(bound)
             terms = _einsum_terms(equation, [o.shape for o in ops])
         else:
-            ops = [_arg(args, kwargs, 0, ("input", "self")),
-                   _arg(args, kwargs, 1, ("other", "mat2"))]
+            ops = [bound["input"], bound["other"]]
             terms = ops[0].shape[-1]
         bound = terms * math.prod(2 ** (b - 1) for b in self.in_bits)
         if bound >= _EXACT:
             raise RuntimeError(
-                f"{self._get_name()} {self.node_name}: sums of {terms} products of "
+                f"{self._where()}: sums of {terms} products of "
                 f"{self.in_bits}-bit integers may exceed 2**53, where float64 is no longer "
                 "exact. Fix: split the contraction or use 8-bit inputs")
         qs = [self._int(o, i).to(torch.float64) for i, o in enumerate(ops)]
@@ -463,24 +426,30 @@ class QuantizedMatmul(_QOp):
                                                self.shift, self.quant_min, self.quant_max))
 
 
+def _operands(bound: dict[str, Any] | BoundCall) -> list[Any]:
+    """einsum's operands: ``einsum(eq, a, b)`` or ``einsum(eq, [a, b])``."""
+    ops = list(bound.get("operands", []))
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    return ops
+
+
 @register_converter("matmul", "einsum")
-def _convert_matmul(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                    out_qparams: TensorQParams | None,
-                    node: fx.Node | None = None) -> QuantizedMatmul:
-    kind, fn, _, args, kwargs = _call_site(qat_module, in_qparams, node)
+def _convert_matmul(qat_module: nn.Module, call: BoundCall,
+                    out_qparams: TensorQParams | None) -> QuantizedMatmul:
+    kind, fn, _, _, _ = _call_site(qat_module, call)
     if kind == "einsum":
-        ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) \
-            else list(args[1:])
-        if not isinstance(_arg(args, kwargs, 0, ("equation",)), str):
-            raise _unsupported(node, kind, "the equation must be a constant string")
+        ops = _operands(call)
+        if not isinstance(call.get("equation"), str):
+            raise _unsupported("equation", kind, "the equation must be a constant string")
     else:
-        ops = [_arg(args, kwargs, 0, ("input", "self")), _arg(args, kwargs, 1, ("other", "mat2"))]
+        ops = [call.get("input"), call.get("other")]
     for i, o in enumerate(ops):
         if _qp(o) is None:
-            raise _unsupported(node, kind, f"operand {i} is not a quantized tensor (a float "
-                               "parameter?); quantize it in the model (QuantStub) or use "
+            raise _unsupported(f"operand {i}", kind, f"operand {i} is not a quantized tensor (a "
+                               "float parameter?); quantize it in the model (QuantStub) or use "
                                "nn.Linear for a weight")
-    return QuantizedMatmul(kind, fn, [_qp(o) for o in ops], out_qparams, node)
+    return QuantizedMatmul(kind, fn, [_qp(o) for o in ops], out_qparams, call)
 
 
 # -- mean / avg pools ------------------------------------------------------------------------
@@ -493,16 +462,17 @@ class QuantizedAverage(_QOp):
 
     Example::
 
-        >>> qpool = CONVERTERS["avg_pool"](qat.AvgPool2d(2), [qp_in], qp_out)  # a module kind
+        >>> pool = qat.AvgPool2d(2)   # a module kind
+        >>> qpool = CONVERTERS["avg_pool"](pool, bind_call(pool, qp_in), qp_out)
         >>> y = qpool(x)
     """
 
     def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        x = _arg(args, kwargs, 0, ("input", "self"))
+        x = self._arg(args, kwargs, "input")
         q = self._int(x, 0).to(torch.float64)
         if self.op == "mean":
-            dim = _arg(args, kwargs, 1, ("dim", "axis"))
-            keepdim = bool(_arg(args, kwargs, 2, ("keepdim",), False))
+            dim = self._arg(args, kwargs, "dim")
+            keepdim = bool(self._arg(args, kwargs, "keepdim", False))
             total = q.sum(dim=dim, keepdim=keepdim)
             avg = total / (q.numel() // max(total.numel(), 1))
         else:
@@ -512,17 +482,16 @@ class QuantizedAverage(_QOp):
 
 
 @register_converter("mean", "avg_pool", "adaptive_avg_pool")
-def _convert_average(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                     out_qparams: TensorQParams | None,
-                     node: fx.Node | None = None) -> QuantizedAverage:
-    kind, fn, fixed, args, kwargs = _call_site(qat_module, in_qparams, node)
-    x = _arg(args, kwargs, 0, ("input", "self"))
+def _convert_average(qat_module: nn.Module, call: BoundCall,
+                     out_qparams: TensorQParams | None) -> QuantizedAverage:
+    kind, fn, fixed, _, _ = _call_site(qat_module, call)
+    x = call.get("input")
     if _qp(x) is None:
-        raise _unsupported(node, kind, "the input is not a quantized tensor")
-    dtype = kwargs.get("dtype")
+        raise _unsupported("input", kind, "the input is not a quantized tensor")
+    dtype = call.get("dtype")
     if dtype not in (None, torch.float32):
-        raise _unsupported(node, kind, f"dtype={dtype} (the integer model outputs float32)")
-    return QuantizedAverage(kind, fn, [_qp(x)], out_qparams, node, fixed)
+        raise _unsupported("dtype", kind, f"dtype={dtype} (the integer model outputs float32)")
+    return QuantizedAverage(kind, fn, [_qp(x)], out_qparams, call, fixed)
 
 
 # -- interpolate -----------------------------------------------------------------------------
@@ -535,21 +504,22 @@ class QuantizedInterpolate(_QOp):
 
     Example::
 
-        >>> qup = CONVERTERS["interpolate"](qat.Upsample(scale_factor=2), [qp_in], qp_out)
+        >>> up = qat.Upsample(scale_factor=2)
+        >>> qup = CONVERTERS["interpolate"](up, bind_call(up, qp_in), qp_out)
         >>> y = qup(x)
     """
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, node: fx.Node | None,
+                 out_qparams: TensorQParams | None, call: BoundCall | None,
                  fixed: dict[str, Any], nearest: bool) -> None:
-        super().__init__(kind, fn, in_qparams, out_qparams, node, fixed)
+        super().__init__(kind, fn, in_qparams, out_qparams, call, fixed)
         self.nearest = nearest
         m, shift = _fixed_point(self._ratio(0).reshape(1))
         self.register_buffer("multiplier", m)
         self.register_buffer("shift", shift)
 
     def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        x = _arg(args, kwargs, 0, ("input",))
+        x = self._arg(args, kwargs, "input")
         rest = {k: v for k, v in kwargs.items() if k != "input"}
         v = self.fn(self._int(x, 0).to(torch.float64), *args[1:], **self.fixed, **rest)
         if not self.nearest:
@@ -559,14 +529,13 @@ class QuantizedInterpolate(_QOp):
 
 
 @register_converter("interpolate")
-def _convert_interpolate(qat_module: nn.Module, in_qparams: Sequence[TensorQParams | None],
-                         out_qparams: TensorQParams | None,
-                         node: fx.Node | None = None) -> QuantizedInterpolate:
-    kind, fn, fixed, args, kwargs = _call_site(qat_module, in_qparams, node)
-    x = _arg(args, kwargs, 0, ("input",))
+def _convert_interpolate(qat_module: nn.Module, call: BoundCall,
+                         out_qparams: TensorQParams | None) -> QuantizedInterpolate:
+    kind, fn, fixed, _, _ = _call_site(qat_module, call)
+    x = call.get("input")
     if _qp(x) is None:
-        raise _unsupported(node, kind, "the input is not a quantized tensor")
-    mode = fixed.get("mode", _arg(args, kwargs, 3, ("mode",), "nearest"))
+        raise _unsupported("input", kind, "the input is not a quantized tensor")
+    mode = fixed.get("mode", call.get("mode", "nearest"))
     if not isinstance(mode, str):
-        raise _unsupported(node, kind, f"mode must be a constant string, got {mode!r}")
-    return QuantizedInterpolate(kind, fn, [_qp(x)], out_qparams, node, fixed, mode in _NEAREST)
+        raise _unsupported("mode", kind, f"mode must be a constant string, got {mode!r}")
+    return QuantizedInterpolate(kind, fn, [_qp(x)], out_qparams, call, fixed, mode in _NEAREST)

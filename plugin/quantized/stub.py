@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import QuantizedModule, TensorQParams, register_converter
+from .base import BoundCall, QuantizedModule, TensorQParams, register_converter
 
 __all__ = ["Quantize"]
 
@@ -24,26 +24,29 @@ class Quantize(QuantizedModule):
     """
 
     op = "quantize"
+    qatkit_op_kind = "quant_stub"
 
     def __init__(self, qparams: TensorQParams) -> None:
         super().__init__()
-        self.register_buffer("scale", qparams.scale.clone())
+        self.register_buffer("output_scale", qparams.scale.clone())
+        self.out_bits = qparams.bits
         self.quant_min, self.quant_max = qparams.quant_min, qparams.quant_max
 
     def forward(self, x: Any) -> Any:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             return x
-        inv = torch.ones_like(self.scale).div_(self.scale)
+        inv = torch.ones_like(self.output_scale).div_(self.output_scale)
         q = torch.round(x.float() * inv).clamp_(self.quant_min, self.quant_max)
-        return q * self.scale
+        return q * self.output_scale
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale.tolist()}, range=[{self.quant_min}, {self.quant_max}]"
+        return (f"scale={self.output_scale.tolist()}, "
+                f"range=[{self.quant_min}, {self.quant_max}]")
 
 
 @register_converter("quant_stub")
-def _convert_quant_stub(qat_module: nn.Module, in_qparams: list, out_qparams: TensorQParams | None,
-                        node: Any) -> nn.Module:
+def _convert_quant_stub(qat_module: nn.Module, call: BoundCall,
+                        out_qparams: TensorQParams | None) -> nn.Module:
     if out_qparams is None:
         return nn.Identity()
     return Quantize(out_qparams)

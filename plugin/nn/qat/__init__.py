@@ -15,12 +15,11 @@ from .ops import FunctionalOp as FunctionalOp
 from .ops import OutputQuantMixin as OutputQuantMixin
 from .ops import QuantStub as QuantStub
 from .ops import exact_grid as exact_grid
-from .ops import input_paths as input_paths
 from .ops import output_quantized as output_quantized
 
 __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Linear",
     "from_float", "FLOAT_TO_QAT", "freeze_bn_stats", "unfreeze_bn_stats",
     "QuantStub", "FunctionalOp", "OutputQuantMixin", "output_quantized",
-    "OUTPUT_QUANTIZED_MODULES", "exact_grid", "input_paths",
+    "OUTPUT_QUANTIZED_MODULES", "exact_grid",
 ]

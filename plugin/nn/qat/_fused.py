@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._exact import accumulation_plan, cpu_fp32_is_ieee, grid_int, split_weight
+from ..._exact import accumulation_plan, cached, cpu_fp32_is_ieee, grid_int, split_weight
+from ...annotation import AnnotatedOp
 from ...fake_quantize import FakeQuantState, LSQFakeQuantize, evaluates_exactly
 from .ops import _ExactInputs, exact_grid
 
@@ -42,7 +43,7 @@ ACTIVATIONS: dict[str | None, Any] = {
 _ACT_NAMES = {None: "", "relu": "ReLU", "relu6": "ReLU6"}
 
 
-class _FusedMixin(_ExactInputs):
+class _FusedMixin(_ExactInputs, AnnotatedOp):
     """Fusion, fake quantization and BN folding for a float ``Conv*``/``Linear`` subclass.
 
     A concrete class sets ``_FLOAT_MODULE`` (the float class it replaces), ``_BN_MODULE``
@@ -57,6 +58,11 @@ class _FusedMixin(_ExactInputs):
     _SUFFIX: str
     _OUT_AXIS: int = 0
     _qatkit_leaf = True  # one op for qatkit's tracer, like the other QAT / quantized modules
+    qatkit_signature = ("input", "other", "output_size")
+
+    @property
+    def qatkit_op_kind(self) -> str:  # type: ignore[override]
+        return "linear" if self._KIND == "Linear" else "conv"
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -228,15 +234,15 @@ class _FusedMixin(_ExactInputs):
         reference, not a submodule: ``state_dict`` is unchanged.
         """
         links = {k: v for k, v in self.__dict__.get("_exact_input_fqs", {}).items()
-                 if k != ("args", 0)}
+                 if k != "input"}
         if fq is not None:
-            links[("args", 0)] = fq
+            links["input"] = fq
         self.link_exact_inputs(links)
 
     @property
     def _input_fq(self) -> nn.Module | None:
         """The fake quant of the input (``forward``'s first argument), when linked."""
-        return self.__dict__.get("_exact_input_fqs", {}).get(("args", 0))
+        return self.__dict__.get("_exact_input_fqs", {}).get("input")
 
     @torch.no_grad()
     def quantize_weight(self) -> Tensor:
@@ -328,8 +334,6 @@ class _FusedMixin(_ExactInputs):
             )
         wfq = self.weight_fake_quant
         bn = self.bn
-        if "_exact_cache" in self.__dict__ and not evaluates_exactly(self.activation_post_process):
-            del self.__dict__["_exact_cache"]  # evaluation is over: free the integer weights
         if bn is not None and (wfq is None or wfq.state is FakeQuantState.CALIBRATION):
             # Weights are not fake-quantized: run the float model's own ops, so that
             # CALIBRATION reproduces the float model exactly; the weight observer still
@@ -364,7 +368,7 @@ class _FusedMixin(_ExactInputs):
         elif wfq is not None and evaluates_exactly(self.activation_post_process):
             if other is not None:
                 other = exact_grid(other, self.__dict__.get("_exact_input_fqs", {}).get(
-                    ("args", 1)))
+                    "other"))
             return self._finish(self._exact_op(x, output_size), other).to(x.dtype)
         else:
             weight, bias = self.folded_weight_bias()
@@ -415,13 +419,14 @@ class _FusedMixin(_ExactInputs):
     @torch.no_grad()
     def _exact_weights(self, in_fq: nn.Module,
                        device: torch.device) -> tuple[str, tuple[Tensor, ...], Tensor, Tensor]:
-        """``(plan, float weights for the plan, q_b, s_in * s_w)``, cached while the weights,
-        BatchNorm, scales and input grid stay the same."""
+        """``(plan, float weights for the plan, q_b, s_in * s_w)``, cached
+        (:func:`qatkit._exact.cached`) while the weights, BatchNorm, scales and input grid
+        stay the same; released by :func:`qatkit.release_exact_caches`."""
         settings, tensors = self._exact_key(in_fq, device)
-        cached = self.__dict__.get("_exact_cache")
-        if (cached is not None and cached[0] == settings
-                and all(a is b for a, b in zip(cached[1], tensors, strict=True))):
-            return cached[2]
+        return cached(self, settings, tensors, lambda: self._build_exact_weights(in_fq, device))
+
+    def _build_exact_weights(self, in_fq: nn.Module, device: torch.device
+                             ) -> tuple[str, tuple[Tensor, ...], Tensor, Tensor]:
         wfq = self.weight_fake_quant
         q_w = self.quantize_weight()
         kind = self._KIND
@@ -435,9 +440,7 @@ class _FusedMixin(_ExactInputs):
             weights = (q_w if plan == "f32" else q_w.double(),)
         q_b, acc_scale = self.quantize_bias(self.folded_weight_bias()[1], in_fq.scale,
                                             in_fq.bits)
-        value = (plan, weights, q_b.to(device), acc_scale.to(device))
-        object.__setattr__(self, "_exact_cache", (settings, tensors, value))  # not in state
-        return value
+        return plan, weights, q_b.to(device), acc_scale.to(device)
 
     def _finish(self, y: Tensor, other: Tensor | None) -> Tensor:
         """The fused add and activation, then the output fake quant."""

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._exact import grid_int
+from ...annotation import AnnotatedOp, map_arguments, module_signature, signature_names
 from ...fake_quantize import FakeQuantize, evaluates_exactly
 
 __all__ = ["QuantStub", "FunctionalOp", "output_quantized", "OUTPUT_QUANTIZED_MODULES",
-           "OutputQuantMixin", "EXACT_OPS", "exact_grid", "input_paths"]
+           "OutputQuantMixin", "EXACT_OPS", "exact_grid"]
 
 #: op kinds whose integer twins are exact integer arithmetic; in VALIDATION they evaluate in
 #: float64 (:func:`~qatkit.fake_quantize.evaluates_exactly`), where grid values add and multiply
@@ -62,30 +63,8 @@ def exact_grid(t: Any, fq: nn.Module | None = None) -> Any:
     return grid_int(t, s).double().mul_(s.to(device=t.device, dtype=torch.float64))
 
 
-def _exact_args(args: Any, links: dict[tuple, nn.Module], path: tuple = ()) -> Any:
-    """``args`` with every float32 tensor through :func:`exact_grid` (``links``: path -> fq)."""
-    if isinstance(args, (list, tuple)) and not hasattr(args, "_fields"):  # not namedtuples
-        return type(args)(_exact_args(a, links, path + (i,)) for i, a in enumerate(args))
-    if isinstance(args, dict):
-        return {k: _exact_args(v, links, path + (k,)) for k, v in args.items()}
-    return exact_grid(args, links.get(path))
-
-
-def input_paths(args: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
-    """``(path, leaf)`` for every leaf of nested lists/tuples/dicts, in order (see
-    :func:`_exact_args`): how prepare tells a module which fake quant made each input.
-
-    Example::
-
-        >>> input_paths(((x, [y, z]), {"dim": 1}), ("args",))
-        [(('args', 0, 0), x), (('args', 0, 1, 0), y), (('args', 0, 1, 1), z),
-         (('args', 1, 'dim'), 1)]
-    """
-    if isinstance(args, (list, tuple)) and not hasattr(args, "_fields"):
-        return [pl for i, a in enumerate(args) for pl in input_paths(a, path + (i,))]
-    if isinstance(args, dict):
-        return [pl for k, v in args.items() for pl in input_paths(v, path + (k,))]
-    return [(path, args)]
+def _is_float32(v: Any) -> bool:
+    return isinstance(v, Tensor) and v.dtype == torch.float32
 
 
 def _call_quantized(mod: nn.Module, op: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
@@ -95,8 +74,9 @@ def _call_quantized(mod: nn.Module, op: str, fn: Callable, args: tuple, kwargs: 
     if op not in EXACT_OPS or not evaluates_exactly(fq):
         return _quantize(fq, fn(*args, **kwargs))
     links = mod.__dict__.get("_exact_input_fqs", {})
-    out = _quantize(fq, fn(*_exact_args(args, links, ("args",)),
-                           **_exact_args(kwargs, links, ("kwargs",))))
+    args, kwargs = map_arguments(mod.qatkit_signature, args, kwargs,
+                                 lambda name, t: exact_grid(t, links.get(name)), _is_float32)
+    out = _quantize(fq, fn(*args, **kwargs))
     if isinstance(out, Tensor) and out.dtype == torch.float64:
         out = out.float()
     return out
@@ -126,18 +106,19 @@ def _norm_float64(mod: nn.Module) -> Callable[[Tensor], Tensor] | None:
 class _ExactInputs:
     """Mixin: prepare links the fake quants of a module's inputs for exact evaluation."""
 
-    def link_exact_inputs(self, fqs: dict[tuple, nn.Module]) -> None:
-        """``fqs``: input path (``("args", i, ...)`` / ``("kwargs", name, ...)``) -> the fake
-        quant that made it.  A plain reference: ``state_dict`` is unchanged.
+    def link_exact_inputs(self, fqs: dict[str, nn.Module]) -> None:
+        """``fqs``: argument name (as the annotation binds it: ``"input"``, ``"other"``,
+        ``"tensors.1"``) -> the fake quant that made it.  prepare links them from the
+        quantization annotation.  A plain reference: ``state_dict`` is unchanged.
 
         Example::
 
-            >>> add.link_exact_inputs({("args", 0): fq_a, ("args", 1): fq_b})
+            >>> add.link_exact_inputs({"input": fq_a, "other": fq_b})
         """
         object.__setattr__(self, "_exact_input_fqs", dict(fqs))
 
 
-class QuantStub(nn.Module):
+class QuantStub(AnnotatedOp, nn.Module):
     """Quantize a float tensor with its own fake quant (non-tensors pass through).
 
     Example::
@@ -149,6 +130,7 @@ class QuantStub(nn.Module):
     """
 
     _qatkit_leaf = True
+    qatkit_op_kind = "quant_stub"
 
     def __init__(self, activation_post_process: FakeQuantize | None) -> None:
         super().__init__()
@@ -157,8 +139,12 @@ class QuantStub(nn.Module):
     def forward(self, x: Any) -> Any:
         return _quantize(self.activation_post_process, x)
 
+    def float_forward(self, x: Any) -> Any:
+        """The op without its fake quant: the identity."""
+        return x
 
-class FunctionalOp(_ExactInputs, nn.Module):
+
+class FunctionalOp(_ExactInputs, AnnotatedOp, nn.Module):
     """A functional op as a named module that fake-quantizes its output.
 
     Args:
@@ -181,8 +167,20 @@ class FunctionalOp(_ExactInputs, nn.Module):
         self.fn = fn
         self.activation_post_process = activation_post_process
 
+    @property
+    def qatkit_op_kind(self) -> str:  # type: ignore[override]
+        return self.op
+
+    @property
+    def qatkit_signature(self) -> tuple[str, ...]:  # type: ignore[override]
+        return signature_names(self.fn, self.op)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return _call_quantized(self, self.op, self.fn, args, kwargs)
+
+    def float_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The op without its output fake quant: ``fn(*args, **kwargs)``."""
+        return self.fn(*args, **kwargs)
 
     def _get_name(self) -> str:
         return f"FunctionalOp[{self.op}]"
@@ -191,7 +189,7 @@ class FunctionalOp(_ExactInputs, nn.Module):
         return f"op={self.op}, fn={getattr(self.fn, '__name__', self.fn)}"
 
 
-class OutputQuantMixin(_ExactInputs):
+class OutputQuantMixin(_ExactInputs, AnnotatedOp):
     """Mixed into a float module class: fake-quantize the float forward's output.
 
     Example::
@@ -202,14 +200,19 @@ class OutputQuantMixin(_ExactInputs):
     """
 
     _qatkit_leaf = True
-    _qatkit_op = ""  # the op kind (OUTPUT_QUANTIZED_MODULES), set on each generated class
+    qatkit_op_kind = ""  # the op kind (OUTPUT_QUANTIZED_MODULES), set on each generated class
     activation_post_process: FakeQuantize | None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         fn = super().forward
-        if self._qatkit_op in _NORM_KINDS and evaluates_exactly(self.activation_post_process):
+        if self.qatkit_op_kind in _NORM_KINDS and evaluates_exactly(
+                self.activation_post_process):
             fn = _norm_float64(self) or fn  # float64 parameters for a float64 input
-        return _call_quantized(self, self._qatkit_op, fn, args, kwargs)
+        return _call_quantized(self, self.qatkit_op_kind, fn, args, kwargs)
+
+    def float_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The float module's own forward, without the output fake quant."""
+        return super().forward(*args, **kwargs)
 
 
 #: float module classes whose outputs qatkit quantizes, and the op kind of each
@@ -229,7 +232,10 @@ OUTPUT_QUANTIZED_MODULES: dict[type[nn.Module], str] = {
 _QAT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 for _float_cls in OUTPUT_QUANTIZED_MODULES:
     _cls = type(_float_cls.__name__, (OutputQuantMixin, _float_cls),
-                {"__module__": __name__, "_qatkit_op": OUTPUT_QUANTIZED_MODULES[_float_cls]})
+                {"__module__": __name__,
+                 "qatkit_op_kind": OUTPUT_QUANTIZED_MODULES[_float_cls],
+                 # forward's parameters, without self
+                 "qatkit_signature": module_signature(_float_cls.forward)[1:] or ("input",)})
     _cls.__qualname__ = _float_cls.__name__
     _QAT_CLASSES[_float_cls] = _cls
     globals()[_float_cls.__name__] = _cls

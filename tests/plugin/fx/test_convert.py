@@ -15,7 +15,7 @@ import pytest
 import qatkit
 import torch
 import torchvision
-from qatkit.fx.convert import op_kind
+from qatkit.fx import op_kind
 from torch import nn
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -163,7 +163,7 @@ def test_exact_evaluation_only_in_validation_without_gradients(calibrate) -> Non
     # prepare linked the fake quants that made each input of the exact ops
     for name in ("matmul", "proj"):  # q @ k^T through chunk/reshape/transpose; linear + add
         links = qm.get_submodule(name).__dict__["_exact_input_fqs"]
-        assert set(links) == {("args", 0), ("args", 1)}, (name, links)
+        assert set(links) == {"input", "other"}, (name, links)
 
 
 class NormNet(nn.Module):
@@ -327,12 +327,13 @@ def test_register_converter_dispatches_by_op_kind(calibrate) -> None:
     saved = CONVERTERS["gelu"]
     try:
         @register_converter("gelu")
-        def convert_gelu(qat_module, in_qparams, out_qparams, node):
-            seen.append((node.target, [q.bits for q in in_qparams], out_qparams.bits))
+        def convert_gelu(qat_module, call, out_qparams):
+            bits = [(n, a.qparams.bits) for n, a in call.tensors()]
+            seen.append((qat_module.qatkit_op_kind, bits, out_qparams.bits))
             return Marker()
 
         im = qatkit.convert_fx(qm)
     finally:
         CONVERTERS["gelu"] = saved
-    assert seen == [("act", [8], 8)]
+    assert seen == [("gelu", [("input", 8)], 8)]
     assert isinstance(im.get_submodule("act"), Marker)

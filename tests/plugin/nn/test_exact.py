@@ -1,13 +1,16 @@
-"""The pieces of VALIDATION's exact evaluation: grid recovery, input paths, links."""
+"""The pieces of VALIDATION's exact evaluation: grid recovery, argument names, links, the mode
+switch and the cache's explicit lifetime."""
 
 from __future__ import annotations
 
 import operator
 
+import pytest
 import qatkit
 import torch
-from qatkit._exact import accumulation_plan, grid_int, split_weight
-from qatkit.nn.qat import FunctionalOp, exact_grid, input_paths
+from qatkit._exact import accumulation_plan, exact_cache_size, grid_int, split_weight
+from qatkit.annotation import bind_arguments, flat_tensor_args, map_arguments
+from qatkit.nn.qat import FunctionalOp, exact_grid
 
 
 def _fq(values: torch.Tensor, ch_axis: int | None = None) -> qatkit.FakeQuantize:
@@ -40,11 +43,22 @@ def test_exact_grid_is_q_times_s_in_float64():
     assert exact_grid(3, fq) == 3 and exact_grid(x.double(), fq).dtype == torch.float64
 
 
-def test_input_paths_follow_nested_arguments():
+def test_arguments_are_named_the_same_way_when_bound_and_when_mapped():
     a, b, c = object(), object(), object()
-    paths = input_paths(((a, [b, c]), {"dim": 1}), ("args",))
-    assert paths == [(("args", 0, 0), a), (("args", 0, 1, 0), b), (("args", 0, 1, 1), c),
-                     (("args", 1, "dim"), 1)]
+    leaf = lambda v: v in (a, b, c)  # noqa: E731
+    bound = bind_arguments(("tensors", "dim"), ([a, [b, c]],), {"dim": 1})
+    assert list(flat_tensor_args(bound, leaf)) == [("tensors.0", a), ("tensors.1.0", b),
+                                                   ("tensors.1.1", c)]
+    args, kwargs = map_arguments(("tensors", "dim"), ([a, [b, c]],), {"dim": 1},
+                                 lambda name, _: name, leaf)
+    assert args == (["tensors.0", ["tensors.1.0", "tensors.1.1"]],) and kwargs == {"dim": 1}
+    # keyword spellings and variadic operands
+    assert bind_arguments(("input", "other"), (), {"self": a, "mat2": b}) == {"input": a,
+                                                                              "other": b}
+    bound = bind_arguments(("equation", "*operands"), ("ij,jk", a, b))
+    assert bound == {"equation": "ij,jk", "operands": [a, b]}
+    assert map_arguments(("equation", "*operands"), ("ij,jk", a, b), {},
+                         lambda name, _: name, leaf)[0] == ("ij,jk", "operands.0", "operands.1")
 
 
 def test_linked_inputs_make_an_add_exact():
@@ -62,7 +76,7 @@ def test_linked_inputs_make_an_add_exact():
     expected = (q * s_out.double()).float()
     with torch.no_grad():
         unlinked = add(a, b)
-        add.link_exact_inputs({("args", 0): fq_a, ("args", 1): fq_b})
+        add.link_exact_inputs({"input": fq_a, "other": fq_b})
         out = add(a, b)
     assert out.dtype == torch.float32
     assert torch.equal(out, expected)
@@ -80,18 +94,60 @@ def test_accumulation_plan_picks_the_cheapest_exact_kernel():
     assert hi.abs().max() <= 8 and lo.abs().max() <= 8
 
 
-def test_integer_weights_are_cached_only_while_evaluating_exactly(calibrate):
-    """The cache (integer weights as float kernels) must not sit in memory during training."""
+def test_integer_weights_cache_has_an_explicit_lifetime(calibrate):
+    """The cache (integer weights as float kernels) is built by the first exact evaluation,
+    never freed by a forward, and released by set_fake_quantize, set_exact_evaluation, the
+    exact_evaluation context and release_exact_caches; copies never carry it."""
+    import copy
+
+    from qatkit._exact import _CACHE
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
     x = torch.randn(2, 3, 8, 8)
     qm = calibrate(model.eval(), x)
     conv = next(m for m in qm.modules() if hasattr(m, "quantize_weight"))
     with torch.no_grad():
-        qm(x)
-    plan, weights, _, _ = conv.__dict__["_exact_cache"][2]
+        ref = qm(x)
+    plan, weights, _, _ = _CACHE[conv][2]
     assert plan == "f32" and torch.equal(weights[0], conv.quantize_weight())
+    assert not hasattr(conv, "_exact_cache"), "the cache is not module state"
+    assert exact_cache_size(copy.deepcopy(qm)) == 0, "a copy does not carry the cache"
+    qm(x)  # a forward with gradients enabled (float32) does not free it
+    assert exact_cache_size(qm) == 1
     qatkit.set_fake_quantize(qm, "qat")
+    assert exact_cache_size(qm) == 0
     qm.train()
     qm(x).sum().backward()
-    assert "_exact_cache" not in conv.__dict__
+    qatkit.set_fake_quantize(qm, "validation")
+    qm.eval()
+    with qatkit.exact_evaluation(qm):
+        ref = qm(x)
+        assert exact_cache_size(qm) == 1
+    assert exact_cache_size(qm) == 0 and torch.is_grad_enabled()
+    with torch.no_grad():
+        assert torch.equal(qm(x), ref), "no_grad VALIDATION is exact by default"
+    assert qatkit.release_exact_caches(qm) == 1 and exact_cache_size(qm) == 0
+
+
+def test_exact_evaluation_is_a_switch(calibrate):
+    """set_exact_evaluation(model, False): VALIDATION under no_grad runs float32; the
+    exact_evaluation context turns it on for one block and refuses a model not in
+    VALIDATION."""
+    from qatkit.fake_quantize import evaluates_exactly
+
+    torch.manual_seed(0)
+    qm = calibrate(torch.nn.Sequential(torch.nn.Linear(8, 8)).eval(), torch.randn(4, 8))
+    fqs = [m for m in qm.modules() if isinstance(m, qatkit.FakeQuantize)]
+    assert qatkit.set_exact_evaluation(qm, False) == len(fqs)
+    with torch.no_grad():
+        assert not any(evaluates_exactly(fq) for fq in fqs)
+    assert "exact_evaluation=False" in repr(fqs[0])
+    with qatkit.exact_evaluation(qm):
+        assert all(evaluates_exactly(fq) for fq in fqs)
+    with torch.no_grad():
+        assert not any(evaluates_exactly(fq) for fq in fqs), "the context restores the flags"
+    qatkit.set_fake_quantize(qm, "qat")
+    with pytest.raises(ValueError, match="VALIDATION"):
+        with qatkit.exact_evaluation(qm):
+            pass

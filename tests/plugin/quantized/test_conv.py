@@ -15,15 +15,17 @@ import pytest
 import qatkit
 import torch
 import torch.nn.functional as F
+from qatkit.annotation import get_annotations
+from qatkit.fx.convert import bound_call
 from qatkit.nn.qat import from_float
-from qatkit.quantized.base import CONVERTERS, TensorQParams
+from qatkit.quantized.base import CONVERTERS, TensorArg, TensorQParams, bind_call, spec_qparams
 from qatkit.quantized.conv import (
     QuantizedConv,
     _mul_shift_divmod,
     _requantize_add,
     convert_conv,
 )
-from torch import fx, nn
+from torch import nn
 
 Q8 = qatkit.default_qat_8bit_fake_quant_qconfig
 Q8W16A = qatkit.default_qat_8bit_weight_16bit_act_fake_quant_qconfig
@@ -103,7 +105,7 @@ def _lsb_diff(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> tupl
 def _convert(qat, in_qps):
     fq = qat.activation_post_process
     out_qp = None if fq is None else TensorQParams(fq.scale, fq.bits)
-    return convert_conv(qat, in_qps, out_qp)
+    return convert_conv(qat, bind_call(qat, *in_qps), out_qp)
 
 
 @pytest.mark.parametrize("qname", list(QCONFIGS))
@@ -318,14 +320,6 @@ class _Block(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def _flat_nodes(node: fx.Node) -> list[fx.Node]:
-    """The Nodes of the call's flattened args and kwargs, in order (what convert_fx passes)."""
-    flat: list[fx.Node] = []
-    fx.node.map_aggregate((node.args, node.kwargs),
-                          lambda a: flat.append(a) if isinstance(a, fx.Node) else a)
-    return flat
-
-
 def test_converter_finds_input_and_other_from_the_prepared_node():
     torch.manual_seed(0)
     model = _Block().eval()
@@ -347,17 +341,15 @@ def test_converter_finds_input_and_other_from_the_prepared_node():
     with torch.no_grad():
         gm(torch.randn(4, 3, 8, 8))
 
-    def qparams(node):
-        fq = getattr(modules.get(node.target), "activation_post_process", None)
-        return None if fq is None else TensorQParams(fq.scale, fq.bits)
-
+    annotations = get_annotations(gm)
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target not in seen:
             continue
-        mod = modules[node.target]
-        kind = "linear" if isinstance(mod, nn.Linear) else "conv"
-        qconv = CONVERTERS[kind](mod, [qparams(a) for a in _flat_nodes(node)], qparams(node),
-                                 node)
+        mod, ann = modules[node.target], annotations[node]
+        call = bound_call(gm, node)
+        assert [name for name, _ in call.tensors()] == (
+            ["input", "other"] if mod.with_add else ["input"]), call
+        qconv = CONVERTERS[ann.kind](mod, call, spec_qparams(ann.output, gm))
         args, kwargs, ref = seen[node.target]
         with torch.no_grad():
             out = qconv(*args, **kwargs)
@@ -391,9 +383,9 @@ def test_repr_and_registry():
 def test_errors_name_the_problem():
     qat, in_qps, sample = _build("conv2d_bn_add_relu", Q8, 8)
     with pytest.raises(ValueError, match="input of .* is not quantized"):
-        convert_conv(qat, [None, in_qps[1]], in_qps[0])
+        convert_conv(qat, bind_call(qat, TensorArg(None), in_qps[1]), in_qps[0])
     with pytest.raises(ValueError, match="second input is not quantized"):
-        convert_conv(qat, [in_qps[0], None], in_qps[0])
+        convert_conv(qat, bind_call(qat, in_qps[0], TensorArg(None)), in_qps[0])
     qconv = _convert(qat, in_qps)
     x, other = sample()
     with pytest.raises(ValueError, match="fused add needs forward"):
@@ -404,8 +396,8 @@ def test_errors_name_the_problem():
     no_weight_fq = qatkit.QConfig(activation=Q8.activation, weight=None)
     lin = from_float(nn.Linear(4, 2), no_weight_fq).eval()
     with pytest.raises(ValueError, match="no weight fake quant.*qconfig.weight is None"):
-        convert_conv(lin, [in_qps[0]], in_qps[0])
+        convert_conv(lin, bind_call(lin, in_qps[0]), in_qps[0])
 
     fresh = from_float(nn.Linear(4, 2), Q8).eval()  # never calibrated
     with pytest.raises(ValueError, match="weight fake quant has no scale. Calibrate"):
-        convert_conv(fresh, [in_qps[0]], in_qps[0])
+        convert_conv(fresh, bind_call(fresh, in_qps[0]), in_qps[0])

@@ -1,8 +1,9 @@
 """Integer weightless ops (qatkit.quantized.ops / norm) against their fake-quant QAT modules.
 
 Each case builds the QAT module the way prepare does, calibrates it, feeds inputs already on
-their integer grid, converts it with ``CONVERTERS[kind]`` and compares output integers: at least
-99% exactly equal and none more than 1 LSB apart (docs/npu_numerics_ops.md).
+their integer grid, converts it with ``CONVERTERS[kind]`` (the call bound by name with
+``bind_call``, no graph needed) and compares output integers: at least 99% exactly equal and
+none more than 1 LSB apart (docs/npu_numerics_ops.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import qatkit.quantized.ops  # noqa: F401  (registers the op converters)
 import torch
 import torch.nn.functional as F
 from qatkit.nn import qat
-from qatkit.quantized.base import CONVERTERS, TensorQParams
+from qatkit.quantized.base import CONVERTERS, TensorArg, TensorQParams, bind_call
 from qatkit.quantized.ops import _einsum_terms
 from torch import Tensor, fx, nn
 
@@ -52,35 +53,28 @@ class _Inputs:
         return torch.randn(shape, generator=self.gen)
 
 
-def _node(args: tuple, kwargs: dict) -> tuple[fx.Node, list[Tensor]]:
-    """A call_module node whose arguments mirror ``args``/``kwargs`` (tensors -> placeholders)."""
-    graph = fx.Graph()
-    tensors: list[Tensor] = []
-
-    def place(a: Any) -> Any:
-        if isinstance(a, Tensor):
-            tensors.append(a)
-            return graph.placeholder(f"x{len(tensors)}")
-        return a
-
-    nargs, nkwargs = fx.node.map_aggregate((args, kwargs), place)
-    return graph.call_module("blocks.0.op", tuple(nargs), dict(nkwargs)), tensors
-
-
-def _kind(mod: nn.Module) -> str:
-    if isinstance(mod, qat.FunctionalOp):
-        return mod.op
-    return next(qat.OUTPUT_QUANTIZED_MODULES[c] for c in type(mod).__mro__
-                if c in qat.OUTPUT_QUANTIZED_MODULES)
+def _tensors(args: Any) -> list[Tensor]:
+    """The tensors of nested ``args`` in order."""
+    found: list[Tensor] = []
+    fx.node.map_aggregate(args, lambda a: found.append(a) if isinstance(a, Tensor) else a)
+    return found
 
 
 def _convert(mod: nn.Module, inputs: _Inputs, args: tuple, kwargs: dict,
              out_bits: int | None) -> nn.Module:
-    node, tensors = _node(args, kwargs)
-    in_qp = [inputs.qparams.get(id(t)) for t in tensors]
+    """``CONVERTERS[kind]`` with the call bound by hand: grid tensors -> their qparams, other
+    tensors -> float (``TensorArg(None)``)."""
+    def wrap(a: Any) -> Any:
+        if isinstance(a, Tensor):
+            qp = inputs.qparams.get(id(a))
+            return qp if qp is not None else TensorArg(None)
+        return a
+
+    call = bind_call(mod, *fx.node.map_aggregate(args, wrap),
+                     **fx.node.map_aggregate(kwargs, wrap))
     fq = mod.activation_post_process
     out_qp = TensorQParams(fq.scale, out_bits) if out_bits is not None else None
-    return CONVERTERS[_kind(mod)](mod, in_qp, out_qp, node)
+    return CONVERTERS[mod.qatkit_op_kind](mod, call, out_qp)
 
 
 def _run(mod: nn.Module, inputs: _Inputs, args: tuple, kwargs: dict | None = None,
@@ -290,10 +284,10 @@ def _expect_error(mod: nn.Module, inputs: _Inputs, args: tuple, kwargs: dict,
     qatkit.set_fake_quantize(mod, VAL)
     with pytest.raises(NotImplementedError, match=match) as info:
         _convert(mod, inputs, args, kwargs, 8)
-    assert "blocks_0_op" in str(info.value), f"the error should name the node: {info.value}"
+    assert f"({mod.qatkit_op_kind})" in str(info.value), f"name the op: {info.value}"
 
 
-def test_unsupported_arguments_name_the_node() -> None:
+def test_unsupported_arguments_name_the_op_and_argument() -> None:
     inputs = _Inputs(8)
     x = inputs(4, 8)
     _expect_error(qat.FunctionalOp("matmul", torch.matmul, _fq(8)), inputs,
@@ -347,8 +341,7 @@ def test_transformer_block() -> None:
              "av": ((ref["sm"], ref["ln"]), {}), "res": ((ref["av"], x), {})}
     qmods = {}
     for name, (args, kwargs) in feeds.items():
-        node, tensors = _node(args, kwargs)
-        for t in tensors:
+        for t in _tensors((args, kwargs)):
             inputs.qparams.setdefault(id(t), inputs.qparams[id(ref["ln"])])
         qmods[name] = _convert(mods[name], inputs, args, kwargs, 8)
         exact, max_lsb = _lsb(mods[name](*args), qmods[name](*args), mods[name]
@@ -381,5 +374,6 @@ def test_matmul_refuses_sums_float64_cannot_hold(monkeypatch) -> None:
     mod, inputs, args, kwargs = CASES["matmul"](16)
     _, _, _, qmod = _run(mod, inputs, args, kwargs)
     monkeypatch.setattr(ops, "_EXACT", 2**30 * 8)  # pretend float64 had 33 bits: 16 terms fail
-    with pytest.raises(RuntimeError, match="blocks_0_op.*exceed"):
+    qmod.qatkit_name = "blocks.0.matmul"  # convert_fx names every integer module
+    with pytest.raises(RuntimeError, match="blocks.0.matmul.*exceed"):
         qmod(*args)
