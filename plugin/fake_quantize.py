@@ -2,12 +2,17 @@
 
 Fake quantization (symmetric, zero point 0)::
 
-    q    = clamp(round(x * (1 / scale)), quant_min, quant_max)    # round half to even
+    q    = clamp(round(x / scale), quant_min, quant_max)    # float32 division, half to even
     x_fq = q * scale
 
-computed in float32 (``1 / scale`` is rounded to float32 first, exactly as torch's fused
-``fake_quantize_per_{tensor,channel}_affine`` kernels do; they are what runs).  The gradient
-w.r.t. ``x`` is straight-through inside the clamp range and zero outside it.
+computed in float32: ``x / scale`` is one correctly rounded float32 division, exactly as ONNX
+``QuantizeLinear`` defines it (and onnxruntime computes it), so an exported QDQ model means
+what the fake-quant model computes (docs/npu_numerics.md, "Quantization").  The gradient
+w.r.t. ``x`` is straight-through inside the clamp range and zero outside it.  Training on a
+GPU (QAT state, CUDA) runs torch's fused ``fake_quantize_per_{tensor,channel}_affine`` kernel,
+which multiplies by a float32 ``1 / scale`` instead: the two differ only where ``x / scale``
+lies within a float32 rounding of a half-integer, which does not matter for training;
+VALIDATION always divides.
 ``LSQFakeQuantize`` also learns ``scale`` with the LSQ gradient (Esser et al., 2020), scaled by
 ``1 / sqrt(numel * quant_max)``.
 
@@ -115,19 +120,19 @@ def evaluates_exactly(fq: nn.Module | None) -> bool:
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
-    """``clamp(round(x * (1 / scale)), qmin, qmax) * scale`` with the straight-through gradient.
+    """``clamp(round(x / scale), qmin, qmax) * scale`` with the straight-through gradient.
 
-    Bit-identical to ``torch.fake_quantize_per_{tensor,channel}_affine`` with zero point 0 for
-    finite ``x`` (float32 ``1 / scale``, round half to even, float32 product), but written in
-    vectorized elementwise ops: on CPU that is several times faster than the fused ATen kernel
-    (a scalar loop).  ``scale`` is float32 and broadcasts against ``x``.  Unlike the ATen kernel,
-    NaN stays NaN and +-inf saturates to the nearest end of the range.
+    ONNX ``QuantizeLinear`` then ``DequantizeLinear`` with zero point 0 (the division rounded
+    once to ``x``'s dtype, round half to even, the product rounded once), written in
+    vectorized elementwise ops: on CPU several times faster than torch's fused ATen kernel (a
+    scalar loop).  ``scale`` is float32 and broadcasts against ``x``; a float64 ``x`` (exact
+    evaluation) divides in float64.  NaN stays NaN and +-inf saturates to the nearest end of
+    the range.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: Tensor, quant_min: int, quant_max: int) -> Tensor:
-        inv_scale = torch.ones_like(scale).div_(scale)  # float32 1/scale, correctly rounded
-        q = torch.mul(x, inv_scale).round_()  # round half to even
+        q = torch.div(x, scale).round_()  # one rounding of x / s, then half to even
         if ctx.needs_input_grad[0]:  # the gradient is zero where the clamp is active
             # Bool temporaries only: `q.clamp(...) != q` needs one pass less but a second
             # float tensor, which pushes a forward's fresh memory past glibc's heap-trim
@@ -263,11 +268,14 @@ class FakeQuantize(ResizeBuffersOnLoad):
         orig_dtype = x.dtype
         tracing = _is_tracing()
         # float64 input (VALIDATION's exact evaluation, docs/npu_numerics.md) is quantized in
-        # float64: round(x * float32(1/s)) with an unrounded product, q * s returned in float64.
+        # float64: round(x / s) divided in float64, q * s returned in float64.
         exact64 = orig_dtype == torch.float64 and not tracing
         if orig_dtype != torch.float32 and not exact64:
             x = x.float()
-        if (x.device.type == "cpu" or exact64) and not tracing:
+        # torch's fused kernel (x * float32(1/s)) only to trace / export and to train on GPUs
+        fused = tracing or (x.device.type != "cpu" and not exact64
+                            and self._state is not FakeQuantState.VALIDATION)
+        if not fused:
             if self.ch_axis is None:
                 scale = self.scale.view(())  # 0-d: the output keeps the shape of x
             else:
@@ -348,8 +356,8 @@ class LSQFakeQuantize(FakeQuantize):
                 self._scale_for_validation()
         with torch.no_grad():
             self.scale.clamp_(min=torch.finfo(torch.float32).eps)
-        if x.dtype == torch.float64 and state is FakeQuantState.VALIDATION:
-            return self._fake_quant(x)  # exact evaluation: the same numbers, in float64
+        if state is FakeQuantState.VALIDATION and not _is_tracing():
+            return self._fake_quant(x)  # frozen scale: the division rule (float64: exactly)
         orig_dtype = x.dtype
         if orig_dtype != torch.float32:
             x = x.float()

@@ -202,7 +202,7 @@ def test_weights_are_per_channel_int8_of_the_folded_weight(data, float_model):
         amax = w.abs().flatten(1).amax(dim=1)
         scale = amax / 128
         shape = (-1,) + (1,) * (w.dim() - 1)
-        q = torch.round(w * (1.0 / scale).reshape(shape)).clamp(-128, 127)
+        q = torch.round(w / scale.reshape(shape)).clamp(-128, 127)
         expected = q * scale.reshape(shape)
         got = module.weight_fake_quant(w)
         torch.testing.assert_close(got, expected, atol=0, rtol=0, msg=f"{name}.weight")

@@ -17,7 +17,7 @@ Numerics (docs/npu_numerics.md, "Conv and linear")::
 rounding rule for every requantization.
 
 ``[lo, hi]`` is the output range, narrowed to ``[0, hi]`` by a fused ReLU and to
-``[0, min(hi, round(6 * r_out))]`` by a fused ReLU6.  Without an output fake quant (a
+``[0, min(hi, round(6 / s_out))]`` by a fused ReLU6.  Without an output fake quant (a
 "32-bit out" layer) the module returns ``acc * s_in * s_w`` (plus the add input) in float32.
 
 The accumulation is exact (int64): torch has no integer conv, so the module convolves
@@ -162,8 +162,8 @@ class QuantizedConv(QuantizedModule):
 
     def _init_requant(self, acc_scale: Tensor, acc_max: Tensor, out_qp: TensorQParams,
                       add_qp: TensorQParams | None) -> None:
-        r_out = _reciprocal(out_qp.scale)  # the float32 1/s_out the output fake quant uses
-        m, shift = quantize_multiplier(acc_scale * float(r_out))
+        s_out = float(out_qp.scale)  # M = s_in * s_w / s_out, in float64
+        m, shift = quantize_multiplier(acc_scale / s_out)
         if bool((shift <= 0).any()):
             raise ValueError(f"{self._get_name()}: requantization multiplier s_in*s_w/s_out >= "
                              "2**30: the output scale is far too fine; recalibrate")
@@ -172,8 +172,8 @@ class QuantizedConv(QuantizedModule):
         lo, hi = out_qp.quant_min, out_qp.quant_max
         if self.act in ("relu", "relu6"):
             lo = 0
-        if self.act == "relu6":  # what the fake quant makes of 6.0: round(6 * r_out)
-            hi = min(hi, int(torch.round(torch.tensor(6.0) * r_out)))
+        if self.act == "relu6":  # what the (exact) fake quant makes of 6.0: round(6 / s_out)
+            hi = min(hi, int(torch.round(torch.tensor(6.0, dtype=torch.float64) / s_out)))
         self.register_buffer("out_min", torch.tensor(lo, dtype=torch.int32))
         self.register_buffer("out_max", torch.tensor(hi, dtype=torch.int32))
         self.register_buffer("output_scale", out_qp.scale.clone().cpu())
@@ -184,14 +184,14 @@ class QuantizedConv(QuantizedModule):
         if add_qp is None:
             raise ValueError(f"{self._get_name()}: the fused add's second input is not "
                              "quantized (no scale); quantize it or keep the add unfused")
-        m2, sh2 = quantize_multiplier(add_qp.scale.double().cpu() * float(r_out))
+        m2, sh2 = quantize_multiplier(add_qp.scale.double().cpu() / s_out)
         self.add_bits = add_qp.bits
         frac = _add_frac_bits(acc_max, m, shift, add_qp.bits, m2, sh2)
         if frac < _MIN_ADD_FRAC_BITS:
             raise ValueError(
                 f"{self._get_name()}: the fused add's scales are too far apart for 64-bit "
-                f"requantization (s_in*s_w/s_out up to {float((acc_scale * r_out).max()):.3g}, "
-                f"s_other/s_out = {float(add_qp.scale * r_out):.3g}); recalibrate, or keep "
+                f"requantization (s_in*s_w/s_out up to {float((acc_scale / s_out).max()):.3g}, "
+                f"s_other/s_out = {float(add_qp.scale) / s_out:.3g}); recalibrate, or keep "
                 "the add unfused")
         self.register_buffer("add_multiplier", m2.to(torch.int32))
         self.register_buffer("add_shift", sh2.to(torch.int32))
@@ -357,12 +357,6 @@ def convert_conv(qat_module: nn.Module, call: BoundCall,
 
 
 # -- numerics helpers ---------------------------------------------------------------------------
-def _reciprocal(scale: Tensor) -> Tensor:
-    """float32 ``1 / scale``, correctly rounded: the factor a fake quant multiplies by."""
-    scale = scale.detach().to(torch.float32).cpu()
-    return torch.ones_like(scale).div_(scale)
-
-
 def _weight_scale(qat: nn.Module) -> Tensor:
     """The weight fake quant's scale as the QAT module uses it (LSQ clamps it at eps)."""
     s_w = qat.weight_fake_quant.scale.detach().to(torch.float32)

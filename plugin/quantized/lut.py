@@ -6,7 +6,7 @@ convert time :func:`convert_lut` evaluates the QAT op's float function on every 
 arguments (``negative_slope``, ``min``/``max``, ``approximate``...), and quantizes the results
 exactly as the output fake quant does::
 
-    table[q - qmin] = clamp(round(f(q * s_in) * float32(1 / s_out)), out_qmin, out_qmax)
+    table[q - qmin] = clamp(round(f(q * s_in) / s_out), out_qmin, out_qmax)   # float32 division
 
 256 entries for an int8 input, 65536 for int16; at run time ``out = table[q - qmin]``.  Without
 an output fake quant the table holds the float results.  See docs/npu_numerics.md, "Lookup
@@ -140,9 +140,8 @@ def convert_lut(qat_module: nn.Module, call: BoundCall,
     if out_qparams is None:
         table = y
     else:
-        scale = out_qparams.scale.to(device)
-        inv = torch.ones_like(scale).div_(scale)  # float32 1/s_out, as the fake quant
-        q = torch.mul(y, inv).round_().clamp_(out_qparams.quant_min, out_qparams.quant_max)
+        scale = out_qparams.scale.to(device)  # float32 division, as the fake quant
+        q = torch.div(y, scale).round_().clamp_(out_qparams.quant_min, out_qparams.quant_max)
         table = q.to(torch.int8 if out_qparams.bits == 8 else torch.int16)
     return QuantizedLookupTable(table, in_qp, out_qparams, input_name,
                                 op=qat_module.qatkit_op_kind, signature=call.names)

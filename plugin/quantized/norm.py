@@ -73,12 +73,12 @@ class QuantizedSoftmax(_QOp):
         k = q.amax(dim=dim, keepdim=True) - q
         e = self.exp_lut[k.clamp(max=self.exp_lut.numel() - 1)]
         total = e.sum(dim=dim, keepdim=True).to(torch.float64)
-        r_out = self._inv_out()  # the float32 1 / s_out the output fake quant multiplies by
+        s_out = self._s_out()  # divided by, as the output fake quant divides
         if self.op == "log_softmax":
             s_in = self.in_scale[0].to(torch.float64)
             log_sum = torch.log(total / 2.0**EXP_LUT_BITS)
-            return self._finish((-k.to(torch.float64) * s_in - log_sum) * r_out)
-        return self._finish((e.to(torch.float64) / total) * r_out)
+            return self._finish((-k.to(torch.float64) * s_in - log_sum) / s_out)
+        return self._finish((e.to(torch.float64) / total) / s_out)
 
 
 @register_converter("softmax", "log_softmax")
@@ -110,15 +110,15 @@ def _centered(q: Tensor, n: int, bits: int, s_in: Tensor, eps: float,
     return n * q - s1, r
 
 
-def _affine(t: Tensor, weight: Tensor | None, bias: Tensor | None, r_out: Tensor,
+def _affine(t: Tensor, weight: Tensor | None, bias: Tensor | None, s_out: Tensor,
             shape: Sequence[int]) -> Tensor:
-    """``(t * weight + bias) * r_out`` in double, ``weight``/``bias`` shaped ``shape``;
-    ``r_out`` is the float32 ``1 / s_out`` the output fake quant multiplies by."""
+    """``(t * weight + bias) / s_out`` in double, ``weight``/``bias`` shaped ``shape``
+    (divided by the output scale, as the output fake quant divides)."""
     if weight is not None:
         t = t * weight.to(torch.float64).reshape(shape)
     if bias is not None:
         t = t + bias.to(torch.float64).reshape(shape)
-    return t * r_out
+    return t / s_out
 
 
 class _Norm(_QOp):
@@ -171,7 +171,7 @@ class QuantizedLayerNorm(_Norm):
         d, r = _centered(rows, math.prod(shape), self.in_bits[0], self.in_scale[0],
                          float(p["eps"]), self._where())
         t = (d.to(torch.float64) * r).reshape(q.shape)
-        return self._finish(_affine(t, p["weight"], p["bias"], self._inv_out()[0], shape))
+        return self._finish(_affine(t, p["weight"], p["bias"], self._s_out(), shape))
 
 
 class QuantizedGroupNorm(_Norm):
@@ -194,7 +194,7 @@ class QuantizedGroupNorm(_Norm):
                          float(p["eps"]), self._where())
         t = (d.to(torch.float64) * r).reshape(q.shape)
         shape = (-1,) + (1,) * (q.dim() - 2)
-        return self._finish(_affine(t, p["weight"], p["bias"], self._inv_out()[0], shape))
+        return self._finish(_affine(t, p["weight"], p["bias"], self._s_out(), shape))
 
 
 class QuantizedBatchNorm(_Norm):
@@ -218,9 +218,8 @@ class QuantizedBatchNorm(_Norm):
         beta = p["bias"].to(torch.float64) if p["bias"] is not None else 0.0
         a = gamma * inv
         c = beta - p["running_mean"].to(torch.float64) * a
-        r_out = self._inv_out()[0]
         mult = (self.in_scale[0].to(torch.float64) * a).reshape(shape)
-        return self._finish((q.to(torch.float64) * mult + c.reshape(shape)) * r_out)
+        return self._finish((q.to(torch.float64) * mult + c.reshape(shape)) / self._s_out())
 
 
 _NORMS: dict[str, tuple[type[_Norm], tuple[str, ...], tuple[str, ...]]] = {

@@ -173,13 +173,14 @@ class _QOp(QuantizedModule):
         return torch.round(x.to(torch.float64) / self.in_scale[i].to(torch.float64)).to(
             torch.int64)
 
-    def _inv_out(self) -> Tensor:
-        """float64 of the float32 ``1 / s_out`` the output fake quant multiplies by (shape [1])."""
-        return torch.ones_like(self.output_scale).div_(self.output_scale).to(torch.float64)
+    def _s_out(self) -> Tensor:
+        """The output scale in float64 (0-d): results are divided by it, as the fake quant
+        divides."""
+        return self.output_scale.to(torch.float64).reshape(())
 
     def _ratio(self, i: int) -> Tensor:
-        """``M = s_in[i] * float32(1 / s_out)`` in float64."""
-        return self.in_scale[i].to(torch.float64) * self._inv_out()[0]
+        """``M = s_in[i] / s_out`` in float64."""
+        return self.in_scale[i].to(torch.float64) / self._s_out()
 
     def _from_int(self, q: Tensor) -> Tensor:
         return q.to(torch.float32) * self.output_scale.reshape(())  # 0-d: keeps the shape of q
@@ -221,8 +222,8 @@ class QuantizedAdd(_QOp):
                  coef: tuple[float, float]) -> None:
         super().__init__(kind, fn, in_qparams, out_qparams, call)
         self.coef = tuple(float(c) for c in coef)
-        r_out = self._inv_out()[0]
-        mult = torch.stack([self.in_scale[i].to(torch.float64) * c * r_out
+        s_out = self._s_out()
+        mult = torch.stack([self.in_scale[i].to(torch.float64) * c / s_out
                             if in_qparams[i] is not None else torch.zeros((), dtype=torch.float64)
                             for i, c in enumerate(self.coef)])
         m, shift = _fixed_point(mult)
@@ -238,8 +239,7 @@ class QuantizedAdd(_QOp):
     def _term(self, v: Any, i: int) -> Tensor:
         if self.in_bits[i] is not None:
             return self._int(v, i) * self.multiplier[i]
-        k = torch.ldexp(self._const(v) * self.coef[i] * self._inv_out()[0],
-                        self.shift)
+        k = torch.ldexp(self._const(v) * self.coef[i] / self._s_out(), self.shift)
         return torch.round(k).clamp_(-(2.0**61), 2.0**61).to(torch.int64)
 
 
@@ -275,8 +275,7 @@ class QuantizedMul(_QOp):
                  out_qparams: TensorQParams | None, call: BoundCall | None) -> None:
         super().__init__(kind, fn, in_qparams, out_qparams, call)
         s = self.in_scale.to(torch.float64).nan_to_num(1.0)
-        m, shift = quantize_multiplier((s[0] * s[1] * self._inv_out()[0])
-                                       .reshape(1))
+        m, shift = quantize_multiplier((s[0] * s[1] / self._s_out()).reshape(1))
         self.register_buffer("multiplier", m)
         self.register_buffer("shift", shift)
 
@@ -340,7 +339,7 @@ class QuantizedCat(_QOp):
 
     def _rescale(self, x: Tensor, i: int) -> Tensor:
         if self.in_bits[i] is None:
-            q = torch.round(x.to(torch.float64) * self._inv_out())
+            q = torch.round(x.to(torch.float64) / self._s_out())
             return q.clamp_(self.quant_min, self.quant_max).to(torch.int64)
         q = _round_shift(self._int(x, i) * self.multiplier[i], self.shift[i])
         return q.clamp_(self.quant_min, self.quant_max)
@@ -400,7 +399,7 @@ class QuantizedMatmul(_QOp):
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
                  out_qparams: TensorQParams | None, call: BoundCall | None) -> None:
         super().__init__(kind, fn, in_qparams, out_qparams, call)
-        mult = torch.prod(self.in_scale.to(torch.float64)) * self._inv_out()
+        mult = torch.prod(self.in_scale.to(torch.float64)) / self._s_out()
         m, shift = quantize_multiplier(mult.reshape(1))
         self.register_buffer("multiplier", m)
         self.register_buffer("shift", shift)

@@ -13,7 +13,8 @@ __all__ = ["Quantize"]
 
 
 class Quantize(QuantizedModule):
-    """``clamp(round(x * float32(1/s)), qmin, qmax) * s``: the input quantization of an NPU.
+    """``clamp(round(x / s), qmin, qmax) * s``: the input quantization of an NPU (ONNX
+    ``QuantizeLinear``: one float32 division, round half to even).
 
     Identical to the fake quant it replaces in VALIDATION state (round half to even).
 
@@ -35,8 +36,8 @@ class Quantize(QuantizedModule):
     def forward(self, x: Any) -> Any:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             return x
-        inv = torch.ones_like(self.output_scale).div_(self.output_scale)
-        q = torch.round(x.float() * inv).clamp_(self.quant_min, self.quant_max)
+        q = torch.div(x.float(), self.output_scale).round_().clamp_(self.quant_min,
+                                                                    self.quant_max)
         return q * self.output_scale
 
     def extra_repr(self) -> str:

@@ -2,8 +2,8 @@
 state_dict and deepcopy.
 
 The numerics are checked bit-exactly against a reference written here in numpy:
-``clip(rint(x * float32(1 / scale)), qmin, qmax) * scale`` in float32 (``np.rint`` rounds half
-to even).
+``clip(rint(x / scale), qmin, qmax) * scale`` in float32 (one float32 division, as ONNX
+QuantizeLinear; ``np.rint`` rounds half to even).
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def _ref(x: torch.Tensor, scale: torch.Tensor, bits: int, ch_axis: int | None = 
         shape = [1] * xn.ndim
         shape[ch_axis] = -1
         s = s.reshape(shape)
-    inv = np.float32(1.0) / s
-    assert inv.dtype == np.float32
-    q = np.rint(xn * inv)
+    ratio = xn / s
+    assert ratio.dtype == np.float32
+    q = np.rint(ratio)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     inside = (q >= qmin) & (q <= qmax)
     out = (np.clip(q, qmin, qmax) * s).astype(np.float32)
@@ -161,18 +161,17 @@ def test_other_float_dtypes_are_quantized_in_float32_and_keep_their_dtype(dtype)
     _exact(out, _ref(x.float(), scale, 8)[0].to(dtype))
 
 
-def test_float64_is_quantized_without_rounding_the_product():
-    """Exact evaluation's path: round(x * float32(1/s)) with the product in float64, q * s
-    returned in float64 (so casting to float32 gives what the float32 path gives on the grid)."""
+def test_float64_is_quantized_with_a_float64_division():
+    """Exact evaluation's path: round(x / s) divided in float64, q * s returned in float64 (so
+    casting to float32 gives what the float32 path gives on the grid)."""
     fq = FakeQuantize(observer=MinMaxObserver)
     fq(torch.tensor([-1.0, 1.0]))
     fq.set_state("validation")
-    inv = (torch.ones(1) / fq.scale).double()
     x = (torch.arange(-200, 201, dtype=torch.float64) + 0.5) * fq.scale.double() / 1.0
     x = x + torch.linspace(-1e-9, 1e-9, x.numel(), dtype=torch.float64)  # near-ties
     out = fq(x)
     assert out.dtype == torch.float64
-    q = torch.round(x * inv).clamp(-128, 127)
+    q = torch.round(x / fq.scale.double()).clamp(-128, 127)
     _exact(out, q * fq.scale.double())
     # the float32 path would round x to float32 first and move some near-ties
     assert not torch.equal(fq(x.float()).double(), out.float().double()), "no near-tie tested"
@@ -214,9 +213,10 @@ def test_straight_through_gradient_is_zero_outside_the_clamp_range(ch_axis, dtyp
 
 
 @pytest.mark.parametrize("ch_axis", [None, 0])
-def test_cpu_fast_path_equals_the_aten_kernels_bit_for_bit(monkeypatch, ch_axis):
-    """The CPU path (vectorized ops) and the ATen fake-quant kernels (CUDA, tracing, ONNX export)
-    must give the same outputs and gradients."""
+def test_division_path_equals_the_aten_kernels_away_from_near_ties(monkeypatch, ch_axis):
+    """The division path (VALIDATION, CPU training) and the ATen fake-quant kernels (training on
+    CUDA, tracing) give the same outputs and gradients except where ``x / s`` lies within a
+    float32 rounding of a half-integer (the ATen kernels multiply by a float32 ``1 / s``)."""
     x = (torch.randn(4, 16, 9, generator=_gen(7)) * 3).requires_grad_(True)
     grad = torch.randn(4, 16, 9, generator=_gen(8))
     fq = FakeQuantize(observer=MinMaxObserver, ch_axis=ch_axis)
@@ -233,6 +233,21 @@ def test_cpu_fast_path_equals_the_aten_kernels_bit_for_bit(monkeypatch, ch_axis)
     _exact(outs[0], outs[1])
     _exact(grads[0], grads[1])
     assert bool((grads[0] == 0).any()) and bool((grads[0] != 0).any())
+
+
+def test_division_rounds_like_onnx_quantize_linear_at_a_near_tie():
+    """x / s rounded once (ONNX QuantizeLinear, onnxruntime): at a value where x * fl32(1/s)
+    lands on the other side of a half-integer, the fake quant follows the division."""
+    fq = FakeQuantize(observer=FixedScaleObserver, scale=0.1)
+    fq.set_state(VAL)
+    s = fq.scale
+    half = (torch.arange(-128, 128, dtype=torch.float64) + 0.5) * s.double()
+    x = half.float()  # float32 values within an ulp of k + 0.5 steps, and their neighbours
+    x = torch.cat([x, torch.nextafter(x, x + 1), torch.nextafter(x, x - 1)])
+    inv = torch.ones(1) / s
+    by_division, by_reciprocal = torch.round(x / s), torch.round(x * inv)
+    assert not torch.equal(by_division, by_reciprocal), "no near-tie in the sample"
+    _exact(fq(x), by_division.clamp(-128, 127) * s)
 
 
 def test_jit_trace_records_the_aten_fake_quant_op():

@@ -246,9 +246,9 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
 
     @torch.no_grad()
     def quantize_weight(self) -> Tensor:
-        """The folded weight's integers, ``clamp(round(w_fold * float32(1 / s_w)))`` as float32,
-        exactly as the weight fake quant computes them.  One rule for exact evaluation and the
-        integer model (``convert_fx``).
+        """The folded weight's integers, ``clamp(round(w_fold / s_w))`` (float32 division) as
+        float32, exactly as the weight fake quant computes them in VALIDATION.  One rule for
+        exact evaluation, the integer model (``convert_fx``) and the exporter.
 
         Example::
 
@@ -262,8 +262,7 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
         shape = [1] * w.dim()
         if wfq.is_per_channel:
             shape[wfq.ch_axis % w.dim()] = -1
-        inv = torch.ones_like(scale).div_(scale).view(shape)  # float32 1/s, correctly rounded
-        return torch.mul(w, inv).round_().clamp_(wfq.quant_min, wfq.quant_max)
+        return torch.div(w, scale.view(shape)).round_().clamp_(wfq.quant_min, wfq.quant_max)
 
     def accumulator_scale(self, in_scale: Tensor) -> Tensor:
         """float64 ``s_in * s_w`` per output channel: the scale of the integer accumulator.

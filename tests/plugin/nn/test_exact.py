@@ -72,7 +72,7 @@ def test_linked_inputs_make_an_add_exact():
     a, b = fq_a(q_a * fq_a.scale), fq_b(q_b * fq_b.scale)
     s_out = add.activation_post_process.scale
     exact = q_a.double() * fq_a.scale.double() + q_b.double() * fq_b.scale.double()
-    q = torch.round(exact * (torch.ones(1) / s_out).double()).clamp(-128, 127)
+    q = torch.round(exact / s_out.double()).clamp(-128, 127)
     expected = (q * s_out.double()).float()
     with torch.no_grad():
         unlinked = add(a, b)

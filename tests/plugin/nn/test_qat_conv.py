@@ -65,13 +65,12 @@ def _build(case, act=None, add=False, qconfig=QC, seed=0):
 
 
 def _fq_ref(x, scale, qmin, qmax, axis=None):
-    """clamp(round(x * float32(1 / scale)), qmin, qmax) * scale, by hand."""
+    """clamp(round(x / scale), qmin, qmax) * scale, by hand (float32 division)."""
     if axis is not None:
         shape = [1] * x.dim()
         shape[axis] = -1
         scale = scale.reshape(shape)
-    inv = (1.0 / scale).to(torch.float32)
-    return torch.clamp(torch.round(x * inv), qmin, qmax) * scale
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
 
 
 def _fold_ref(conv, bn):

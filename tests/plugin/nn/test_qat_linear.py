@@ -44,7 +44,7 @@ def _float_forward(lin, bn, x, other, act):
 
 def _fq_ref(x, scale, qmin, qmax, per_row=False):
     scale = scale.reshape(-1, 1) if per_row else scale
-    return torch.clamp(torch.round(x * (1.0 / scale).to(torch.float32)), qmin, qmax) * scale
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
 
 
 @pytest.mark.parametrize("bn,act,add", [(True, "relu", False), (True, "relu6", True),
