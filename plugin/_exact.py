@@ -92,23 +92,26 @@ def accumulation_plan(w_q: Tensor, groups: int, kind: str, in_bits: int, w_bits:
 
 
 # -- the exact-evaluation cache -----------------------------------------------------------
-# module -> (settings, tensors, value).  Held beside the modules, not in them: a deepcopy, a
+# module -> {call site: (settings, tensors, value)}.  Held beside the modules, not in them: a deepcopy, a
 # pickle or a state_dict never carries it, and it dies with its module.  Entries are freed
 # explicitly (release_exact_caches: set_fake_quantize, set_exact_evaluation and the
 # exact_evaluation context call it), never by a forward pass.
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list, Any]] = \
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Any, list, Any]]] = \
     weakref.WeakKeyDictionary()
 
 
-def cached(module: nn.Module, settings: Any, tensors: list, build: Callable[[], Any]) -> Any:
-    """``build()``, cached for ``module`` while ``settings`` compare equal and ``tensors`` are
-    the very same objects (their in-place versions belong in ``settings``)."""
-    hit = _CACHE.get(module)
+def cached(module: nn.Module, settings: Any, tensors: list, build: Callable[[], Any],
+           slot: Any = None) -> Any:
+    """``build()``, cached for ``module`` (and ``slot``: a call site of a module called at
+    several places) while ``settings`` compare equal and ``tensors`` are the very same objects
+    (their in-place versions belong in ``settings``)."""
+    slots = _CACHE.setdefault(module, {})
+    hit = slots.get(slot)
     if (hit is not None and hit[0] == settings
             and all(a is b for a, b in zip(hit[1], tensors, strict=True))):
         return hit[2]
     value = build()
-    _CACHE[module] = (settings, list(tensors), value)
+    slots[slot] = (settings, list(tensors), value)
     return value
 
 

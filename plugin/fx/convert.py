@@ -162,6 +162,8 @@ def convert_fx(qat_model: fx.GraphModule, inplace: bool = False) -> fx.GraphModu
                 f"'{target}' ({mod._get_name()}). Keep it float (qconfig_dict "
                 f"{{'module_name': [('{target}', None)]}}) or keep it in fake-quant form "
                 f"(set_preserve_qat_mode(model, prefixes=['{target}']))")
+        for node, _ in calls_of:  # integer modules are not linked: no call sites
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "call_site"}
         keys = {_call_key(call) for _, call in calls_of}
         if len(keys) == 1:  # called once, or every call sees the same scales: one module
             new = _convert_one(converter, mod, calls_of[0], out_qp, target)
@@ -199,8 +201,9 @@ def bound_call(model: fx.GraphModule, node: fx.Node,
     """
     ann = ann if ann is not None else get_annotations(model)[node]
     names = model.get_submodule(str(node.target)).qatkit_signature
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "call_site"}  # prepare's, not the op's
     args, kwargs = map_arguments(
-        names, node.args, node.kwargs,
+        names, node.args, kwargs,
         lambda name, _: TensorArg(spec_qparams(ann.input_spec(name), model)),
         lambda v: isinstance(v, fx.Node))
     return BoundCall(names, args, kwargs)

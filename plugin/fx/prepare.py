@@ -127,6 +127,7 @@ def prepare_qat_fx(
 
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
+    _tag_call_sites(gm)
     gm.graph.lint()
     gm.recompile()
     nodes = list(gm.graph.nodes)
@@ -162,22 +163,34 @@ def get_provenance(model: fx.GraphModule) -> dict[str, str]:
             if a.role not in ("input", "attr", "output")}
 
 
+def _tag_call_sites(gm: fx.GraphModule) -> None:
+    """Give the k-th call of a QAT module called at several places the keyword
+    ``call_site=k``: each call then finds its own inputs' fake quants (its own bias grid and
+    exact evaluation), and convert_fx gives it its own integer module."""
+    sites: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and hasattr(gm.get_submodule(str(node.target)),
+                                                "link_exact_inputs"):
+            sites.setdefault(str(node.target), []).append(node)
+    for nodes in sites.values():
+        if len(nodes) > 1:
+            for k, node in enumerate(nodes):
+                node.kwargs = {**node.kwargs, "call_site": k}
+
+
 def link_exact_inputs(gm: fx.GraphModule,
                       annotations: dict[fx.Node, NodeAnnotation] | None = None) -> None:
-    """Tell each QAT module called once which fake quants made its inputs, by argument name,
-    from the quantization annotation: weighted modules put their bias on the integer
-    accumulator grid with their input's, and exact evaluation snaps every linked input to its
-    grid.  A module called several times sees several producers: it gets no links.
+    """Tell each QAT module which fake quants made its inputs, by argument name, from the
+    quantization annotation: weighted modules put their bias on the integer accumulator grid
+    with their input's, and exact evaluation snaps every linked input to its grid.  A module
+    called at several places gets one set of links per call (its calls carry
+    ``call_site=k``).
 
     Example::
 
         >>> link_exact_inputs(qat_model)      # prepare_qat_fx does this
     """
     annotations = annotations or get_annotations(gm)
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     for node, ann in annotations.items():
         if node.op != "call_module":
             continue
@@ -185,13 +198,12 @@ def link_exact_inputs(gm: fx.GraphModule,
         if not hasattr(mod, "link_exact_inputs"):
             continue
         links = {}
-        if calls[str(node.target)] == 1:
-            for inp in ann.inputs:
-                if inp.spec is not None:
-                    fq = gm.get_submodule(inp.spec.module_path)
-                    if isinstance(fq, FakeQuantize):
-                        links[inp.name] = fq
-        mod.link_exact_inputs(links)
+        for inp in ann.inputs:
+            if inp.spec is not None:
+                fq = gm.get_submodule(inp.spec.module_path)
+                if isinstance(fq, FakeQuantize):
+                    links[inp.name] = fq
+        mod.link_exact_inputs(links, node.kwargs.get("call_site"))
 
 
 def _stub_dtype(stub: QuantStub, qconfig: Any) -> str:

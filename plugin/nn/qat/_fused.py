@@ -233,16 +233,14 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
         hold it, so the fake-quant model and ``convert_fx``'s model agree to the bit.  A plain
         reference, not a submodule: ``state_dict`` is unchanged.
         """
-        links = {k: v for k, v in self.__dict__.get("_exact_input_fqs", {}).items()
-                 if k != "input"}
+        links = {k: v for k, v in self.exact_links().items() if k != "input"}
         if fq is not None:
             links["input"] = fq
         self.link_exact_inputs(links)
 
-    @property
-    def _input_fq(self) -> nn.Module | None:
+    def _input_fq(self, call_site: int | None = None) -> nn.Module | None:
         """The fake quant of the input (``forward``'s first argument), when linked."""
-        return self.__dict__.get("_exact_input_fqs", {}).get("input")
+        return self.exact_links(call_site).get("input")
 
     @torch.no_grad()
     def quantize_weight(self) -> Tensor:
@@ -304,11 +302,11 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
         q = torch.nan_to_num(torch.round(b / acc_scale), nan=0.0).clamp(-limit, limit - 1)
         return q, acc_scale
 
-    def _fake_quant_bias(self, bias: Tensor | None,
-                         dtype: torch.dtype | None = None) -> Tensor | None:
+    def _fake_quant_bias(self, bias: Tensor | None, dtype: torch.dtype | None = None,
+                         call_site: int | None = None) -> Tensor | None:
         """``bias`` rounded to the accumulator grid (straight-through gradient), when known;
         in ``dtype`` (default ``bias.dtype``; float64 holds the grid value exactly)."""
-        in_fq = self._input_fq
+        in_fq = self._input_fq(call_site)
         if (bias is None or in_fq is None or not in_fq.has_scale
                 or not self.weight_fake_quant.has_scale
                 or in_fq.state is FakeQuantState.CALIBRATION or in_fq.is_per_channel):
@@ -324,7 +322,8 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
         raise NotImplementedError
 
     def _fused_forward(self, x: Tensor, other: Tensor | None,
-                       output_size: list[int] | None = None) -> Tensor:
+                       output_size: list[int] | None = None,
+                       call_site: int | None = None) -> Tensor:
         if (other is not None) != self.with_add:
             raise ValueError(
                 f"{self.fused_name}: "
@@ -366,18 +365,18 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
             y = bn(y)
         elif wfq is not None and evaluates_exactly(self.activation_post_process):
             if other is not None:
-                other = exact_grid(other, self.__dict__.get("_exact_input_fqs", {}).get(
-                    "other"))
-            return self._finish(self._exact_op(x, output_size), other).to(x.dtype)
+                other = exact_grid(other, self.exact_links(call_site).get("other"))
+            return self._finish(self._exact_op(x, output_size, call_site), other).to(x.dtype)
         else:
             weight, bias = self.folded_weight_bias()
             if wfq is not None:
                 weight = wfq(weight)
-                bias = self._fake_quant_bias(bias)
+                bias = self._fake_quant_bias(bias, call_site=call_site)
             y = self._op(x, weight, bias, output_size)
         return self._finish(y, other)
 
-    def _exact_op(self, x: Tensor, output_size: list[int] | None) -> Tensor:
+    def _exact_op(self, x: Tensor, output_size: list[int] | None,
+                  call_site: int | None = None) -> Tensor:
         """The op on the exact grid values, in float64 (exact evaluation).
 
         With a known per-tensor input grid: ``(sum(q_x * q_w) + q_b) * s_x * s_w``, the
@@ -385,13 +384,13 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
         (:mod:`qatkit._exact`, as the integer model does). Otherwise the float64 op of the
         exact grid values.
         """
-        in_fq = self._input_fq
+        in_fq = self._input_fq(call_site)
         wfq = self.weight_fake_quant
         if in_fq is None or not in_fq.has_scale or in_fq.is_per_channel:
             weight, bias = self.folded_weight_bias()
             return self._op(exact_grid(x, in_fq), exact_grid(wfq(weight), wfq),
-                            self._fake_quant_bias(bias, torch.float64), output_size)
-        plan, weights, q_b, acc_scale = self._exact_weights(in_fq, x.device)
+                            self._fake_quant_bias(bias, torch.float64, call_site), output_size)
+        plan, weights, q_b, acc_scale = self._exact_weights(in_fq, x.device, call_site)
         q_x = grid_int(x, in_fq.scale.reshape(()))
         if plan == "f32":
             acc = self._op(q_x, weights[0], None, output_size).double()
@@ -416,13 +415,15 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
         return settings, tensors
 
     @torch.no_grad()
-    def _exact_weights(self, in_fq: nn.Module,
-                       device: torch.device) -> tuple[str, tuple[Tensor, ...], Tensor, Tensor]:
-        """``(plan, float weights for the plan, q_b, s_in * s_w)``, cached
+    def _exact_weights(self, in_fq: nn.Module, device: torch.device,
+                       call_site: int | None = None
+                       ) -> tuple[str, tuple[Tensor, ...], Tensor, Tensor]:
+        """``(plan, float weights for the plan, q_b, s_in * s_w)``, cached per call site
         (:func:`qatkit._exact.cached`) while the weights, BatchNorm, scales and input grid
         stay the same; released by :func:`qatkit.release_exact_caches`."""
         settings, tensors = self._exact_key(in_fq, device)
-        return cached(self, settings, tensors, lambda: self._build_exact_weights(in_fq, device))
+        return cached(self, settings, tensors, lambda: self._build_exact_weights(in_fq, device),
+                      slot=call_site)
 
     def _build_exact_weights(self, in_fq: nn.Module, device: torch.device
                              ) -> tuple[str, tuple[Tensor, ...], Tensor, Tensor]:

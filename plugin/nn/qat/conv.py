@@ -42,9 +42,11 @@ class _ConvNd(_FusedMixin):
             output_size: list[int] | None) -> Tensor:
         return self._conv_forward(x, weight, bias)
 
-    def forward(self, input: Tensor, other: Tensor | None = None) -> Tensor:
-        """``act(bn(conv(input)) [+ other])``, fake-quantized; ``other`` iff ``with_add``."""
-        return self._fused_forward(input, other)
+    def forward(self, input: Tensor, other: Tensor | None = None, *,
+                call_site: int | None = None) -> Tensor:
+        """``act(bn(conv(input)) [+ other])``, fake-quantized; ``other`` iff ``with_add``;
+        ``call_site``: which call of a module called at several places (prepare sets it)."""
+        return self._fused_forward(input, other, None, call_site)
 
 
 class _ConvTransposeNd(_FusedMixin):
@@ -76,9 +78,10 @@ class _ConvTransposeNd(_FusedMixin):
                              self.groups, self.dilation)
 
     def forward(self, input: Tensor, other: Tensor | None = None,
-                output_size: list[int] | None = None) -> Tensor:
+                output_size: list[int] | None = None, *,
+                call_site: int | None = None) -> Tensor:
         """``act(bn(conv_transpose(input, output_size)) [+ other])``, fake-quantized."""
-        return self._fused_forward(input, other, output_size)
+        return self._fused_forward(input, other, output_size, call_site)
 
 
 class Conv1d(_ConvNd, nn.Conv1d):

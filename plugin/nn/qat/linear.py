@@ -53,6 +53,8 @@ class Linear(_FusedMixin, nn.Linear):
             output_size: list[int] | None) -> Tensor:
         return F.linear(x, weight, bias)
 
-    def forward(self, input: Tensor, other: Tensor | None = None) -> Tensor:
-        """``act(bn(linear(input)) [+ other])``, fake-quantized; ``other`` iff ``with_add``."""
-        return self._fused_forward(input, other)
+    def forward(self, input: Tensor, other: Tensor | None = None, *,
+                call_site: int | None = None) -> Tensor:
+        """``act(bn(linear(input)) [+ other])``, fake-quantized; ``other`` iff ``with_add``;
+        ``call_site``: which call of a module called at several places (prepare sets it)."""
+        return self._fused_forward(input, other, None, call_site)

@@ -69,11 +69,13 @@ def _is_float32(v: Any) -> bool:
 
 def _call_quantized(mod: nn.Module, op: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
     """``fq(fn(*args, **kwargs))``; for EXACT_OPS in exact evaluation, in float64 on the exact
-    grid values of the inputs (then back to float32)."""
+    grid values of the inputs (then back to float32).  ``kwargs["call_site"]`` (a module called
+    at several places) picks that call's input links and is not passed to ``fn``."""
+    call_site = kwargs.pop("call_site", None)
     fq = mod.activation_post_process
     if op not in EXACT_OPS or not evaluates_exactly(fq):
         return _quantize(fq, fn(*args, **kwargs))
-    links = mod.__dict__.get("_exact_input_fqs", {})
+    links = mod.exact_links(call_site)
     args, kwargs = map_arguments(mod.qatkit_signature, args, kwargs,
                                  lambda name, t: exact_grid(t, links.get(name)), _is_float32)
     out = _quantize(fq, fn(*args, **kwargs))
@@ -104,18 +106,33 @@ def _norm_float64(mod: nn.Module) -> Callable[[Tensor], Tensor] | None:
 
 
 class _ExactInputs:
-    """Mixin: prepare links the fake quants of a module's inputs for exact evaluation."""
+    """Mixin: prepare links the fake quants of a module's inputs for exact evaluation (and the
+    bias grid of conv / linear), per call site for a module called at several places."""
 
-    def link_exact_inputs(self, fqs: dict[str, nn.Module]) -> None:
+    def link_exact_inputs(self, fqs: dict[str, nn.Module], call_site: int | None = None) -> None:
         """``fqs``: argument name (as the annotation binds it: ``"input"``, ``"other"``,
-        ``"tensors.1"``) -> the fake quant that made it.  prepare links them from the
-        quantization annotation.  A plain reference: ``state_dict`` is unchanged.
+        ``"tensors.1"``) -> the fake quant that made it, for the module's call ``call_site``
+        (None: a module called once; prepare passes ``call_site=k`` to the k-th call of a
+        module called several times).  prepare links them from the quantization annotation.
+        A plain reference: ``state_dict`` is unchanged.
 
         Example::
 
             >>> add.link_exact_inputs({"input": fq_a, "other": fq_b})
         """
-        object.__setattr__(self, "_exact_input_fqs", dict(fqs))
+        store = dict(self.__dict__.get("_exact_input_fqs", {}))
+        store[call_site] = dict(fqs)
+        object.__setattr__(self, "_exact_input_fqs", store)
+
+    def exact_links(self, call_site: int | None = None) -> dict[str, nn.Module]:
+        """The linked input fake quants of call ``call_site`` (see :meth:`link_exact_inputs`).
+
+        Example::
+
+            >>> conv.exact_links()["input"] is qat_model.x_quant.activation_post_process
+            True
+        """
+        return self.__dict__.get("_exact_input_fqs", {}).get(call_site, {})
 
 
 class QuantStub(AnnotatedOp, nn.Module):
@@ -136,7 +153,7 @@ class QuantStub(AnnotatedOp, nn.Module):
         super().__init__()
         self.activation_post_process = activation_post_process
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, call_site: int | None = None) -> Any:
         return _quantize(self.activation_post_process, x)
 
     def float_forward(self, x: Any) -> Any:
@@ -204,6 +221,8 @@ class OutputQuantMixin(_ExactInputs, AnnotatedOp):
     activation_post_process: FakeQuantize | None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The float module's forward, output fake-quantized (``call_site``: see
+        :meth:`link_exact_inputs`)."""
         fn = super().forward
         if self.qatkit_op_kind in _NORM_KINDS and evaluates_exactly(
                 self.activation_post_process):

@@ -162,7 +162,7 @@ def test_exact_evaluation_only_in_validation_without_gradients(calibrate) -> Non
         assert not evaluates_exactly(fq)
     # prepare linked the fake quants that made each input of the exact ops
     for name in ("matmul", "proj"):  # q @ k^T through chunk/reshape/transpose; linear + add
-        links = qm.get_submodule(name).__dict__["_exact_input_fqs"]
+        links = qm.get_submodule(name).exact_links()
         assert set(links) == {"input", "other"}, (name, links)
 
 
@@ -337,3 +337,46 @@ def test_register_converter_dispatches_by_op_kind(calibrate) -> None:
         CONVERTERS["gelu"] = saved
     assert seen == [("gelu", [("input", 8)], 8)]
     assert isinstance(im.get_submodule("act"), Marker)
+
+
+class SharedConv(nn.Module):
+    """One conv called on two tensors of different ranges (a pattern the profiler flags)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = self.conv(self.act(a) * 4.0)  # the second call's input has another scale
+        return a + b
+
+
+def test_each_call_site_of_a_shared_module_gets_its_own_integer_module(calibrate) -> None:
+    """convert_fx gives every call site its own integer module (same integer weights, its own
+    requantization), named like the call sites in reports, and the integer model equals the
+    fake-quant model."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    qm = calibrate(SharedConv().eval(), x)
+    im = qatkit.convert_fx(qm)
+    calls = [n for n in im.graph.nodes if n.op == "call_module" and "conv" in str(n.target)]
+    assert [str(n.target) for n in calls] == ["conv(0)", "conv(1)"]
+    assert not hasattr(im, "conv"), "the shared module is replaced by its call sites"
+    c0, c1 = im.get_submodule("conv(0)"), im.get_submodule("conv(1)")
+    assert torch.equal(c0.weight, c1.weight) and not torch.equal(c0.input_scale, c1.input_scale)
+    assert qatkit.get_provenance(im)["conv(1)"] == qatkit.get_provenance(qm)["conv(1)"]
+    with torch.no_grad():
+        torch.testing.assert_close(im(x), qm(x), atol=0, rtol=0)
+    assert isinstance(qm.get_submodule("conv"), qatkit.nn.qat.Conv2d), "qat model unchanged"
+
+
+def test_set_preserve_qat_mode_takes_a_bare_string(calibrate) -> None:
+    """The NPU guides write set_preserve_qat_mode(net, ("conv1"), ()): ("conv1") is a str."""
+    torch.manual_seed(0)
+    qm = calibrate(SharedConv().eval(), torch.randn(2, 3, 8, 8))
+    assert qatkit.set_preserve_qat_mode(qm, ("conv"), ()) == ["conv"]
+    assert qatkit.set_preserve_qat_mode(qm, (), "add") == ["add"]
+    with pytest.raises(ValueError, match=r"\['co'\] match no quantized module"):
+        qatkit.set_preserve_qat_mode(qm, "co")

@@ -109,7 +109,7 @@ def test_integer_weights_cache_has_an_explicit_lifetime(calibrate):
     conv = next(m for m in qm.modules() if hasattr(m, "quantize_weight"))
     with torch.no_grad():
         ref = qm(x)
-    plan, weights, _, _ = _CACHE[conv][2]
+    plan, weights, _, _ = _CACHE[conv][None][2]
     assert plan == "f32" and torch.equal(weights[0], conv.quantize_weight())
     assert not hasattr(conv, "_exact_cache"), "the cache is not module state"
     assert exact_cache_size(copy.deepcopy(qm)) == 0, "a copy does not carry the cache"
