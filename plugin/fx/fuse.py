@@ -26,6 +26,7 @@ from typing import Callable
 
 from torch import fx, nn
 
+from .._state import set_module
 from ..nn import qat
 from .patterns import (
     ADD_FUNCTIONS,
@@ -198,7 +199,7 @@ def fuse_weighted_modules(gm: fx.GraphModule, groups: list[FusionGroup], qconfig
             qat_mod = qat.from_float(float_mod, qconfig, bn=bn, act=group.act_kind,
                                      add=group.add is not None)
             qat_mod.qconfig = qconfig
-            _set_module(gm, target, qat_mod)
+            set_module(gm, target, qat_mod)
             created[target] = qat_mod
         last = group.last
         other = replaced.get(group.other, group.other)
@@ -220,11 +221,6 @@ def fuse_weighted_modules(gm: fx.GraphModule, groups: list[FusionGroup], qconfig
                 n.op == "call_module" and n.target == group.bn.target for n in gm.graph.nodes):
             _del_module(gm, str(group.bn.target))
     return created
-
-
-def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, mod)
 
 
 def _del_module(gm: fx.GraphModule, target: str) -> None:

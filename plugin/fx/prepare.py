@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, fx, nn
 
+from .._state import set_module
 from ..annotation import NodeAnnotation, get_annotations, has_annotations, set_annotations
 from ..fake_quantize import FakeQuantize
 from ..nn import qat
@@ -375,7 +376,7 @@ class _Rewriter:
             fq = qconfig.activation() if qconfig.activation is not None else None
             new = qat.output_quantized(mod, fq)
             new.qconfig = qconfig
-            self._set_module(str(node.target), new)
+            set_module(self.gm, str(node.target), new)
             self._quantize_inputs(node, qconfig)
             return _QUANT if fq is not None else _FLOAT
         if qconfig is not None:
@@ -395,7 +396,7 @@ class _Rewriter:
             fq = qconfig.activation(**kwargs)
         new = qat.QuantStub(fq)
         new.qconfig = qconfig
-        self._set_module(str(node.target), new)
+        set_module(self.gm, str(node.target), new)
         return _QUANT
 
     def _visit_function(self, node: fx.Node) -> str:
@@ -494,7 +495,3 @@ class _Rewriter:
         self.quant_of[producer] = qnode
         self.state[qnode] = _QUANT
         return qnode
-
-    def _set_module(self, target: str, mod: nn.Module) -> None:
-        parent, _, leaf = target.rpartition(".")
-        setattr(self.gm.get_submodule(parent) if parent else self.gm, leaf, mod)

@@ -64,3 +64,38 @@ def test_docstring_examples_are_true():
     assert net.quant.scale == 1 / 128
     assert net(torch.rand(1, 3, 5, 5)).shape == (1, 8, 3, 3)
     torch.testing.assert_close(names["y"], torch.ones(2), atol=0, rtol=0)
+
+
+def test_a_fixed_scale_quant_stub_follows_its_16_bit_qconfig():
+    """The guide's grid-sample input: QuantStub(scale) with a 16-bit qconfig must be qint16
+    (it was silently qint8, clipping the input at +-1)."""
+    import warnings
+
+    import qatkit
+
+    class Grid(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant_stub = QuantStub(scale=1 / 128)
+            self.quant_stub.qconfig = qatkit.default_calib_16bit_fake_quant_qconfig
+
+        def forward(self, x):
+            return self.quant_stub(x) * 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qatkit.prepare_qat_fx(Grid(), {"": qatkit.default_qat_8bit_fake_quant_qconfig})
+    fq = qm.quant_stub.activation_post_process
+    assert fq.dtype == "qint16" and float(fq.scale) == 1 / 128
+    qatkit.set_fake_quantize(qm, "validation")
+    x = torch.tensor([3.0, -100.0])
+    assert torch.equal(qm.quant_stub(x), x), "int16 at 1/128 holds +-256"
+    ann = qatkit.annotation.annotation_by_name(qm)["quant_stub"]
+    assert ann.output.dtype == "qint16" and ann.output.fixed_scale == 1 / 128
+    # an explicit dtype on the stub still wins
+    g = Grid()
+    g.quant_stub.dtype = "qint8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm8 = qatkit.prepare_qat_fx(g, {"": qatkit.default_qat_8bit_fake_quant_qconfig})
+    assert qm8.quant_stub.activation_post_process.dtype == "qint8"
