@@ -93,9 +93,9 @@ def accumulation_plan(w_q: Tensor, groups: int, kind: str, in_bits: int, w_bits:
 
 # -- the exact-evaluation cache -----------------------------------------------------------
 # module -> {call site: (settings, tensors, value)}.  Held beside the modules, not in them:
-# a deepcopy, a pickle or a state_dict never carries it, and it dies with its module.  Entries are freed
-# explicitly (release_exact_caches: set_fake_quantize, set_exact_evaluation and the
-# exact_evaluation context call it), never by a forward pass.
+# a deepcopy, a pickle or a state_dict never carries it, and it dies with its module.
+# Entries are freed explicitly (release_exact_caches: set_fake_quantize, set_exact_evaluation
+# and the exact_evaluation context call it), never by a forward pass.
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Any, list, Any]]] = \
     weakref.WeakKeyDictionary()
 
