@@ -29,8 +29,13 @@ import torch
 from torch import fx, nn
 
 from .._state import module_device, set_module
-from ..annotation import NodeAnnotation, get_annotations, has_annotations, map_arguments
-from ..annotation import set_annotations as _store_annotations
+from ..annotation import (
+    NodeAnnotation,
+    get_annotations,
+    has_annotations,
+    map_arguments,
+    set_annotations,
+)
 from ..fake_quantize import FakeQuantize, FakeQuantState
 from ..quantized import CONVERTERS, TensorQParams
 from ..quantized.base import BoundCall, TensorArg, spec_qparams
@@ -181,7 +186,7 @@ def convert_fx(qat_model: fx.GraphModule, inplace: bool = False) -> fx.GraphModu
     model.graph.lint()
     model.recompile()
     nodes = list(model.graph.nodes)
-    _store_annotations(model, annotate(
+    set_annotations(model, annotate(
         model, float_names={n: annotations[n].float_name for n in nodes},
         non_tensor={n for n in nodes if annotations[n].role == "non_tensor"},
         notes={n: annotations[n].note for n in nodes}))

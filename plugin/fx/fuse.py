@@ -39,7 +39,7 @@ from .patterns import (
 )
 
 __all__ = ["FusionGroup", "find_fusion_groups", "fuse_weighted_modules", "META_FLOAT_NAME",
-           "META_ROLE"]
+           "META_ROLE", "act_kind", "is_add"]
 
 META_FLOAT_NAME = "qatkit_float_name"
 META_ROLE = "qatkit_role"
@@ -65,7 +65,15 @@ class FusionGroup:
         return self.nodes[-1]
 
 
-def _act_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+def act_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """``"relu"`` / ``"relu6"`` when ``node`` is an activation prepare fuses into the layer
+    before it (``FUSED_ACTIVATION_*`` tables), else None.
+
+    Example::
+
+        >>> act_kind(relu_node, dict(gm.named_modules()))
+        'relu'
+    """
     if node.op == "call_module":
         return FUSED_ACTIVATION_MODULES.get(type(modules[node.target]))
     if node.op == "call_function":
@@ -79,7 +87,15 @@ def _act_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
-def _is_add(node: fx.Node) -> bool:
+def is_add(node: fx.Node) -> bool:
+    """True for a residual add prepare can fuse (``a + b``, ``torch.add(a, b)``, ``a.add_(b)``;
+    no ``alpha``, no ``out``).
+
+    Example::
+
+        >>> is_add(add_node)
+        True
+    """
     if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("out") is not None:
         return False
     if node.op == "call_function":
@@ -146,13 +162,13 @@ def find_fusion_groups(gm: fx.GraphModule,
             else:
                 group.bn, cur = nxt, nxt
                 nxt = _unless_float(_only_user(cur), keep_float)
-        if nxt is not None and _is_add(nxt) and nxt not in claimed:
+        if nxt is not None and is_add(nxt) and nxt not in claimed:
             others = [a for a in nxt.args if a is not cur]
             if len(others) == 1 and isinstance(others[0], fx.Node) and others[0].op != "get_attr":
                 group.add, group.other, cur = nxt, others[0], nxt
                 nxt = _unless_float(_only_user(cur), keep_float)
         if nxt is not None and nxt not in claimed:
-            kind = _act_kind(nxt, modules)
+            kind = act_kind(nxt, modules)
             if kind is not None:
                 group.act, group.act_kind = nxt, kind
                 if nxt.op == "call_module" and calls[nxt.target] > 1:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..annotation import bind_arguments
 from .base import BoundCall, TensorArg, TensorQParams, register_converter
-from .ops import _call_site, _QOp, _qp, _unsupported
+from .ops import QuantizedOp, arg_qparams, resolve_call, unsupported
 
 __all__ = ["QuantizedSoftmax", "QuantizedLayerNorm", "QuantizedGroupNorm",
            "QuantizedBatchNorm", "EXP_LUT_BITS"]
@@ -48,7 +48,7 @@ def _softmax_dim(dim: Any, ndim: int) -> int:
     return dim if dim is not None else (0 if ndim in (0, 1, 3) else 1)  # torch's legacy rule
 
 
-class QuantizedSoftmax(_QOp):
+class QuantizedSoftmax(QuantizedOp):
     """Softmax / log_softmax along ``dim`` through an exp lookup table (buffer ``exp_lut``).
 
     log_softmax: ``q_out = saturate(rint((-k * s_in - ln(S / 2**30)) / s_out))``.
@@ -84,15 +84,15 @@ class QuantizedSoftmax(_QOp):
 @register_converter("softmax", "log_softmax")
 def _convert_softmax(qat_module: nn.Module, call: BoundCall,
                      out_qparams: TensorQParams | None) -> QuantizedSoftmax:
-    kind, fn, fixed, _, _ = _call_site(qat_module, call)
-    if _qp(call.get("input")) is None:
-        raise _unsupported("input", kind, "the input is not a quantized tensor")
+    kind, fn, fixed, _, _ = resolve_call(qat_module, call)
+    if arg_qparams(call.get("input")) is None:
+        raise unsupported("input", kind, "the input is not a quantized tensor")
     dtype = call.get("dtype")
     if dtype not in (None, torch.float32):
-        raise _unsupported("dtype", kind, f"dtype={dtype} (the integer model outputs float32)")
+        raise unsupported("dtype", kind, f"dtype={dtype} (the integer model outputs float32)")
     if isinstance(fixed.get("dim", call.get("dim")), TensorArg):
-        raise _unsupported("dim", kind, "dim must be a constant")
-    return QuantizedSoftmax(kind, fn, [_qp(call.get("input"))], out_qparams, call, fixed)
+        raise unsupported("dim", kind, "dim must be a constant")
+    return QuantizedSoftmax(kind, fn, [arg_qparams(call.get("input"))], out_qparams, call, fixed)
 
 
 # -- layer_norm / group_norm -----------------------------------------------------------------
@@ -121,7 +121,7 @@ def _affine(t: Tensor, weight: Tensor | None, bias: Tensor | None, s_out: Tensor
     return t / s_out
 
 
-class _Norm(_QOp):
+class _Norm(QuantizedOp):
     """A norm: the module kinds own their float parameters as buffers (``weight``, ``bias``,
     running statistics), the functional kinds receive them as arguments."""
 
@@ -241,13 +241,13 @@ def _convert_norm(qat_module: nn.Module, call: BoundCall,
     kind = qat_module.qatkit_op_kind
     cls, attrs, owned = _NORMS[kind]
     if isinstance(qat_module, FunctionalOp):
-        kind, fn, fixed, _, _ = _call_site(qat_module, call)
+        kind, fn, fixed, _, _ = resolve_call(qat_module, call)
         p = {**cls._DEFAULTS, **call}
         tensors: dict[str, Tensor | None] = {}
         for name, value in p.items():
             if name not in ("input", "weight", "bias", "running_mean", "running_var") \
                     and isinstance(value, TensorArg):
-                raise _unsupported(name, kind, f"{name} must be a constant")
+                raise unsupported(name, kind, f"{name} must be a constant")
     else:
         if len(call.tensors()) != 1:
             raise ValueError(f"convert failed at a {kind!r} module: one input expected, got "
@@ -256,12 +256,12 @@ def _convert_norm(qat_module: nn.Module, call: BoundCall,
         tensors = {name: getattr(qat_module, name) for name in owned}
         p = {"input": call["input"], "training": False}
         if kind == "batch_norm" and tensors["running_mean"] is None:
-            raise _unsupported("input", kind, f"{type(qat_module).__name__} has no running "
+            raise unsupported("input", kind, f"{type(qat_module).__name__} has no running "
                                "statistics (track_running_stats=False)")
-    if _qp(p.get("input")) is None:
-        raise _unsupported("input", kind, "the input is not a quantized tensor")
+    if arg_qparams(p.get("input")) is None:
+        raise unsupported("input", kind, "the input is not a quantized tensor")
     if kind == "batch_norm" and (p.get("training") is not False or
                                  p.get("running_mean", 0) is None):
-        raise _unsupported("training", kind,
+        raise unsupported("training", kind,
                            "batch_norm must use running statistics (training=False)")
-    return cls(kind, fn, [_qp(p["input"])], out_qparams, call, fixed, tensors)
+    return cls(kind, fn, [arg_qparams(p["input"])], out_qparams, call, fixed, tensors)

@@ -41,7 +41,8 @@ from .base import (
 )
 
 __all__ = ["QuantizedAdd", "QuantizedMul", "QuantizedCat", "QuantizedMatmul",
-           "QuantizedAverage", "QuantizedInterpolate", "MODULE_FUNCTIONS"]
+           "QuantizedAverage", "QuantizedInterpolate", "MODULE_FUNCTIONS", "QuantizedOp",
+           "resolve_call", "arg_qparams", "unsupported"]
 
 #: float module class -> (the function its forward calls, the attributes passed as keywords)
 MODULE_FUNCTIONS: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
@@ -65,7 +66,14 @@ _NEAREST = ("nearest", "nearest-exact")
 
 
 # -- convert-time helpers --------------------------------------------------------------------
-def _qp(arg: Any) -> TensorQParams | None:
+def arg_qparams(arg: Any) -> TensorQParams | None:
+    """The qparams of a bound argument (None: float tensor or a constant).
+
+    Example::
+
+        >>> arg_qparams(call["input"])
+        TensorQParams(scale=[0.0213], bits=8)
+    """
     return arg.qparams if isinstance(arg, TensorArg) else None
 
 
@@ -73,18 +81,30 @@ def _label(name: str, kind: str) -> str:
     return f"argument {name!r} of a {kind!r} op ({kind})"
 
 
-def _unsupported(name: str, kind: str, what: str) -> NotImplementedError:
+def unsupported(name: str, kind: str, what: str) -> NotImplementedError:
+    """The error a converter raises for an argument it cannot convert, with the two fixes.
+
+    Example::
+
+        >>> raise unsupported("dim", "softmax", "dim must be a constant")
+    """
     return NotImplementedError(
         f"convert failed at {_label(name, kind)}: {what}. Fix: keep the op float (qconfig_dict "
         "entry None or hybrid_dict) or keep it in fake-quant form (set_preserve_qat_mode)")
 
 
-def _call_site(qat_module: nn.Module, call: BoundCall) -> tuple[str, Callable, dict[str, Any],
+def resolve_call(qat_module: nn.Module, call: BoundCall) -> tuple[str, Callable, dict[str, Any],
                                                                  tuple, dict]:
     """``(kind, fn, fixed kwargs, args, kwargs)`` of a QAT op, tensors as ``TensorArg``.
 
     A ``FunctionalOp`` calls its function with the call's own arguments; a module kind calls
     the function of :data:`MODULE_FUNCTIONS` with ``input`` and the module's attributes.
+
+    Example::
+
+        >>> kind, fn, fixed, args, kwargs = resolve_call(qat.AvgPool2d(2), call)
+        >>> fn is F.avg_pool2d, fixed["kernel_size"]
+        (True, 2)
     """
     from ..nn.qat.ops import FunctionalOp
 
@@ -104,7 +124,7 @@ def _call_site(qat_module: nn.Module, call: BoundCall) -> tuple[str, Callable, d
                                  f"one input, got {call!r}")
             fixed = {a: getattr(qat_module, a) for a in attrs}
             return kind, fn, fixed, (call["input"],), {}
-    raise _unsupported(type(qat_module).__name__, kind,
+    raise unsupported(type(qat_module).__name__, kind,
                        f"no integer implementation of {type(qat_module).__name__}")
 
 
@@ -128,10 +148,11 @@ def _round_shift(acc: Tensor, shift: Tensor) -> Tensor:
 
 
 # -- the shared module -----------------------------------------------------------------------
-class _QOp(QuantizedModule):
+class QuantizedOp(QuantizedModule):
     """Input scales (``in_scale``, NaN for a non-quantized argument) and the output scale as
     buffers; ``fn`` is the float op, ``fixed`` the keywords a module kind adds to it;
-    ``qatkit_signature`` binds a call's arguments by name (:func:`_arg`)."""
+    ``qatkit_signature`` binds a call's arguments by name (:meth:`_arg`).  The base of the
+    weightless integer ops (here and in :mod:`qatkit.quantized.norm`)."""
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
                  out_qparams: TensorQParams | None, call: BoundCall | None = None,
@@ -202,7 +223,7 @@ class _QOp(QuantizedModule):
 
 
 # -- add / sub -------------------------------------------------------------------------------
-class QuantizedAdd(_QOp):
+class QuantizedAdd(QuantizedOp):
     """``input + c * other`` (``c = alpha``, or ``-alpha`` for sub) on the output grid.
 
     ``acc = q_a * m_a + q_b * m_b`` in int64 with ``m_i = rint(s_i * c_i / s_out * 2**S)`` at one
@@ -246,19 +267,19 @@ class QuantizedAdd(_QOp):
 @register_converter("add", "sub")
 def _convert_add(qat_module: nn.Module, call: BoundCall,
                  out_qparams: TensorQParams | None) -> QuantizedAdd:
-    kind, fn, _, _, _ = _call_site(qat_module, call)
+    kind, fn, _, _, _ = resolve_call(qat_module, call)
     a, b = call.get("input"), call.get("other")
     alpha = call.get("alpha", 1)
     if isinstance(alpha, TensorArg) or not isinstance(alpha, (int, float)):
-        raise _unsupported("alpha", kind, f"alpha must be a python number, got {alpha!r}")
-    if _qp(a) is None and _qp(b) is None:
-        raise _unsupported("input", kind, "no operand is a quantized tensor")
+        raise unsupported("alpha", kind, f"alpha must be a python number, got {alpha!r}")
+    if arg_qparams(a) is None and arg_qparams(b) is None:
+        raise unsupported("input", kind, "no operand is a quantized tensor")
     coef = (1.0, float(alpha) * (-1.0 if kind == "sub" else 1.0))
-    return QuantizedAdd(kind, fn, [_qp(a), _qp(b)], out_qparams, call, coef)
+    return QuantizedAdd(kind, fn, [arg_qparams(a), arg_qparams(b)], out_qparams, call, coef)
 
 
 # -- mul -------------------------------------------------------------------------------------
-class QuantizedMul(_QOp):
+class QuantizedMul(QuantizedOp):
     """``a * b``: ``requantize(q_a * q_b, M = s_a * s_b / s_out)``.
 
     With a non-quantized operand ``c`` (python number or float tensor, e.g. a layer scale):
@@ -296,15 +317,15 @@ class QuantizedMul(_QOp):
 @register_converter("mul")
 def _convert_mul(qat_module: nn.Module, call: BoundCall,
                  out_qparams: TensorQParams | None) -> QuantizedMul:
-    kind, fn, _, _, _ = _call_site(qat_module, call)
+    kind, fn, _, _, _ = resolve_call(qat_module, call)
     a, b = call.get("input"), call.get("other")
-    if _qp(a) is None and _qp(b) is None:
-        raise _unsupported("input", kind, "no operand is a quantized tensor")
-    return QuantizedMul(kind, fn, [_qp(a), _qp(b)], out_qparams, call)
+    if arg_qparams(a) is None and arg_qparams(b) is None:
+        raise unsupported("input", kind, "no operand is a quantized tensor")
+    return QuantizedMul(kind, fn, [arg_qparams(a), arg_qparams(b)], out_qparams, call)
 
 
 # -- cat / stack -----------------------------------------------------------------------------
-class QuantizedCat(_QOp):
+class QuantizedCat(QuantizedOp):
     """``torch.cat`` / ``torch.stack`` of the inputs rescaled to the output grid.
 
     Input ``i``: ``saturate(round_half_even(q_i * m_i / 2**S_i))`` with ``m_i / 2**S_i`` the
@@ -348,16 +369,16 @@ class QuantizedCat(_QOp):
 @register_converter("cat", "stack")
 def _convert_cat(qat_module: nn.Module, call: BoundCall,
                  out_qparams: TensorQParams | None) -> QuantizedCat:
-    kind, fn, _, _, _ = _call_site(qat_module, call)
+    kind, fn, _, _, _ = resolve_call(qat_module, call)
     tensors = call.get("tensors")
     if isinstance(tensors, TensorArg):
         qps, one_node = [tensors.qparams], True
     elif isinstance(tensors, (list, tuple)) and all(isinstance(t, TensorArg) for t in tensors):
         qps, one_node = [t.qparams for t in tensors], False
     else:
-        raise _unsupported("tensors", kind, f"expected a list of tensors, got {tensors!r}")
+        raise unsupported("tensors", kind, f"expected a list of tensors, got {tensors!r}")
     if all(qp is None for qp in qps):
-        raise _unsupported("tensors", kind, "no input is a quantized tensor")
+        raise unsupported("tensors", kind, "no input is a quantized tensor")
     return QuantizedCat(kind, fn, qps, out_qparams, call, one_node)
 
 
@@ -384,7 +405,7 @@ def _einsum_terms(equation: str, shapes: Sequence[Sequence[int]]) -> int:
     return terms * (ellipsis if "..." in lhs and "..." not in rhs else 1)
 
 
-class QuantizedMatmul(_QOp):
+class QuantizedMatmul(QuantizedOp):
     """``matmul`` / ``bmm`` / ``einsum`` of quantized tensors.
 
     The integer products are summed exactly in float64 (every partial sum is an integer below
@@ -436,23 +457,23 @@ def _operands(bound: dict[str, Any] | BoundCall) -> list[Any]:
 @register_converter("matmul", "einsum")
 def _convert_matmul(qat_module: nn.Module, call: BoundCall,
                     out_qparams: TensorQParams | None) -> QuantizedMatmul:
-    kind, fn, _, _, _ = _call_site(qat_module, call)
+    kind, fn, _, _, _ = resolve_call(qat_module, call)
     if kind == "einsum":
         ops = _operands(call)
         if not isinstance(call.get("equation"), str):
-            raise _unsupported("equation", kind, "the equation must be a constant string")
+            raise unsupported("equation", kind, "the equation must be a constant string")
     else:
         ops = [call.get("input"), call.get("other")]
     for i, o in enumerate(ops):
-        if _qp(o) is None:
-            raise _unsupported(f"operand {i}", kind, f"operand {i} is not a quantized tensor (a "
+        if arg_qparams(o) is None:
+            raise unsupported(f"operand {i}", kind, f"operand {i} is not a quantized tensor (a "
                                "float parameter?); quantize it in the model (QuantStub) or use "
                                "nn.Linear for a weight")
-    return QuantizedMatmul(kind, fn, [_qp(o) for o in ops], out_qparams, call)
+    return QuantizedMatmul(kind, fn, [arg_qparams(o) for o in ops], out_qparams, call)
 
 
 # -- mean / avg pools ------------------------------------------------------------------------
-class QuantizedAverage(_QOp):
+class QuantizedAverage(QuantizedOp):
     """``mean``, ``avg_pool``, ``adaptive_avg_pool``: ``rint((S / n) * M)`` in IEEE double.
 
     ``S`` is the exact integer sum of each window (float64), ``n`` its divisor (torch's rule for
@@ -483,18 +504,18 @@ class QuantizedAverage(_QOp):
 @register_converter("mean", "avg_pool", "adaptive_avg_pool")
 def _convert_average(qat_module: nn.Module, call: BoundCall,
                      out_qparams: TensorQParams | None) -> QuantizedAverage:
-    kind, fn, fixed, _, _ = _call_site(qat_module, call)
+    kind, fn, fixed, _, _ = resolve_call(qat_module, call)
     x = call.get("input")
-    if _qp(x) is None:
-        raise _unsupported("input", kind, "the input is not a quantized tensor")
+    if arg_qparams(x) is None:
+        raise unsupported("input", kind, "the input is not a quantized tensor")
     dtype = call.get("dtype")
     if dtype not in (None, torch.float32):
-        raise _unsupported("dtype", kind, f"dtype={dtype} (the integer model outputs float32)")
-    return QuantizedAverage(kind, fn, [_qp(x)], out_qparams, call, fixed)
+        raise unsupported("dtype", kind, f"dtype={dtype} (the integer model outputs float32)")
+    return QuantizedAverage(kind, fn, [arg_qparams(x)], out_qparams, call, fixed)
 
 
 # -- interpolate -----------------------------------------------------------------------------
-class QuantizedInterpolate(_QOp):
+class QuantizedInterpolate(QuantizedOp):
     """``F.interpolate`` on the integers.
 
     Nearest modes pick integers, then rescale them like :class:`QuantizedCat` (identity when
@@ -530,11 +551,12 @@ class QuantizedInterpolate(_QOp):
 @register_converter("interpolate")
 def _convert_interpolate(qat_module: nn.Module, call: BoundCall,
                          out_qparams: TensorQParams | None) -> QuantizedInterpolate:
-    kind, fn, fixed, _, _ = _call_site(qat_module, call)
+    kind, fn, fixed, _, _ = resolve_call(qat_module, call)
     x = call.get("input")
-    if _qp(x) is None:
-        raise _unsupported("input", kind, "the input is not a quantized tensor")
+    if arg_qparams(x) is None:
+        raise unsupported("input", kind, "the input is not a quantized tensor")
     mode = fixed.get("mode", call.get("mode", "nearest"))
     if not isinstance(mode, str):
-        raise _unsupported("mode", kind, f"mode must be a constant string, got {mode!r}")
-    return QuantizedInterpolate(kind, fn, [_qp(x)], out_qparams, call, fixed, mode in _NEAREST)
+        raise unsupported("mode", kind, f"mode must be a constant string, got {mode!r}")
+    return QuantizedInterpolate(kind, fn, [arg_qparams(x)], out_qparams, call, fixed,
+                                mode in _NEAREST)

@@ -13,7 +13,7 @@ statistics and updates its running statistics::
     sf = gamma / sqrt(running_var + eps)
     y  = bn(op(x, fq_w(W * sf)) / sf + b)        # sf == 0 divides by 1: no NaN, no inf
 
-In eval mode, with :attr:`~_FusedMixin.freeze_bn`, or without a BatchNorm, the module runs
+In eval mode, with :attr:`~FusedMixin.freeze_bn`, or without a BatchNorm, the module runs
 what the integer model computes: ``op(x, fq_w(W_fold), b_fold)`` with
 ``W_fold, b_fold = folded_weight_bias()``.
 """
@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from ..._exact import accumulation_plan, cached, cpu_fp32_is_ieee, grid_int, split_weight
 from ...annotation import AnnotatedOp
 from ...fake_quantize import FakeQuantState, LSQFakeQuantize, evaluates_exactly
-from .ops import _ExactInputs, exact_grid
+from .ops import ExactInputs, exact_grid
 
-__all__ = ["ACTIVATIONS", "freeze_bn_stats", "unfreeze_bn_stats"]
+__all__ = ["ACTIVATIONS", "FusedMixin", "freeze_bn_stats", "unfreeze_bn_stats"]
 
 #: fused activations: name -> the function applied after the (optional) add
 ACTIVATIONS: dict[str | None, Any] = {
@@ -43,7 +43,7 @@ ACTIVATIONS: dict[str | None, Any] = {
 _ACT_NAMES = {None: "", "relu": "ReLU", "relu6": "ReLU6"}
 
 
-class _FusedMixin(_ExactInputs, AnnotatedOp):
+class FusedMixin(ExactInputs, AnnotatedOp):
     """Fusion, fake quantization and BN folding for a float ``Conv*``/``Linear`` subclass.
 
     A concrete class sets ``_FLOAT_MODULE`` (the float class it replaces), ``_BN_MODULE``
@@ -126,7 +126,7 @@ class _FusedMixin(_ExactInputs, AnnotatedOp):
 
     @classmethod
     def from_float(cls, mod: nn.Module, qconfig: Any, bn: nn.Module | None = None,
-                   act: str | None = None, add: bool = False) -> _FusedMixin:
+                   act: str | None = None, add: bool = False) -> FusedMixin:
         """Build the QAT module from a float module, sharing its parameters (no copy).
 
         Args:
@@ -464,7 +464,7 @@ def _make_fq(factory: Any, device: torch.device | None) -> nn.Module | None:
 def _set_freeze_bn(model: nn.Module, value: bool) -> int:
     count = 0
     for mod in model.modules():
-        if isinstance(mod, _FusedMixin) and mod.bn is not None:
+        if isinstance(mod, FusedMixin) and mod.bn is not None:
             mod.freeze_bn = value
             count += 1
     return count

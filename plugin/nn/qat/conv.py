@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._fused import _FusedMixin
+from ._fused import FusedMixin
 from .linear import Linear
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-class _ConvNd(_FusedMixin):
+class _ConvNd(FusedMixin):
     _KIND = "Conv"
     _OUT_AXIS = 0
 
@@ -49,7 +49,7 @@ class _ConvNd(_FusedMixin):
         return self._fused_forward(input, other, None, call_site)
 
 
-class _ConvTransposeNd(_FusedMixin):
+class _ConvTransposeNd(FusedMixin):
     _KIND = "ConvTranspose"
     _OUT_AXIS = 1  # weight is [in, out / groups, *kernel]
 
@@ -206,7 +206,7 @@ class ConvTranspose2d(_ConvTransposeNd, nn.ConvTranspose2d):
 
 
 #: float module type -> its QAT module (exact types: subclasses are not matched)
-FLOAT_TO_QAT: dict[type[nn.Module], type[_FusedMixin]] = {
+FLOAT_TO_QAT: dict[type[nn.Module], type[FusedMixin]] = {
     nn.Conv1d: Conv1d,
     nn.Conv2d: Conv2d,
     nn.Conv3d: Conv3d,
@@ -218,7 +218,7 @@ FLOAT_TO_QAT: dict[type[nn.Module], type[_FusedMixin]] = {
 
 def from_float(mod: nn.Module, qconfig: Any, bn: nn.Module | None = None,
                act: str | None = None, add: bool = False, *,
-               mapping: dict[type[nn.Module], type[_FusedMixin]] | None = None) -> nn.Module:
+               mapping: dict[type[nn.Module], type[FusedMixin]] | None = None) -> nn.Module:
     """Build the QAT module of a float conv/linear, fusing ``bn``, an add and ``act``.
 
     The QAT module shares ``mod``'s parameters and ``bn`` (no copy).

@@ -11,12 +11,12 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._fused import _FusedMixin
+from ._fused import FusedMixin
 
 __all__ = ["Linear"]
 
 
-class Linear(_FusedMixin, nn.Linear):
+class Linear(FusedMixin, nn.Linear):
     """QAT ``nn.Linear``, optionally fused with BatchNorm1d, an add and ReLU/ReLU6.
 
     The repr shows the fused kind: ``Linear``, ``LinearReLU``, ``LinearBn1d``,

@@ -21,7 +21,7 @@ from ...annotation import AnnotatedOp, map_arguments, module_signature, signatur
 from ...fake_quantize import FakeQuantize, evaluates_exactly
 
 __all__ = ["QuantStub", "FunctionalOp", "output_quantized", "OUTPUT_QUANTIZED_MODULES",
-           "OutputQuantMixin", "EXACT_OPS", "exact_grid"]
+           "OutputQuantMixin", "EXACT_OPS", "exact_grid", "ExactInputs"]
 
 #: op kinds whose integer twins are exact integer arithmetic; in VALIDATION they evaluate in
 #: float64 (:func:`~qatkit.fake_quantize.evaluates_exactly`), where grid values add and multiply
@@ -105,7 +105,7 @@ def _norm_float64(mod: nn.Module) -> Callable[[Tensor], Tensor] | None:
     return None
 
 
-class _ExactInputs:
+class ExactInputs:
     """Mixin: prepare links the fake quants of a module's inputs for exact evaluation (and the
     bias grid of conv / linear), per call site for a module called at several places."""
 
@@ -161,7 +161,7 @@ class QuantStub(AnnotatedOp, nn.Module):
         return x
 
 
-class FunctionalOp(_ExactInputs, AnnotatedOp, nn.Module):
+class FunctionalOp(ExactInputs, AnnotatedOp, nn.Module):
     """A functional op as a named module that fake-quantizes its output.
 
     Args:
@@ -206,7 +206,7 @@ class FunctionalOp(_ExactInputs, AnnotatedOp, nn.Module):
         return f"op={self.op}, fn={getattr(self.fn, '__name__', self.fn)}"
 
 
-class OutputQuantMixin(_ExactInputs, AnnotatedOp):
+class OutputQuantMixin(ExactInputs, AnnotatedOp):
     """Mixed into a float module class: fake-quantize the float forward's output.
 
     Example::
