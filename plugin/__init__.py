@@ -14,8 +14,10 @@ from .fake_quantize import FakeQuantize as FakeQuantize
 from .fake_quantize import FakeQuantState as FakeQuantState
 from .fake_quantize import LSQFakeQuantize as LSQFakeQuantize
 from .fake_quantize import exact_evaluation as exact_evaluation
+from .fake_quantize import fake_quant_enabled as fake_quant_enabled
 from .fake_quantize import get_fake_quantize_state as get_fake_quantize_state
 from .fake_quantize import set_exact_evaluation as set_exact_evaluation
+from .fake_quantize import set_fake_quant_enabled as set_fake_quant_enabled
 from .fake_quantize import set_fake_quantize as set_fake_quantize
 from .fx import convert_fx as convert_fx
 from .fx import get_provenance as get_provenance
@@ -70,6 +72,8 @@ __all__ = [
     "set_exact_evaluation",
     "exact_evaluation",
     "release_exact_caches",
+    "set_fake_quant_enabled",
+    "fake_quant_enabled",
     "get_annotations",
     "NodeAnnotation",
     "QuantSpec",

@@ -44,6 +44,7 @@ from .observers import (
 
 __all__ = ["FakeQuantState", "FakeQuantize", "LSQFakeQuantize", "set_fake_quantize",
            "evaluates_exactly", "set_exact_evaluation", "exact_evaluation",
+           "set_fake_quant_enabled", "fake_quant_enabled",
            "get_fake_quantize_state"]
 
 
@@ -116,7 +117,8 @@ def evaluates_exactly(fq: nn.Module | None) -> bool:
         True
     """
     return (isinstance(fq, FakeQuantize) and fq._state is FakeQuantState.VALIDATION
-            and fq.exact_evaluation and not torch.is_grad_enabled() and not _is_tracing())
+            and fq.enabled and fq.exact_evaluation and not torch.is_grad_enabled()
+            and not _is_tracing())
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -170,6 +172,10 @@ class FakeQuantize(ResizeBuffersOnLoad):
         tensor([0.2969, 0.9922])
     """
 
+    #: class defaults, so fake quants pickled before these flags existed still load
+    enabled: bool = True
+    exact_evaluation: bool = True
+
     def __init__(self, observer: type[ObserverBase] = MovingAverageMinMaxObserver,
                  dtype: Any = "qint8", ch_axis: int | None = None, **observer_kwargs: Any) -> None:
         super().__init__()
@@ -189,6 +195,9 @@ class FakeQuantize(ResizeBuffersOnLoad):
         self._state = FakeQuantState.QAT
         #: exact evaluation in VALIDATION without autograd (see evaluates_exactly)
         self.exact_evaluation = True
+        #: False: pass tensors through untouched in every state, no observer update
+        #: (set_fake_quant_enabled: sensitivity analysis, partial un-quantization)
+        self.enabled = True
         self._qatkit_name = ""  # set by set_fake_quantize, used in error messages
         if isinstance(self.observer, FixedScaleObserver):
             self._set_scale(self.observer.calculate_scale())
@@ -242,6 +251,8 @@ class FakeQuantize(ResizeBuffersOnLoad):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         state = self._state
+        if not self.enabled:
+            return x
         if state is FakeQuantState.CALIBRATION:
             self.observer(x)
             return x
@@ -294,7 +305,9 @@ class FakeQuantize(ResizeBuffersOnLoad):
 
     def extra_repr(self) -> str:
         exact = "" if self.exact_evaluation else ", exact_evaluation=False"
-        return f"dtype={self.dtype}, ch_axis={self.ch_axis}, state={self._state.name}{exact}"
+        off = "" if self.enabled else ", enabled=False"
+        return (f"dtype={self.dtype}, ch_axis={self.ch_axis}, state={self._state.name}"
+                f"{exact}{off}")
 
     # -- state_dict ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected,
@@ -346,6 +359,8 @@ class LSQFakeQuantize(FakeQuantize):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self._state
+        if not self.enabled:
+            return x
         if state is FakeQuantState.CALIBRATION:
             self.observer(x)
             return x
@@ -532,4 +547,89 @@ def exact_evaluation(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     finally:
         for fq, flag in saved:
             fq.exact_evaluation = flag
+        release_exact_caches(model)
+
+
+def _select(model: nn.Module, names: Any) -> list[tuple[str, FakeQuantize]]:
+    """The fake quants of ``model`` named in ``names`` (module paths; a string is one name;
+    None: all), in model order.  Unknown names raise with the closest names."""
+    fqs = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
+    if not fqs:
+        raise ValueError(f"{type(model).__name__} has no FakeQuantize module: prepare it first "
+                         "(qatkit.prepare_qat_fx(model, qconfig_dict))")
+    if names is None:
+        return fqs
+    if isinstance(names, str):
+        names = [names]
+    by_name = dict(fqs)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        import difflib
+
+        close = difflib.get_close_matches(missing[0], list(by_name), n=5, cutoff=0.4)
+        raise ValueError(f"{type(model).__name__} has no fake quant named {missing[0]!r}; "
+                         f"closest: {close or list(by_name)[:5]}")
+    wanted = set(names)
+    return [(n, m) for n, m in fqs if n in wanted]
+
+
+def set_fake_quant_enabled(model: nn.Module, enabled: bool, names: Any = None) -> list[str]:
+    """Switch fake quants on or off without changing their state, scale or observer.
+
+    A disabled fake quant passes tensors through untouched in every state (its op then runs
+    in float: a disabled weight fake quant leaves the float weight and bias; a disabled output
+    fake quant leaves the output float and the next ops see a float input).  What
+    sensitivity analysis and partial un-quantization need; ``convert_fx`` still converts every
+    quantized op (re-enable before converting).
+
+    Args:
+        model: a prepared model.
+        enabled: True to quantize, False to pass through.
+        names: fake quant module paths (``"layer1.0.conv1.activation_post_process"``,
+            ``"layer1.0.conv1.weight_fake_quant"``), one name, or None for all.
+
+    Returns:
+        the names set.
+
+    Raises:
+        ValueError: no fake quant, or a name that is not one (the closest are listed).
+
+    Example::
+
+        >>> model = nn.Sequential(FakeQuantize(), nn.ReLU(), FakeQuantize())
+        >>> set_fake_quant_enabled(model, False, ["2"])
+        ['2']
+    """
+    chosen = _select(model, names)
+    for _, fq in chosen:
+        fq.enabled = bool(enabled)
+    release_exact_caches(model)
+    return [n for n, _ in chosen]
+
+
+@contextlib.contextmanager
+def fake_quant_enabled(model: nn.Module, enabled: Any, names: Any = None) -> Iterator[nn.Module]:
+    """Inside the block, the fake quants ``names`` are enabled or not (``enabled``: a bool, or
+    a dict name -> bool); every flag is restored on exit, even when the block raises.
+
+    Example::
+
+        >>> model = nn.Sequential(FakeQuantize(), nn.ReLU(), FakeQuantize())
+        >>> with fake_quant_enabled(model, False):      # every fake quant off
+        ...     y = model(torch.randn(2, 3))
+        >>> all(m.enabled for m in model.modules() if isinstance(m, FakeQuantize))
+        True
+    """
+    fqs = _select(model, None)
+    saved = [(fq, fq.enabled) for _, fq in fqs]
+    try:
+        if isinstance(enabled, dict):
+            for name, value in enabled.items():
+                set_fake_quant_enabled(model, value, [name])
+        else:
+            set_fake_quant_enabled(model, enabled, names)
+        yield model
+    finally:
+        for fq, flag in saved:
+            fq.enabled = flag
         release_exact_caches(model)

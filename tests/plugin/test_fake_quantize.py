@@ -631,3 +631,43 @@ def test_docstring_examples_are_true():
     for t in tests:
         runner.run(t)
     assert runner.summarize(verbose=False).failed == 0
+
+
+# -- enabling and disabling fake quants ---------------------------------------------------------
+def test_disabled_fake_quants_pass_through_without_observing_or_changing_state(calibrate):
+    """set_fake_quant_enabled: a disabled fake quant returns its input in every state and its
+    observer sees nothing; all off, the prepared model computes the float model; one weight
+    fake quant off leaves that layer's float weight; the context restores every flag."""
+    import qatkit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(4, 3, 10, 10)
+    qm = calibrate(model.eval(), x)
+    with torch.no_grad():
+        ref, quantized = model(x), qm(x)
+    fq = qm.get_submodule("0.activation_post_process")
+    scale = fq.scale.clone()
+    with qatkit.fake_quant_enabled(qm, False):
+        with torch.no_grad():
+            out = qm(x)
+        fq.set_state(CAL)
+        fq(torch.randn(8) * 100)  # disabled: not observed
+        fq.set_state(VAL)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    _exact(fq.scale, scale)
+    assert all(m.enabled for m in qm.modules() if isinstance(m, FakeQuantize))
+    with torch.no_grad():
+        _exact(qm(x), quantized)
+    names = qatkit.set_fake_quant_enabled(qm, False, "0.weight_fake_quant")
+    assert names == ["0.weight_fake_quant"] and "enabled=False" in repr(qm.get_submodule(names[0]))
+    with torch.no_grad():
+        partial = qm(x)
+    assert not torch.equal(partial, quantized)
+    qatkit.set_fake_quant_enabled(qm, True)
+    with pytest.raises(ValueError, match="no fake quant named '0.weight_fake_quan'.*closest"):
+        qatkit.set_fake_quant_enabled(qm, False, ["0.weight_fake_quan"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with qatkit.fake_quant_enabled(qm, {"0.weight_fake_quant": False}):
+            raise RuntimeError("boom")
+    assert qm.get_submodule("0.weight_fake_quant").enabled

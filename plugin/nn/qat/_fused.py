@@ -239,8 +239,10 @@ class FusedMixin(ExactInputs, AnnotatedOp):
         self.link_exact_inputs(links)
 
     def _input_fq(self, call_site: int | None = None) -> nn.Module | None:
-        """The fake quant of the input (``forward``'s first argument), when linked."""
-        return self.exact_links(call_site).get("input")
+        """The fake quant of the input (``forward``'s first argument), when linked and
+        enabled."""
+        fq = self.exact_links(call_site).get("input")
+        return fq if fq is not None and fq.enabled else None
 
     @torch.no_grad()
     def quantize_weight(self) -> Tensor:
@@ -307,8 +309,9 @@ class FusedMixin(ExactInputs, AnnotatedOp):
         """``bias`` rounded to the accumulator grid (straight-through gradient), when known;
         in ``dtype`` (default ``bias.dtype``; float64 holds the grid value exactly)."""
         in_fq = self._input_fq(call_site)
-        if (bias is None or in_fq is None or not in_fq.has_scale
-                or not self.weight_fake_quant.has_scale
+        wfq = self.weight_fake_quant
+        if (bias is None or in_fq is None or not in_fq.has_scale or wfq is None
+                or not wfq.enabled or not wfq.has_scale
                 or in_fq.state is FakeQuantState.CALIBRATION or in_fq.is_per_channel):
             return bias if bias is None or dtype is None else bias.to(dtype)
         q, acc_scale = self.quantize_bias(bias, in_fq.scale, in_fq.bits)
@@ -331,6 +334,8 @@ class FusedMixin(ExactInputs, AnnotatedOp):
                    else "got a second input but no add is fused (add=False)")
             )
         wfq = self.weight_fake_quant
+        if wfq is not None and not wfq.enabled:
+            wfq = None  # float weights (set_fake_quant_enabled)
         bn = self.bn
         if bn is not None and (wfq is None or wfq.state is FakeQuantState.CALIBRATION):
             # Weights are not fake-quantized: run the float model's own ops, so that

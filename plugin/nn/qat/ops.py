@@ -51,7 +51,7 @@ def exact_grid(t: Any, fq: nn.Module | None = None) -> Any:
     """
     if not isinstance(t, Tensor) or t.dtype != torch.float32:
         return t
-    if not isinstance(fq, FakeQuantize) or not fq.has_scale:
+    if not isinstance(fq, FakeQuantize) or not fq.has_scale or not fq.enabled:
         return t.double()
     s = fq.scale.detach()
     if fq.is_per_channel:
