@@ -10,6 +10,7 @@ from ._exact import release_exact_caches as release_exact_caches
 from .annotation import NodeAnnotation as NodeAnnotation
 from .annotation import QuantSpec as QuantSpec
 from .annotation import get_annotations as get_annotations
+from .export import export_onnx as export_onnx
 from .fake_quantize import FakeQuantize as FakeQuantize
 from .fake_quantize import FakeQuantState as FakeQuantState
 from .fake_quantize import LSQFakeQuantize as LSQFakeQuantize
@@ -80,6 +81,7 @@ __all__ = [
     "prepare_qat_fx",
     "convert_fx",
     "set_preserve_qat_mode",
+    "export_onnx",
     "get_provenance",
     "freeze_bn_stats",
     "unfreeze_bn_stats",
