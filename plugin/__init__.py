@@ -10,6 +10,9 @@ from ._exact import release_exact_caches as release_exact_caches
 from .annotation import NodeAnnotation as NodeAnnotation
 from .annotation import QuantSpec as QuantSpec
 from .annotation import get_annotations as get_annotations
+from .calibration import CalibrationSummary as CalibrationSummary
+from .calibration import calibrate as calibrate
+from .distributed import sync_observers as sync_observers
 from .export import export_onnx as export_onnx
 from .fake_quantize import FakeQuantize as FakeQuantize
 from .fake_quantize import FakeQuantState as FakeQuantState
@@ -73,6 +76,9 @@ __all__ = [
     "set_exact_evaluation",
     "exact_evaluation",
     "release_exact_caches",
+    "calibrate",
+    "CalibrationSummary",
+    "sync_observers",
     "set_fake_quant_enabled",
     "fake_quant_enabled",
     "get_annotations",

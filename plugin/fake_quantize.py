@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ._exact import release_exact_caches
 from ._state import ResizeBuffersOnLoad
+from .distributed import group_of, is_distributed, sync_observer
 from .observers import (
     FixedScaleObserver,
     MovingAverageMinMaxObserver,
@@ -217,6 +218,7 @@ class FakeQuantize(ResizeBuffersOnLoad):
         """Switch state.  Leaving CALIBRATION computes the scale from the statistics."""
         state = _as_state(state)
         if self._state is FakeQuantState.CALIBRATION and state is not FakeQuantState.CALIBRATION:
+            sync_observer(self.observer)  # all ranks' statistics (qatkit.distributed)
             if self.observer.has_data:
                 self.calculate_scale()
         self._state = state
@@ -257,8 +259,9 @@ class FakeQuantize(ResizeBuffersOnLoad):
             self.observer(x)
             return x
         if state is FakeQuantState.QAT:
-            if not self.observer.is_histogram or not self.has_scale:
-                # histogram observers keep their calibrated scale during QAT
+            if not self.observer.keeps_scale_in_qat or not self.has_scale:
+                # histogram observers (and a moving average with averaging_constant=0) keep
+                # their calibrated scale during QAT
                 self.observer(x)
                 self.calculate_scale()
         elif not self.has_scale:
@@ -393,10 +396,16 @@ class LSQFakeQuantize(FakeQuantize):
         self.observer(x)
         data = x.detach().float()
         if self.ch_axis is None:
-            mean_abs = data.abs().mean().reshape(1)
+            data = data.reshape(1, -1)
         else:
             data = data.transpose(0, self.ch_axis).reshape(data.shape[self.ch_axis], -1)
-            mean_abs = data.abs().mean(dim=1)
+        sums = torch.stack([data.abs().sum(dim=1).double(),
+                            torch.full((data.shape[0],), float(data.shape[1]),
+                                       dtype=torch.float64, device=data.device)])
+        group = group_of(self.observer)
+        if self.observer.distributed_sync and is_distributed(group):
+            torch.distributed.all_reduce(sums, group=group)  # the global batch's mean |x|
+        mean_abs = (sums[0] / sums[1]).float()
         self._set_scale((2.0 * mean_abs / math.sqrt(self.quant_max)).clamp_min(
             torch.finfo(torch.float32).eps))
 

@@ -34,8 +34,10 @@ import torch
 from torch import Tensor
 
 from ._state import ResizeBuffersOnLoad
+from .distributed import group_of, is_distributed, reduce_range
 
 __all__ = [
+    "PRIVATE_STATISTICS",
     "ObserverBase",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
@@ -47,6 +49,9 @@ __all__ = [
     "dtype_to_bits",
     "qrange",
 ]
+
+#: buffers only some observer kinds keep; load_state_dict tolerates them missing or extra
+PRIVATE_STATISTICS = ("histogram", "bin_width")
 
 _DTYPES = {"qint8": 8, "qint16": 16, torch.qint8: 8, "int8": 8, "int16": 16}
 # Smallest scale ever returned: an all-zero tensor must not divide by zero.
@@ -119,6 +124,15 @@ class ObserverBase(ResizeBuffersOnLoad):
 
     #: histogram observers compute their scale once, when calibration ends
     is_histogram: bool = False
+    #: reduce statistics across ranks under torch.distributed (qatkit.distributed); weight
+    #: observers set it False (DDP keeps weights identical)
+    distributed_sync: bool = True
+
+    @property
+    def keeps_scale_in_qat(self) -> bool:
+        """True when QAT keeps the calibrated scale instead of following each batch
+        (histogram observers; a moving average with ``averaging_constant=0``)."""
+        return self.is_histogram
 
     def __init__(self, dtype: Any = "qint8", ch_axis: int | None = None) -> None:
         super().__init__()
@@ -135,9 +149,44 @@ class ObserverBase(ResizeBuffersOnLoad):
     # -- recording ---------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        """Record the statistics of ``x`` and return ``x`` unchanged."""
-        if x.numel() == 0:
+        """Record the statistics of ``x`` and return ``x`` unchanged.
+
+        Under a multi-rank torch.distributed process group the batch's min / max are reduced
+        across ranks first (:mod:`qatkit.distributed`), so every rank records the global
+        batch's statistics.
+        """
+        data, bmin, bmax, valid = self._local_stats(x)
+        group = group_of(self)
+        if self.distributed_sync and is_distributed(group):
+            if bmin is None:  # nothing finite here: neutral elements for the reduction
+                channels = self._channels(x)
+                bmin = torch.full((channels,), float("inf"), device=x.device)
+                bmax = torch.full((channels,), float("-inf"), device=x.device)
+            bmin, bmax = reduce_range(bmin.to(torch.float32), bmax.to(torch.float32), group)
+            if not bool(torch.isfinite(bmin).all()):
+                return x  # no rank saw a finite value (per channel: every channel must)
+            if data is None:  # the others did: keep this rank's histogram range in step
+                data = torch.zeros(bmin.numel(), 0, device=x.device)
+        elif bmin is None:
             return x
+        # statistics are float32 whatever the input dtype (half, bfloat16, float64)
+        self._update_min_max(bmin.to(torch.float32), bmax.to(torch.float32))
+        self._observe(data, bmin, bmax, valid)
+        self.num_batches += 1
+        return x
+
+    def _channels(self, x: Tensor) -> int:
+        if self.min_val.numel():
+            return self.min_val.numel()
+        if self.ch_axis is not None and x.dim() > 0 and -x.dim() <= self.ch_axis < x.dim():
+            return x.shape[self.ch_axis]
+        return 1
+
+    def _local_stats(self, x: Tensor) -> tuple:
+        """``(data, bmin, bmax, valid)`` of this batch (see ``_observe``); all None when it
+        holds no finite value."""
+        if x.numel() == 0:
+            return None, None, None, None
         data = x.detach()
         if not data.is_floating_point():
             data = data.float()
@@ -160,13 +209,7 @@ class ObserverBase(ResizeBuffersOnLoad):
         valid = None
         if not finite:
             data, bmin, bmax, valid = self._drop_nonfinite(data)
-            if data is None:
-                return x
-        # statistics are float32 whatever the input dtype (half, bfloat16, float64)
-        self._update_min_max(bmin.to(torch.float32), bmax.to(torch.float32))
-        self._observe(data, bmin, bmax, valid)
-        self.num_batches += 1
-        return x
+        return data, bmin, bmax, valid
 
     def _drop_nonfinite(self, data: Tensor):
         finite = torch.isfinite(data)
@@ -248,6 +291,17 @@ class ObserverBase(ResizeBuffersOnLoad):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ch_axis={self.ch_axis}"
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing,
+                              unexpected, error_msgs):
+        """Observer-private statistics (a histogram, its bin width) of another observer kind
+        are neither missing nor unexpected: a state dict calibrated with one observer loads
+        strictly into a model prepared with another (the scale lives in the fake quant)."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
+                                      unexpected, error_msgs)
+        private = {prefix + name for name in PRIVATE_STATISTICS}
+        missing[:] = [k for k in missing if k not in private]
+        unexpected[:] = [k for k in unexpected if k not in private]
+
 
 class MinMaxObserver(ObserverBase):
     """amax = max |x| over every tensor seen (per tensor, or per channel with ``ch_axis``).
@@ -296,6 +350,12 @@ class MovingAverageMinMaxObserver(ObserverBase):
         elif c != 0.0:
             self.min_val.add_(bmin - self.min_val, alpha=c)
             self.max_val.add_(bmax - self.max_val, alpha=c)
+
+    @property
+    def keeps_scale_in_qat(self) -> bool:
+        """``averaging_constant=0``: the range never moves, so QAT keeps the calibrated scale
+        (the guides' "fixed activation scale", also when another observer calibrated it)."""
+        return self.averaging_constant == 0.0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", averaging_constant={self.averaging_constant}"
@@ -390,6 +450,8 @@ class _HistogramObserver(ObserverBase):
             self.bin_width[rows] = self.bin_width[rows] * factor
 
     def _amax(self) -> Tensor:
+        if self.histogram.numel() == 0:  # statistics loaded from another observer kind
+            return super()._amax()
         hist = self.histogram.cpu().numpy()
         width = self.bin_width.cpu().numpy()
         absmax = self._max_abs().cpu().numpy().astype(np.float64)

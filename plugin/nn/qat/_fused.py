@@ -95,6 +95,8 @@ class FusedMixin(ExactInputs, AnnotatedOp):
         device = self.weight.device if self.weight.device.type != "meta" else None
         self.weight_fake_quant = _make_fq(qconfig.weight, device)
         wfq = self.weight_fake_quant
+        if wfq is not None:
+            wfq.observer.distributed_sync = False  # DDP keeps weights identical on every rank
         if wfq is not None and wfq.ch_axis is not None:
             wfq.ch_axis = self._OUT_AXIS
             wfq.observer.ch_axis = self._OUT_AXIS
@@ -185,6 +187,14 @@ class FusedMixin(ExactInputs, AnnotatedOp):
     def extra_repr(self) -> str:
         extra = super().extra_repr()
         return extra + (", freeze_bn=True" if self.freeze_bn else "")
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """``freeze_bn`` travels with ``state_dict``: resuming QAT restores it."""
+        return {"freeze_bn": bool(self.freeze_bn)}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.freeze_bn = bool(state.get("freeze_bn", False))
 
     # -- numerics ---------------------------------------------------------------------------
     @property
