@@ -64,6 +64,14 @@ __all__ += ["render_html", "build_verdict", "Verdict", "REPORT_SECTIONS",
             "FINAL_SIMILARITY_THRESHOLD", "write_similarity_mermaid"]
 # --- end report ---
 
+# --- deployment alignment ---
+from .dumps import compare_dumps as compare_dumps  # noqa: E402
+from .dumps import dump_layers as dump_layers  # noqa: E402
+from .dumps import dump_tensors as dump_tensors  # noqa: E402
+
+__all__ += ["dump_tensors", "dump_layers", "compare_dumps"]
+# --- end deployment alignment ---
+
 # --- model_profiler ---
 from .report import MODES as MODES  # noqa: E402
 from .report import ProfilerReport as ProfilerReport  # noqa: E402
