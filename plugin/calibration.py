@@ -90,6 +90,13 @@ def calibrate(model: nn.Module, data: Any, num_batches: int | None = None, devic
     inner = getattr(model, "module", model) if type(model).__name__ == \
         "DistributedDataParallel" else model
     batches, count = as_batches(data)
+    if isinstance(data, tuple) and len(data) > 1:
+        args, _ = model_inputs(inner, data)
+        if len(args) < len(data):
+            raise ValueError(
+                f"calibrate: a tuple of {len(data)} tensors is one batch of {len(data)} inputs, "
+                f"but {type(inner).__name__}.forward takes {len(args)}. Pass several batches "
+                "as a list (list(x.split(64))) or a DataLoader")
     dev = torch.device(device) if device is not None else module_device(inner)
     set_fake_quantize(inner, FakeQuantState.CALIBRATION)
     before = _nonfinite(inner)

@@ -87,6 +87,8 @@ def test_calibrate_reports_unobserved_fake_quants_and_bad_data() -> None:
         qatkit.calibrate(qm, torch.randn(2, 5, 8, 8), progress=False)
     assert qatkit.get_fake_quantize_state(qm) == {qatkit.FakeQuantState.CALIBRATION: 6}, \
         "a failed calibration is not switched to VALIDATION"
+    with pytest.raises(ValueError, match="tuple of 2 tensors is one batch of 2 inputs"):
+        qatkit.calibrate(_prepared(), torch.randn(8, 3, 8, 8).split(4), progress=False)
     with pytest.raises(ValueError, match="does not exist"):
         as_batches("/no/such/folder")
     with pytest.raises(ValueError, match="cannot use a int as data"):
