@@ -122,21 +122,28 @@ def _layer(call: OpCall) -> _Layer:
     raise call.unsupported("not a conv / conv-transpose / linear module")
 
 
-def _weight_inputs(call: OpCall, layer: _Layer) -> list[str]:
+def _weight_inputs(call: OpCall, layer: _Layer) -> tuple[list[str], str | None]:
+    """The weight and bias inputs of the ONNX op, and a float bias to add after it (None).
+
+    The bias is an int32 ``DequantizeLinear`` at ``fl32(s_in * s_w)``, the scale onnxruntime
+    requires to fuse.  A 48-bit bias (16-bit input and weight) has no int32 form; it is added
+    in float after the op: as the op's float bias input, onnxruntime would quantize it to
+    int32 itself and saturate it (onnxruntime 1.32, at every optimization level but
+    ``disable``)."""
     g = call.graph
     if layer.weight_scale is None:
         w = g.initializer(f"{call.name}.weight", layer.weight)
         b = [] if layer.bias is None else [g.initializer(f"{call.name}.bias", layer.bias)]
-        return [w] + b
+        return [w] + b, None
     w = g.dequantize_constant(f"{call.name}.weight", layer.weight, layer.weight_scale,
                               layer.weight_axis)
     bias = layer.bias
     if np.abs(bias).max(initial=0) < 2**31:
         b = g.dequantize_constant(f"{call.name}.bias", bias.astype(np.int32), layer.bias_scale, 0)
-    else:  # 48-bit bias of a 16-bit layer: its float value (DequantizeLinear has no int64)
-        exact = bias.astype(np.float64) * layer.bias_scale.astype(np.float64)
-        b = g.initializer(f"{call.name}.bias", exact.astype(np.float32))
-    return [w, b]
+        return [w, b], None
+    exact = bias.astype(np.float64) * layer.bias_scale.astype(np.float64)
+    shape = (-1,) if layer.kind == "Linear" else (-1,) + (1,) * (layer.weight.ndim - 2)
+    return [w], g.initializer(f"{call.name}.bias", exact.astype(np.float32).reshape(shape))
 
 
 def _act(call: OpCall, y: str, act: str | None) -> str:
@@ -183,7 +190,7 @@ def _conv(call: OpCall) -> Any:
     layer = _layer(call)
     x = call.tensor("input")
     src = call.meta("input")
-    inputs = _weight_inputs(call, layer)
+    inputs, late_bias = _weight_inputs(call, layer)
     flat = False
     if layer.kind == "Linear":
         if src.rank != 2:
@@ -209,6 +216,9 @@ def _conv(call: OpCall) -> Any:
                 op.append(out.shape[2 + i] - size)
             y = call.emit("ConvTranspose", [x] + inputs, pads=list(mod.padding) * 2,
                           output_padding=op, **attrs)
+
+    if late_bias is not None:
+        y = call.emit("Add", [y, late_bias], "bias")
 
     def back(t: str) -> str:  # the 2-D Gemm output back to the recorded shape
         return call.reshape(t, call.out, None, "reshape_output") if flat else t
