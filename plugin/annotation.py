@@ -288,7 +288,7 @@ def fake_quant_spec(fq: nn.Module | None, path: str) -> QuantSpec | None:
 #: positional parameter names of each quantized op kind (``*name``: variadic positionals)
 OP_SIGNATURES: dict[str, tuple[str, ...]] = {
     "add": ("input", "other", "alpha"), "sub": ("input", "other", "alpha"),
-    "mul": ("input", "other"), "matmul": ("input", "other"),
+    "mul": ("input", "other"), "div": ("input", "other"), "matmul": ("input", "other"),
     "cat": ("tensors", "dim"), "stack": ("tensors", "dim"),
     "einsum": ("equation", "*operands"),
     "mean": ("input", "dim", "keepdim"),
@@ -321,6 +321,7 @@ FUNCTION_SIGNATURES: dict[Any, tuple[str, ...]] = {
     F.elu: ("input", "alpha", "inplace"),
     operator.add: ("input", "other"), operator.sub: ("input", "other"),
     operator.mul: ("input", "other"), operator.matmul: ("input", "other"),
+    operator.truediv: ("input", "other"),
 }
 #: keyword spellings that mean the same argument
 _ALIASES = {"self": "input", "mat2": "other", "axis": "dim", "x": "input"}

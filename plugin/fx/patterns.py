@@ -61,7 +61,9 @@ QUANTIZED_FUNCTIONS: dict[object, str] = {
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
     torch.einsum: "einsum",
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
-    torch.exp: "exp",
+    torch.exp: "exp", torch.sqrt: "sqrt", torch.rsqrt: "rsqrt", torch.reciprocal: "reciprocal",
+    torch.log: "log",
+    operator.truediv: "div", operator.itruediv: "div", torch.div: "div", torch.true_divide: "div",
     F.softmax: "softmax", torch.softmax: "softmax",
     torch.mean: "mean",
     F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
@@ -79,12 +81,15 @@ QUANTIZED_METHODS: dict[str, str] = {
     "add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
     "matmul": "matmul", "bmm": "matmul", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
     "tanh": "tanh", "exp": "exp", "softmax": "softmax", "mean": "mean", "relu": "relu",
+    "sqrt": "sqrt", "rsqrt": "rsqrt", "reciprocal": "reciprocal", "log": "log",
+    "div": "div", "div_": "div", "true_divide": "div", "__truediv__": "div",
     "relu_": "relu", "clamp": "clamp", "clamp_": "clamp", "clip": "clamp",
 }
 
 #: in-place ops run out of place in QAT modules (a fake-quantized tensor must not be mutated)
 OUT_OF_PLACE: dict[object, object] = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
     F.relu_: F.relu, torch.relu_: torch.relu,
 }
 

@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, fx, nn
 
 from .._state import set_module
-from ..annotation import NodeAnnotation, get_annotations, has_annotations, set_annotations
+from ..annotation import (
+    NodeAnnotation,
+    bind_arguments,
+    get_annotations,
+    has_annotations,
+    set_annotations,
+    signature_names,
+)
 from ..fake_quantize import FakeQuantize
 from ..nn import qat
 from ..nn.stubs import QuantStub
@@ -419,9 +426,16 @@ class _Rewriter:
         if qconfig is None:
             self.notes[node] = _NOTE_CONFIG
             return _FLOAT
+        if kind == "div" and node.kwargs.get("rounding_mode") is not None:
+            self.float_ops.setdefault("div(rounding_mode)", []).append(self.names[node])
+            self.notes[node] = _NOTE_UNSUPPORTED
+            return _FLOAT
         fn = self._function(node)
         fq = qconfig.activation() if qconfig.activation is not None else None
-        op_mod = qat.FunctionalOp(kind, fn, fq)
+        if kind == "div":  # a tensor divisor: reciprocal lookup table, then a multiply
+            op_mod = qat.Divide(fn, fq, self._reciprocal_fq(node, qconfig))
+        else:
+            op_mod = qat.FunctionalOp(kind, fn, fq)
         op_mod.qconfig = qconfig
         name = _module_name(self.names[node], self.taken)
         self.gm.add_submodule(name, op_mod)
@@ -433,6 +447,26 @@ class _Rewriter:
         self.gm.graph.erase_node(node)
         self.state[new] = _QUANT if fq is not None else _FLOAT
         return self.state[new]
+
+    def _reciprocal_fq(self, node: fx.Node, qconfig: Any) -> FakeQuantize | None:
+        """The fake quant of ``1 / divisor`` when the divisor is an activation (a tensor the
+        model computes); None for a constant divisor (a number, a buffer, a parameter)."""
+        bound = bind_arguments(signature_names(self._function(node), "div"), node.args,
+                               node.kwargs)
+        divisor = bound.get("other")
+        if not (isinstance(divisor, fx.Node) and self.state.get(divisor) in (_QUANT, _FLOAT)):
+            return None
+        return self._activation_qconfig(qconfig).activation()
+
+    def _activation_qconfig(self, qconfig: Any) -> Any:
+        """A qconfig that quantizes activations for a tensor the op itself does not output
+        (an input QuantStub, a reciprocal): ``qconfig``, else the global one, else int8."""
+        for candidate in (qconfig, self.resolver.global_qconfig):
+            if candidate is not None and candidate.activation is not None:
+                return candidate
+        from ..qconfig import default_qat_8bit_fake_quant_qconfig
+
+        return default_qat_8bit_fake_quant_qconfig
 
     def _function(self, node: fx.Node) -> Callable:
         if node.op == "call_method":
@@ -479,10 +513,7 @@ class _Rewriter:
     def _quant_node(self, producer: fx.Node, qconfig: Any) -> fx.Node:
         if producer in self.quant_of:
             return self.quant_of[producer]
-        if qconfig is None or qconfig.activation is None:
-            qconfig = self.resolver.global_qconfig
-        if qconfig is None or qconfig.activation is None:
-            from ..qconfig import default_qat_8bit_fake_quant_qconfig as qconfig
+        qconfig = self._activation_qconfig(qconfig)
         float_name = producer.meta.get(META_FLOAT_NAME, producer.name)
         name = _module_name(f"{float_name}_quant", self.taken)
         stub = qat.QuantStub(qconfig.activation())

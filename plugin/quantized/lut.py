@@ -9,8 +9,10 @@ exactly as the output fake quant does::
     table[q - qmin] = clamp(round(f(q * s_in) / s_out), out_qmin, out_qmax)   # float32 division
 
 256 entries for an int8 input, 65536 for int16; at run time ``out = table[q - qmin]``.  Without
-an output fake quant the table holds the float results.  See docs/npu_numerics.md, "Lookup
-tables".
+an output fake quant the table holds the float results.  Inputs outside a function's domain
+(``sqrt`` / ``log`` / ``rsqrt`` of a negative number: NaN in float) take the entry of the
+nearest input inside it (``sqrt(0) = 0``, ``log(0) = -inf``: saturated); infinities saturate.
+See docs/npu_numerics.md, "Lookup tables".
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from .._state import module_device
 from ..annotation import bind_arguments
 from .base import BoundCall, QuantizedModule, TensorQParams, from_int, register_converter, to_int
 
-__all__ = ["LUT_OPS", "QuantizedLookupTable", "convert_lut"]
+__all__ = ["LUT_OPS", "QuantizedLookupTable", "convert_lut", "lookup_table"]
 
 #: op kinds converted to a lookup table
 LUT_OPS: tuple[str, ...] = (
     "relu", "relu6", "hardtanh", "clamp", "sigmoid", "tanh", "exp", "hardswish", "hardsigmoid",
-    "silu", "gelu", "mish", "elu", "leaky_relu",
+    "silu", "gelu", "mish", "elu", "leaky_relu", "sqrt", "rsqrt", "reciprocal", "log",
 )
 
 
@@ -125,23 +127,52 @@ def convert_lut(qat_module: nn.Module, call: BoundCall,
         raise ValueError(f"{where}: the input is not quantized (float); a lookup table needs a "
                          "quantized input")
     device = module_device(qat_module, torch.device("cpu"))
-    grid = torch.arange(in_qp.quant_min, in_qp.quant_max + 1, device=device,
-                        dtype=torch.float32) * in_qp.scale.to(device)  # == from_int(q)
-    fn = qat_module.float_forward
-    with torch.no_grad():
-        y = call.evaluate(fn, lambda name, a: grid)
-    if not isinstance(y, Tensor) or y.shape != grid.shape or not y.is_floating_point():
-        raise ValueError(f"{where}: {qat_module._get_name()} is not a float elementwise op "
-                         f"(on a [{grid.numel()}] input it returned "
-                         f"{getattr(y, 'shape', type(y).__name__)}); no lookup table")
-    y = y.to(torch.float32)
-    if bool(torch.isnan(y).any()):
-        raise ValueError(f"{where}: the function gives NaN on the input grid; no lookup table")
-    if out_qparams is None:
-        table = y
-    else:
-        scale = out_qparams.scale.to(device)  # float32 division, as the fake quant
-        q = torch.div(y, scale).round_().clamp_(out_qparams.quant_min, out_qparams.quant_max)
-        table = q.to(torch.int8 if out_qparams.bits == 8 else torch.int16)
+    table = lookup_table(lambda grid: call.evaluate(qat_module.float_forward,
+                                                    lambda name, a: grid),
+                         in_qp, out_qparams, device, where)
     return QuantizedLookupTable(table, in_qp, out_qparams, input_name,
                                 op=qat_module.qatkit_op_kind, signature=call.names)
+
+
+def lookup_table(fn: Any, in_qparams: TensorQParams, out_qparams: TensorQParams | None,
+                 device: torch.device | None = None, where: str = "lookup table") -> Tensor:
+    """The table of elementwise ``fn`` on every input grid value: ``fn(q * s_in)`` in float32,
+    quantized as the output fake quant does (``round(y / s_out)``, float32 division), int8 /
+    int16; float32 results without ``out_qparams``.  The one rule for every table.
+
+    Example::
+
+        >>> lookup_table(torch.sigmoid, TensorQParams(torch.tensor([1 / 16]), 8),
+        ...              TensorQParams(torch.tensor([1 / 128]), 8)).shape
+        torch.Size([256])
+    """
+    grid = torch.arange(in_qparams.quant_min, in_qparams.quant_max + 1, device=device,
+                        dtype=torch.float32) * in_qparams.scale.to(device)  # == from_int(q)
+    with torch.no_grad():
+        y = fn(grid)
+    if not isinstance(y, Tensor) or y.shape != grid.shape or not y.is_floating_point():
+        raise ValueError(f"{where}: not a float elementwise op (on a [{grid.numel()}] input it "
+                         f"returned {getattr(y, 'shape', type(y).__name__)}); no lookup table")
+    y = _fill_outside_domain(y.to(torch.float32), where)
+    if out_qparams is None:
+        return y
+    scale = out_qparams.scale.to(device)  # float32 division, as the fake quant
+    q = torch.div(y, scale).round_().clamp_(out_qparams.quant_min, out_qparams.quant_max)
+    return q.to(torch.int8 if out_qparams.bits == 8 else torch.int16)
+
+
+def _fill_outside_domain(y: Tensor, where: str) -> Tensor:
+    """``y`` with each NaN (an input outside the function's domain) replaced by the value at
+    the nearest input inside it (ties: the lower input)."""
+    nan = torch.isnan(y)
+    if not bool(nan.any()):
+        return y
+    if bool(nan.all()):
+        raise ValueError(f"{where}: the function gives NaN on the whole input grid; no lookup "
+                         "table")
+    idx = torch.arange(y.numel(), device=y.device)
+    valid = idx[~nan]
+    nearest = valid[torch.searchsorted(valid, idx).clamp(max=valid.numel() - 1)]
+    below = valid[(torch.searchsorted(valid, idx, right=True) - 1).clamp(min=0)]
+    pick = torch.where((idx - below).abs() <= (nearest - idx).abs(), below, nearest)
+    return torch.where(nan, y[pick], y)

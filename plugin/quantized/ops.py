@@ -40,7 +40,7 @@ from .base import (
     requantize,
 )
 
-__all__ = ["QuantizedAdd", "QuantizedMul", "QuantizedCat", "QuantizedMatmul",
+__all__ = ["QuantizedAdd", "QuantizedMul", "QuantizedDivide", "QuantizedCat", "QuantizedMatmul",
            "QuantizedAverage", "QuantizedInterpolate", "MODULE_FUNCTIONS", "QuantizedOp",
            "resolve_call", "arg_qparams", "unsupported"]
 
@@ -293,8 +293,10 @@ class QuantizedMul(QuantizedOp):
     """
 
     def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
-                 out_qparams: TensorQParams | None, call: BoundCall | None) -> None:
+                 out_qparams: TensorQParams | None, call: BoundCall | None,
+                 divide: bool = False) -> None:
         super().__init__(kind, fn, in_qparams, out_qparams, call)
+        self.divide = divide  # ``input / c``: the constant operand divides
         s = self.in_scale.to(torch.float64).nan_to_num(1.0)
         m, shift = quantize_multiplier((s[0] * s[1] / self._s_out()).reshape(1))
         self.register_buffer("multiplier", m)
@@ -308,7 +310,7 @@ class QuantizedMul(QuantizedOp):
                                                    self.quant_min, self.quant_max))
         i = 0 if self.in_bits[0] is not None else 1
         c = self._const(ops[1 - i])
-        mult = self._ratio(i) * c.abs()
+        mult = self._ratio(i) / c.abs() if self.divide else self._ratio(i) * c.abs()
         m, shift = quantize_multiplier(mult.clamp(max=2.0**40))
         acc = self._int(ops[i], i) * torch.sign(c).to(torch.int64)
         return self._from_int(requantize(acc, m, shift, self.quant_min, self.quant_max))
@@ -322,6 +324,70 @@ def _convert_mul(qat_module: nn.Module, call: BoundCall,
     if arg_qparams(a) is None and arg_qparams(b) is None:
         raise unsupported("input", kind, "no operand is a quantized tensor")
     return QuantizedMul(kind, fn, [arg_qparams(a), arg_qparams(b)], out_qparams, call)
+
+
+# -- div -------------------------------------------------------------------------------------
+class QuantizedDivide(QuantizedOp):
+    """``input / other`` for a quantized ``other``: ``q_r = table[q_other]`` (the reciprocal's
+    lookup table, on the scale ``s_r`` of the QAT module's ``reciprocal_post_process``), then
+    ``requantize(q_input * q_r, M = s_input * s_r / s_out)``; a constant ``input`` (``1 / x``)
+    multiplies ``q_r`` by it as :class:`QuantizedMul` does.
+
+    Example::
+
+        >>> qdiv = CONVERTERS["div"](qat_div, bind_call(qat_div, qp_x, qp_y), qp_out)
+        >>> y = qdiv(a, b)
+    """
+
+    def __init__(self, kind: str, fn: Callable, in_qparams: Sequence[TensorQParams | None],
+                 out_qparams: TensorQParams | None, call: BoundCall | None, table: Tensor,
+                 reciprocal_qparams: TensorQParams) -> None:
+        super().__init__(kind, fn, in_qparams, out_qparams, call)
+        self.register_buffer("reciprocal_table", table.detach().reshape(-1).clone())
+        self.register_buffer("reciprocal_scale", reciprocal_qparams.scale.reshape(1).clone())
+        self.reciprocal_bits = reciprocal_qparams.bits
+        s_x = self.in_scale[0].to(torch.float64).nan_to_num(1.0)
+        m, shift = quantize_multiplier((s_x * self.reciprocal_scale.double()[0] /
+                                        self._s_out()).reshape(1))
+        self.register_buffer("multiplier", m)
+        self.register_buffer("shift", shift)
+
+    def _int_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        x, y = self._arg(args, kwargs, "input"), self._arg(args, kwargs, "other")
+        qmin = -(2 ** (self.in_bits[1] - 1))
+        q_y = self._int(y, 1).clamp(qmin, 2 ** (self.in_bits[1] - 1) - 1)
+        q_r = self.reciprocal_table[q_y - qmin].to(torch.int64)
+        if self.in_bits[0] is not None:
+            acc = self._int(x, 0) * q_r
+            return self._from_int(requantize(acc, self.multiplier, self.shift,
+                                             self.quant_min, self.quant_max))
+        c = self._const(x)
+        mult = self.reciprocal_scale.double()[0] * c.abs() / self._s_out()
+        m, shift = quantize_multiplier(mult.clamp(max=2.0**40).reshape(-1))
+        acc = q_r * torch.sign(c).to(torch.int64)
+        m, shift = m.reshape(c.shape), shift.reshape(c.shape)
+        return self._from_int(requantize(acc, m, shift, self.quant_min, self.quant_max))
+
+
+@register_converter("div")
+def _convert_div(qat_module: nn.Module, call: BoundCall,
+                 out_qparams: TensorQParams | None) -> nn.Module:
+    from .lut import lookup_table
+
+    kind, fn, _, _, _ = resolve_call(qat_module, call)
+    x, y = call.get("input"), call.get("other")
+    rfq = getattr(qat_module, "reciprocal_post_process", None)
+    if isinstance(y, TensorArg) and rfq is not None:
+        y_qp = arg_qparams(y)
+        if y_qp is None:
+            raise unsupported("other", kind, "the divisor is not quantized")
+        r_qp = TensorQParams(rfq.scale, rfq.bits)
+        table = lookup_table(torch.reciprocal, y_qp, r_qp, torch.device("cpu"),
+                             f"the reciprocal of {qat_module._get_name()}")
+        return QuantizedDivide(kind, fn, [arg_qparams(x), y_qp], out_qparams, call, table, r_qp)
+    if arg_qparams(x) is None:
+        raise unsupported("input", kind, "the dividend is not a quantized tensor")
+    return QuantizedMul(kind, fn, [arg_qparams(x), None], out_qparams, call, divide=True)
 
 
 # -- cat / stack -----------------------------------------------------------------------------

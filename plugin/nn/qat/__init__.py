@@ -11,6 +11,7 @@ from .conv import ConvTranspose2d as ConvTranspose2d
 from .conv import from_float as from_float
 from .linear import Linear as Linear
 from .ops import OUTPUT_QUANTIZED_MODULES as OUTPUT_QUANTIZED_MODULES
+from .ops import Divide as Divide
 from .ops import FunctionalOp as FunctionalOp
 from .ops import OutputQuantMixin as OutputQuantMixin
 from .ops import QuantStub as QuantStub
@@ -20,6 +21,6 @@ from .ops import output_quantized as output_quantized
 __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Linear",
     "from_float", "FLOAT_TO_QAT", "freeze_bn_stats", "unfreeze_bn_stats",
-    "QuantStub", "FunctionalOp", "OutputQuantMixin", "output_quantized",
+    "QuantStub", "FunctionalOp", "Divide", "OutputQuantMixin", "output_quantized",
     "OUTPUT_QUANTIZED_MODULES", "exact_grid",
 ]

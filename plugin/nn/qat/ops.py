@@ -17,16 +17,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._exact import grid_int
-from ...annotation import AnnotatedOp, map_arguments, module_signature, signature_names
+from ...annotation import (
+    AnnotatedOp,
+    bind_arguments,
+    map_arguments,
+    module_signature,
+    signature_names,
+)
 from ...fake_quantize import FakeQuantize, evaluates_exactly
 
-__all__ = ["QuantStub", "FunctionalOp", "output_quantized", "OUTPUT_QUANTIZED_MODULES",
+__all__ = ["QuantStub", "FunctionalOp", "Divide", "output_quantized", "OUTPUT_QUANTIZED_MODULES",
            "OutputQuantMixin", "EXACT_OPS", "exact_grid", "ExactInputs"]
 
 #: op kinds whose integer twins are exact integer arithmetic; in VALIDATION they evaluate in
 #: float64 (:func:`~qatkit.fake_quantize.evaluates_exactly`), where grid values add and multiply
 #: exactly, so their output fake quant rounds where the integer model does
-EXACT_OPS: frozenset[str] = frozenset({"add", "sub", "mul", "matmul", "einsum", "mean",
+EXACT_OPS: frozenset[str] = frozenset({"add", "sub", "mul", "div", "matmul", "einsum", "mean",
                                        "avg_pool", "adaptive_avg_pool", "layer_norm",
                                        "group_norm", "batch_norm"})
 
@@ -204,6 +210,56 @@ class FunctionalOp(ExactInputs, AnnotatedOp, nn.Module):
 
     def extra_repr(self) -> str:
         return f"op={self.op}, fn={getattr(self.fn, '__name__', self.fn)}"
+
+
+class Divide(FunctionalOp):
+    """``input / other`` as an NPU computes it.
+
+    * ``other`` a tensor of the model (an activation): ``input * rq(1 / other)`` -- the
+      reciprocal through a lookup table, quantized by ``reciprocal_post_process`` (its own
+      scale, calibrated like any activation), then an integer multiply;
+    * ``other`` a constant (a number, a buffer or parameter): a multiply by the constant's
+      reciprocal, done exactly by the integer model (``M = s_in / (c * s_out)``).
+
+    Args:
+        fn: the division called (``operator.truediv``, ``torch.div``...).
+        activation_post_process: the output fake quant.
+        reciprocal_post_process: the fake quant of ``1 / other`` (None: constant divisors).
+
+    Example::
+
+        >>> div = Divide(operator.truediv, qatkit.FakeQuantize(), qatkit.FakeQuantize())
+        >>> div(torch.tensor([1.0, 2.0]), torch.tensor([4.0, 4.0])).shape
+        torch.Size([2])
+    """
+
+    def __init__(self, fn: Callable, activation_post_process: FakeQuantize | None,
+                 reciprocal_post_process: FakeQuantize | None = None) -> None:
+        super().__init__("div", fn, activation_post_process)
+        self.reciprocal_post_process = reciprocal_post_process
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call_site = kwargs.pop("call_site", None)
+        bound = bind_arguments(self.qatkit_signature, args, kwargs)
+        x, y = bound["input"], bound["other"]
+        fq, rfq = self.activation_post_process, self.reciprocal_post_process
+        exact = evaluates_exactly(fq)
+        links = self.exact_links(call_site)
+        if rfq is not None and isinstance(y, Tensor):
+            r = rfq(torch.reciprocal(y))  # in y's float32, as the lookup table evaluates it
+            if exact:
+                out = _quantize(fq, exact_grid(x, links.get("input")) * exact_grid(r, rfq))
+                return out.float() if isinstance(out, Tensor) else out
+            return _quantize(fq, x * r)
+        if exact:
+            out = _quantize(fq, exact_grid(x, links.get("input")) / (
+                y.double() if isinstance(y, Tensor) else y))
+            return out.float() if isinstance(out, Tensor) else out
+        return _quantize(fq, x / y)
+
+    def float_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The float division (no fake quant at all)."""
+        return self.fn(*args, **kwargs)
 
 
 class OutputQuantMixin(ExactInputs, AnnotatedOp):
