@@ -4,16 +4,26 @@
 end-to-end and per-layer similarity, module call counts, unfused groups, qconfig warnings)
 and returns one row per finding: severity, the layer, what is wrong, the numbers that show
 it, and what to do (naming the layer, with the exact ``qconfig_dict`` snippet where a
-qconfig change is the fix).  Every threshold is a named constant below, with its reason.
+qconfig change is the fix).  Every threshold is a named constant below, with its reason
+(the final-output rule is :data:`~qatkit.profiler.metrics.FINAL_SIMILARITY_THRESHOLD`, shared
+with the report's verdict).
+
+Ops are recognised by the tables' "Op Kind" and "Source Kind" columns, which come from the
+quantization annotation (:mod:`qatkit.annotation`; for a float model, the annotate pass's kinds
+of its trace): a multi-input op is an ``add``/``sub``/``cat``/``stack``, a model input is a
+tensor whose source (through data-moving ops) is a graph input, never a guess from the
+"Module Type" string.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterable
 
 import pandas as pd
+
+from .metrics import FINAL_SIMILARITY_THRESHOLD
+from .tables import qconfig_key
 
 __all__ = ["advise", "ADVICE_COLUMNS"]
 
@@ -38,16 +48,18 @@ SATURATION_ERROR = 0.05
 #: inputs of an add/cat whose max |x| differ by more than this: the large one sets the shared
 #: output scale and the small one keeps fewer than 128 / 10 ~ 12 int8 levels
 MULTI_INPUT_RANGE_RATIO = 10.0
+#: op kinds (the quantization annotation's) whose inputs share one output scale
+MULTI_INPUT_KINDS = ("add", "sub", "cat", "stack")
 #: width of the region where each non-linear function changes (sigmoid goes 0.02 -> 0.98 over
-#: [-4, 4]); fewer than MIN_LEVELS_IN_ACTIVE_REGION input levels there and each input step
-#: jumps by more than one output step
-NONLINEAR_ACTIVE_WIDTH = {"sigmoid": 8.0, "tanh": 4.0, "silu": 8.0, "swish": 8.0, "gelu": 6.0,
+#: [-4, 4]), by op kind; fewer than MIN_LEVELS_IN_ACTIVE_REGION input levels there and each
+#: input step jumps by more than one output step
+NONLINEAR_ACTIVE_WIDTH = {"sigmoid": 8.0, "tanh": 4.0, "silu": 8.0, "gelu": 6.0,
                           "hardswish": 6.0, "hardsigmoid": 6.0, "mish": 8.0, "elu": 4.0,
                           "softplus": 8.0}
 MIN_LEVELS_IN_ACTIVE_REGION = 32
-#: exp-like ops (softmax runs exp(x - max)): an input step s changes the output by e^s - 1
-#: relative; 1/16 keeps that near 6%
-EXP_LIKE = ("exp", "softmax", "logsoftmax", "log_softmax")
+#: exp-like op kinds (softmax runs exp(x - max)): an input step s changes the output by
+#: e^s - 1 relative; 1/16 keeps that near 6%
+EXP_LIKE = ("exp", "softmax", "log_softmax")
 EXP_MAX_STEP = 1.0 / 16
 #: ops infinitely steep at 0 (1/x, sqrt, log): an input within a few steps of 0 is
 #: represented with a relative error of 1 / (those steps)
@@ -57,35 +69,22 @@ STEEP_MIN_STEPS = 4.0
 #: below the tensor's max (k bits of the int8 range lost)
 OUTLIER_CHANNEL_FRACTION = 0.5
 OUTLIER_LEVELS = ((6, "error"), (4, "warning"), (3, "info"))
-#: the usual quick health check of a quantized model (float vs quantized final output)
-FINAL_COSINE_MIN = 0.98
 #: a single op (fed the float input) below this cosine loses accuracy by itself
 PER_LAYER_COSINE_MIN = 0.99
 #: how many of the worst per-layer ops to report
 WORST_LAYERS_TOP_K = 5
 #: stateless activations: prepare fuses each call site into the layer before it
 _STATELESS_SHARED = {"ReLU", "ReLU6"}
-_MULTI_INPUT_OPS = {"add", "sub", "cat", "concat", "stack", "iadd"}
-_MATMUL_LIKE = ("linear", "matmul", "bmm", "conv")
-_DATA_MOVING = {"getitem", "view", "reshape", "flatten", "permute", "transpose", "contiguous",
-                "squeeze", "unsqueeze", "identity", "dropout", "maxpool2d", "max_pool2d",
-                "flip", "expand", "repeat", "clone", "detach", "t", "unflatten"}
+#: op kinds whose input channels meet a weight row each (SmoothQuant can move their outliers)
+_MATMUL_KINDS = ("linear", "matmul", "conv")
+#: source kinds that are no op: a model input, a constant / buffer
+_NO_PRODUCER = ("input", "get_attr")
 _INT16_QCONFIG = "qatkit.default_qat_8bit_weight_16bit_act_fake_quant_qconfig"
-
-
-def _qconfig_key(layer: str) -> str:
-    """The qconfig_dict name of an op: ``relu(1)`` (a call of a shared module) -> ``relu``."""
-    return re.sub(r"\(\d+\)$", "", str(layer))
 
 
 def _int16_snippet(layer: str) -> str:
     return (f'qconfig_dict={{"": qatkit.default_qat_8bit_fake_quant_qconfig, "module_name": '
-            f'[("{_qconfig_key(layer)}", {_INT16_QCONFIG})]}}')
-
-
-def _tokens(module_type: object) -> list[str]:
-    """``FunctionalOp[sigmoid]`` -> ``['functionalop', 'sigmoid']``; ``SiLU`` -> ``['silu']``."""
-    return re.findall(r"[a-z0-9_]+", str(module_type).lower())
+            f'[("{qconfig_key(layer)}", {_INT16_QCONFIG})]}}')
 
 
 def _num(value: object) -> float:
@@ -116,16 +115,16 @@ def _finding(severity: str, layer: object, problem: str, evidence: str, advice: 
 
 # -- statistics ------------------------------------------------------------------------------
 def _input_rows(stats: pd.DataFrame) -> pd.DataFrame:
-    """Rows of tensors entering the quantized model: QuantStub inputs, else the first input."""
-    # a prepared model's QuantStub, an integer model's Quantized[quantize] (not DeQuantStub,
-    # not Quantized[conv2d])
-    stub = stats["Module Type"].astype(str).str.fullmatch(r"QuantStub|Quantized\[quantize\]")
-    rows = stats[stub & (stats["Attr"] == "input")]
-    if rows.empty:
-        rows = stats[stub & (stats["Attr"] == "output")]
-    if rows.empty:
-        rows = stats[stats["Attr"] == "input"].head(1)
-    return rows
+    """Rows of the tensors entering the model: the inputs of QuantStubs (an integer model's
+    Quantize) that come from a model input, possibly through data-moving ops ("Source Kind"
+    ``input``); for a float model (no QuantStub), the first op input that is a model input.  A
+    QuantStub that re-quantizes the output of a float op in the middle of the graph
+    (``div_quant`` after ``x / buffer``) is not a model input."""
+    from_input = (stats["Attr"] == "input") & (stats["Source Kind"] == "input")
+    stubs = stats["Op Kind"] == "quant_stub"
+    if stubs.any():
+        return stats[from_input & stubs]
+    return stats[from_input].head(1)
 
 
 def _check_inputs(stats: pd.DataFrame) -> Iterable[dict]:
@@ -163,7 +162,7 @@ def _check_resolution(row: pd.Series) -> Iterable[dict]:
         severity, layer, "range too large for int8: most values fall on a few int8 levels",
         f"std {math.sqrt(var):.4g} = {std_steps:.2f} steps of {step:.4g} (max |x| {amax:.4g}, "
         f"{amax / max(math.sqrt(var), 1e-30):.0f}x the std)",
-        f"use int16 for '{_qconfig_key(layer)}': {_int16_snippet(layer)}; or bound its range "
+        f"use int16 for '{qconfig_key(layer)}': {_int16_snippet(layer)}; or bound its range "
         "(ReLU6 / clamp / BatchNorm, weight decay) so int8 holds it")
 
 
@@ -182,16 +181,16 @@ def _check_saturation(row: pd.Series) -> Iterable[dict]:
         f"{sat:.2%} of values clipped; scale {scale:.4g} covers +-{scale * (levels - 1):.4g}, "
         f"data in "
         f"[{_num(row['Min']):.4g}, {_num(row['Max']):.4g}] ({steps:.0f} steps)",
-        f"recalibrate '{_qconfig_key(layer)}' with data like the inference data and a "
+        f"recalibrate '{qconfig_key(layer)}' with data like the inference data and a "
         "range-keeping observer (activation_observer='min_max' or 'percentile' with "
         "percentile=99.99); if the scale is fixed, widen it; or use int16: "
         f"{_int16_snippet(layer)}")
 
 
 def _check_multi_input(stats: pd.DataFrame) -> Iterable[dict]:
-    inputs = stats[stats["Attr"] == "input"]
-    for (layer, mtype), rows in inputs.groupby(["Module Name", "Module Type"], sort=False):
-        if not set(_tokens(mtype)) & _MULTI_INPUT_OPS or rows["Arg"].nunique() < 2:
+    inputs = stats[(stats["Attr"] == "input") & stats["Op Kind"].isin(MULTI_INPUT_KINDS)]
+    for layer, rows in inputs.groupby("Module Name", sort=False):
+        if rows["Arg"].nunique() < 2:
             continue
         amax = {int(r["Arg"]): _amax(r) for _, r in rows.iterrows()}
         live = {k: v for k, v in amax.items() if v > 0 and math.isfinite(v)}
@@ -211,34 +210,26 @@ def _check_multi_input(stats: pd.DataFrame) -> Iterable[dict]:
             "int8 levels",
             f"bound the large input of '{layer}' (clamp / BatchNorm / ReLU6), rescale the "
             "branches to comparable ranges before the op, or use int16 for "
-            f"'{_qconfig_key(layer)}': {_int16_snippet(layer)}")
+            f"'{qconfig_key(layer)}': {_int16_snippet(layer)}")
 
 
-def _producer(stats: pd.DataFrame, idx: int) -> str | None:
-    """The op whose output row holds the same tensor as input row ``idx`` (same statistics,
-    earlier in execution order), through data-moving ops; None when not found."""
-    key = tuple(stats.loc[idx, ["Min", "Max", "Mean", "Var"]])
-    for j in range(idx - 1, -1, -1):
-        row = stats.loc[j]
-        if row["Attr"] != "output" or tuple(row[["Min", "Max", "Mean", "Var"]]) != key:
-            continue
-        if set(_tokens(row["Module Type"])) & _DATA_MOVING:
-            inputs = stats[(stats["Module Name"] == row["Module Name"])
-                           & (stats["Attr"] == "input") & (stats.index < j)]
-            return _producer(stats, int(inputs.index[-1])) if len(inputs) else None
-        return str(row["Module Name"])
-    return None
+def _producer(row: pd.Series) -> str | None:
+    """The op that produced an input row's tensor (through data-moving ops), None for a model
+    input or a constant."""
+    src, kind = row.get("Source"), row.get("Source Kind")
+    if not isinstance(src, str) or not src or kind in _NO_PRODUCER:
+        return None
+    return src
 
 
 def _check_nonlinear(stats: pd.DataFrame) -> Iterable[dict]:
     inputs = stats[(stats["Attr"] == "input") & (stats["Arg"] == 0)]
-    for idx, row in inputs.iterrows():
-        toks = _tokens(row["Module Type"])
+    for _, row in inputs.iterrows():
+        kind = str(row["Op Kind"])
         layer, step, amax = row["Module Name"], _step(row), _amax(row)
         if not (step > 0 and math.isfinite(amax)):
             continue
-        kind = next((t for t in toks if t in NONLINEAR_ACTIVE_WIDTH), None)
-        if kind is not None:
+        if kind in NONLINEAR_ACTIVE_WIDTH:
             levels = NONLINEAR_ACTIVE_WIDTH[kind] / step
             if levels >= MIN_LEVELS_IN_ACTIVE_REGION:
                 continue
@@ -247,14 +238,14 @@ def _check_nonlinear(stats: pd.DataFrame) -> Iterable[dict]:
                         f"levels where {kind} changes ([-{half:g}, {half:g}])")
             fix = (f"clamp the input of '{layer}' to about [-{2 * half:g}, {2 * half:g}] "
                    f"(torch.clamp before the {kind}: outside it {kind} is flat)")
-        elif (kind := next((t for t in toks if t in EXP_LIKE), None)) is not None:
+        elif kind in EXP_LIKE:
             if step <= EXP_MAX_STEP:
                 continue
             evidence = (f"input step {step:.4g} (max |x| {amax:.4g}): each step changes "
                         f"exp by {math.expm1(step):.0%}")
             fix = (f"reduce the input range of '{layer}' (scale logits / temperature, clamp "
                    "to [-16, 16] before the op)")
-        elif (kind := next((t for t in toks if t in STEEP_AT_ZERO), None)) is not None:
+        elif kind in STEEP_AT_ZERO:
             lo = _num(row["Min"])
             near = lo / step if lo > 0 else 0.0
             if near >= STEEP_MIN_STEPS:
@@ -266,12 +257,12 @@ def _check_nonlinear(stats: pd.DataFrame) -> Iterable[dict]:
                    "it)")
         else:
             continue
-        src = _producer(stats, int(idx))
+        src = _producer(row)
         yield _finding(
             "warning", layer, f"non-linear op ({kind}) evaluated in a steep region with a "
             "coarse input step", evidence,
             f"{fix}, or give its input finer steps with int16 on the op producing it"
-            + (f" ('{_qconfig_key(src)}'): {_int16_snippet(src)}" if src else
+            + (f" ('{qconfig_key(src)}'): {_int16_snippet(src)}" if src else
                f": a qconfig_dict 'module_name' entry ({_INT16_QCONFIG}) for the producer "
                f"of '{layer}'"))
 
@@ -294,9 +285,8 @@ def _check_nonfinite(stats: pd.DataFrame) -> Iterable[dict]:
 def _check_outliers(outliers: pd.DataFrame) -> Iterable[dict]:
     for _, row in outliers.iterrows():
         channels = int(_num(row["Channels"]) or 0)
-        toks = _tokens(row["Module Type"])
         consumer = row["Attr"] == "input"
-        if channels < 2 or (consumer and not any(t.startswith(_MATMUL_LIKE) for t in toks)):
+        if channels < 2 or (consumer and row["Op Kind"] not in _MATMUL_KINDS):
             continue
         hit = next(((k, sev) for k, sev in OUTLIER_LEVELS
                     if _num(row[f"Level>={k}"]) >= OUTLIER_CHANNEL_FRACTION * channels), None)
@@ -313,7 +303,7 @@ def _check_outliers(outliers: pd.DataFrame) -> Iterable[dict]:
             f"{_num(row['Max Level']):.1f}",
             f"SmoothQuant: divide the outlier channels of {where} by a per-channel factor and "
             "multiply the matching weight rows of the next linear/conv by it; or per-channel "
-            f"activation scales if the NPU has them; or int16 for '{_qconfig_key(layer)}': "
+            f"activation scales if the NPU has them; or int16 for '{qconfig_key(layer)}': "
             f"{_int16_snippet(layer)}")
 
 
@@ -323,12 +313,13 @@ def _check_end_to_end(sim: pd.DataFrame) -> Iterable[dict]:
         return
     last = sim.loc[sims.last_valid_index()]
     final = _num(last["Similarity"])
-    if final >= FINAL_COSINE_MIN:
+    if final >= FINAL_SIMILARITY_THRESHOLD:
         return
     drops = (sims.shift(1) - sims).fillna(1.0 - sims)
     worst = sim.loc[drops.idxmax()]
     yield _finding(
-        "error", last["Module Name"], f"final-output cosine similarity below {FINAL_COSINE_MIN}",
+        "error", last["Module Name"],
+        f"final-output cosine similarity below {FINAL_SIMILARITY_THRESHOLD}",
         f"cosine {final:.4f} at the last op '{last['Module Name']}'; largest single drop at "
         f"'{worst['Module Name']}' ({drops.max():.4f})",
         f"start at '{worst['Module Name']}': compare with method='PerLayer' to separate its "
@@ -341,7 +332,7 @@ def _check_per_layer(sim: pd.DataFrame) -> Iterable[dict]:
     bad = sim.assign(_s=sims)[sims < PER_LAYER_COSINE_MIN].sort_values("_s", kind="stable")
     for _, row in bad.head(WORST_LAYERS_TOP_K).iterrows():
         layer = row["Module Name"]
-        key = _qconfig_key(layer)
+        key = qconfig_key(layer)
         yield _finding(
             "warning", layer, "large error of the op itself (fed the float model's input)",
             f"cosine {row['_s']:.4f} < {PER_LAYER_COSINE_MIN} ({row.get('Module Type', '')})",
@@ -407,12 +398,14 @@ def advise(statistics: pd.DataFrame | None = None, similarity: pd.DataFrame | No
     """Turn profiler tables into findings: layer, problem, evidence, advice.
 
     Any table may be None (its checks are skipped). What is found, with the thresholds named
-    in this module: model input not normalized / not symmetric; range too large for int8;
+    in this module: model input not normalized / not symmetric (only the tensors a
+    QuantStub takes from a model input, or a float model's inputs); range too large for int8;
     scale not covering the data (saturation); add/cat inputs whose ranges differ > 10x;
     non-linear ops (sigmoid, tanh, exp, softmax, silu, gelu, hardswish, reciprocal, sqrt...)
     evaluated with a coarse input step where they are steep; outlier channels; NaN/inf; final
-    cosine below 0.98 and the worst per-layer ops; shared/unused modules; unfused groups;
-    qconfig warnings.
+    cosine below ``FINAL_SIMILARITY_THRESHOLD`` (0.98) and the worst per-layer ops;
+    shared/unused modules; unfused groups; qconfig warnings.  The statistics and outlier
+    tables need their "Op Kind" (and "Source", "Source Kind") columns.
 
     Args:
         statistics: :func:`profile_featuremap`'s table (or the FeatureProfile it returns).
@@ -438,8 +431,9 @@ def advise(statistics: pd.DataFrame | None = None, similarity: pd.DataFrame | No
         >>> findings[findings.Severity == "error"][["Layer", "Advice"]]
     """
     found: list[dict] = []
-    stats = _rows(statistics, ["Module Name", "Module Type", "Attr", "Arg", "Min", "Max", "Mean",
-                               "Var", "NaN", "Inf"], "statistics")
+    stats = _rows(statistics, ["Module Name", "Module Type", "Op Kind", "Attr", "Arg", "Source",
+                               "Source Kind", "Min", "Max", "Mean", "Var", "NaN", "Inf"],
+                  "statistics")
     if stats is not None and len(stats):
         found += _check_nonfinite(stats)
         found += _check_inputs(stats)
@@ -449,8 +443,9 @@ def advise(statistics: pd.DataFrame | None = None, similarity: pd.DataFrame | No
         found += _check_multi_input(stats)
         found += _check_nonlinear(stats)
     checks = [
-        (outliers, ["Module Name", "Module Type", "Attr", "Channels", "Level>=3", "Level>=4",
-                    "Level>=5", "Level>=6", "Max Level"], "outliers", _check_outliers),
+        (outliers, ["Module Name", "Module Type", "Op Kind", "Attr", "Channels", "Level>=3",
+                    "Level>=4", "Level>=5", "Level>=6", "Max Level"], "outliers",
+         _check_outliers),
         (similarity, ["Module Name", "Similarity"], "similarity", _check_end_to_end),
         (per_layer_similarity, ["Module Name", "Similarity"], "per_layer_similarity",
          _check_per_layer),

@@ -17,7 +17,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import contextvars
+from typing import Any, Iterator
 
 import pandas as pd
 from qatkit.annotation import get_annotations, has_annotations
@@ -25,8 +27,8 @@ from qatkit.fx.naming import float_node_names, op_base_name
 from qatkit.fx.tracer import symbolic_trace
 from torch import fx, nn
 
-__all__ = ["trace_model", "is_prepared", "op_names", "reference_names", "node_type",
-           "align_names"]
+__all__ = ["trace_model", "shared_traces", "is_prepared", "op_names", "reference_names",
+           "node_type", "align_names"]
 
 _OPS = ("call_module", "call_function", "call_method")
 
@@ -42,10 +44,34 @@ def is_prepared(model: nn.Module) -> bool:
     return has_annotations(model)
 
 
-def trace_model(model: nn.Module, label: str = "model") -> fx.GraphModule:
+#: while :func:`shared_traces` is active: id(model) -> (model, its trace)
+_TRACES: contextvars.ContextVar[dict[int, tuple[nn.Module, fx.GraphModule]] | None] = \
+    contextvars.ContextVar("qatkit_profiler_traces", default=None)
+
+
+@contextlib.contextmanager
+def shared_traces() -> Iterator[None]:
+    """Within this block :func:`trace_model` traces each model once: the tools of one
+    :func:`~qatkit.profiler.model_profiler` run share the traces of its models.
+
+    Example::
+
+        >>> with shared_traces():
+        ...     assert trace_model(model) is trace_model(model)
+    """
+    token = _TRACES.set({} if _TRACES.get() is None else _TRACES.get())
+    try:
+        yield
+    finally:
+        _TRACES.reset(token)
+
+
+def trace_model(model: nn.Module, label: str = "model", share: bool = True) -> fx.GraphModule:
     """``model`` as a GraphModule: itself if it is one, else traced with qatkit's tracer.
 
     The traced GraphModule shares ``model``'s submodules (nothing is copied or modified).
+    Inside :func:`shared_traces`, a model is traced once (unless ``share=False``: a private
+    copy that must not be kept alive).
 
     Raises:
         ValueError: the model cannot be traced (the message says how to pass a traced one).
@@ -56,13 +82,19 @@ def trace_model(model: nn.Module, label: str = "model") -> fx.GraphModule:
     """
     if isinstance(model, fx.GraphModule):
         return model
+    cache = _TRACES.get() if share else None
+    if cache is not None and id(model) in cache and cache[id(model)][0] is model:
+        return cache[id(model)][1]
     try:
-        return symbolic_trace(model)
+        gm = symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise ValueError(
             f"{label} ({type(model).__name__}) cannot be traced: {e}\nFix: trace it yourself "
             "with qatkit.fx.symbolic_trace(model, concrete_args=..., leaf_modules=...) -- the "
             "same arguments you gave prepare_qat_fx -- and pass the GraphModule") from e
+    if cache is not None:
+        cache[id(model)] = (model, gm)
+    return gm
 
 
 def op_names(gm: fx.GraphModule) -> dict[fx.Node, str]:

@@ -1,40 +1,52 @@
-"""Capture every op's inputs and outputs of a model, by name (an FX Interpreter).
+"""Capture one forward of a model, by name: every tool of a report reads it (an FX Interpreter).
 
 Works on float, calibrated, QAT and integer models alike: the model is traced (float) or is
-already a GraphModule (prepared / converted), and a ``torch.fx.Interpreter`` runs it once,
-recording each op's tensors as :class:`FeatureRecord` objects moved to the CPU.  Names are
-the op names of :mod:`qatkit.fx.naming` (``name(k)`` for the k-th call of a shared module).
+already a GraphModule (prepared / converted), and one ``torch.fx.Interpreter`` run records, as
+a :class:`Capture`:
 
-The model is never mutated: it runs in eval mode under ``torch.no_grad()`` and its train /
-eval flags are restored; a model whose forward would change it (fake quants in QAT or
-CALIBRATION state update their observers) or that must move to another device runs as a
-deep copy.  :func:`analysis_model` is the context manager that does this for every profiler
-function, and checks the fake-quant state (see its docstring).
+* each op's input and output tensors, moved to the CPU, as :class:`FeatureRecord` objects with
+  the op's kind and role and, for an input, the op it comes from (all read from the
+  quantization annotation, :mod:`qatkit.annotation`; a float model's trace is annotated by the
+  same pass, :func:`qatkit.fx.annotate`, which gives kinds and roles without specs);
+* which nodes produce floating-point tensors, how often each module is called, the outputs of
+  the nodes a comparison needs (kept on the CPU), and the model's output.
+
+:func:`model_profiler` captures each model once and hands the capture to every tool
+(similarity, statistics, outlier channels, call counts, qconfig check); each tool called on its
+own captures the model itself.  Names are the op names of :mod:`qatkit.fx.naming`
+(``name(k)`` for the k-th call of a shared module).  The model is never changed (see
+:func:`~qatkit.profiler.running.analysis_model`).
+
+Example::
+
+    >>> cap = capture_model(calib_model, x, records=True)
+    >>> cap.calls["layer1.0.conv1"], cap.records[0].kind
+    (1, 'quant_stub')
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import math
-import os
-import warnings
 import weakref
-from typing import Any, Iterable, Iterator, Sequence
+from collections import Counter
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import pandas as pd
 import torch
-from qatkit.annotation import get_annotations, has_annotations
+from qatkit.annotation import NodeAnnotation, get_annotations, has_annotations
 from qatkit.fake_quantize import FakeQuantize, FakeQuantState
-from qatkit.fx import op_kind
+from qatkit.fx import annotate, op_kind
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .alignment import check_inputs, node_type, op_names, trace_model
+from .alignment import check_inputs, node_type, op_names
+from .running import analysis_model, as_tuple, model_device, positional_inputs, to_device
 
-__all__ = ["FeatureRecord", "get_raw_features", "analysis_model", "node_qparams",
-           "write_table"]
+__all__ = ["FeatureRecord", "Capture", "capture_model", "run_capture", "get_raw_features",
+           "node_qparams", "model_annotations", "source_annotation"]
+
+_OPS = ("call_module", "call_function", "call_method")
+#: ``on_output(interpreter, node, value) -> value``: sees (and may replace) each op's output
+OnOutput = Callable[[fx.Interpreter, fx.Node, Any], Any]
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -54,6 +66,13 @@ class FeatureRecord:
             value before its output fake quant (float32, on the CPU): what the op computes,
             so statistics can show how much of it the quantization grid cuts off. None
             elsewhere (integer ops round and saturate inside).
+        kind: the op's kind from the annotation (``"conv"``, ``"add"``, ``"quant_stub"``,
+            ``"sigmoid"``; the op's base name for other ops, e.g. ``"reshape"``).
+        role: the op's role (:data:`qatkit.annotation.ROLES`: ``"quantized"``,
+            ``"passthrough"``, ``"float"``...).
+        source: for an input, the op whose output it is, looked up through data-moving ops
+            (a graph input's own name for a model input); None for an output.
+        source_kind: the kind of ``source`` (``"input"`` for a model input).
     """
 
     name: str
@@ -64,6 +83,10 @@ class FeatureRecord:
     scale: float | None
     dtype: str
     unquantized: Tensor | None = None
+    kind: str = ""
+    role: str = ""
+    source: str | None = None
+    source_kind: str | None = None
 
     @property
     def is_int(self) -> bool:
@@ -72,8 +95,8 @@ class FeatureRecord:
 
     def __repr__(self) -> str:
         return (f"FeatureRecord(name={self.name!r}, module_type={self.module_type!r}, "
-                f"attr={self.attr!r}, arg={self.arg}, shape={list(self.data.shape)}, "
-                f"scale={self.scale}, dtype={self.dtype!r})")
+                f"kind={self.kind!r}, attr={self.attr!r}, arg={self.arg}, "
+                f"shape={list(self.data.shape)}, scale={self.scale}, dtype={self.dtype!r})")
 
 
 def node_qparams(gm: fx.GraphModule) -> dict[fx.Node, tuple[float | None, str | None]]:
@@ -95,106 +118,93 @@ def node_qparams(gm: fx.GraphModule) -> dict[fx.Node, tuple[float | None, str | 
     return out
 
 
-# -- running a model without changing it ---------------------------------------------------
-def _fake_quant_states(model: nn.Module) -> dict[FakeQuantState, list[str]]:
-    states: dict[FakeQuantState, list[str]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, FakeQuantize):
-            states.setdefault(m.state, []).append(name)
-    return states
+def model_annotations(gm: fx.GraphModule) -> dict[fx.Node, NodeAnnotation]:
+    """The annotation of every node: the stored one of a prepared / converted model, or, for
+    a float model's trace, the annotate pass's kinds and roles (no quantization specs).
+
+    Example::
+
+        >>> {a.name: a.kind for a in model_annotations(trace_model(resnet18)).values()}["fc"]
+        'linear'
+    """
+    return get_annotations(gm) if has_annotations(gm) else annotate(gm)
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return None
-
-
-@contextlib.contextmanager
-def analysis_model(model: nn.Module, label: str = "model", device: Any = None,
-                   calibration: str = "raise") -> Iterator[fx.GraphModule]:
-    """Yield a GraphModule that runs ``model`` in eval mode, leaving ``model`` unchanged.
-
-    Fake-quant state: fake quants in CALIBRATION state (fake quantization off, the model
-    computes in float) raise a ValueError with the fix when ``calibration="raise"``, or warn
-    when ``"warn"``.  Fake quants in QAT state update their observer (and scale) on every
-    batch: the model runs as a copy, with a warning.  VALIDATION needs nothing.
+def source_annotation(ann: NodeAnnotation, by_node: Mapping[str, NodeAnnotation]
+                      ) -> NodeAnnotation:
+    """The annotation of the op whose output ``ann``'s node passes on: ``ann`` itself unless it
+    is a data-moving op (role ``"passthrough"``), whose first tensor input is followed back.
 
     Args:
-        model: any model.
+        ann: a node's annotation.
+        by_node: every annotation of the graph, keyed by node name.
+
+    Example::
+
+        >>> by_node = {a.node: a for a in model_annotations(gm).values()}
+        >>> source_annotation(by_node["flatten"], by_node).name        # flatten(avgpool(x))
+        'avgpool'
+    """
+    seen: set[str] = set()
+    while ann.role == "passthrough" and ann.inputs and ann.node not in seen:
+        seen.add(ann.node)
+        nxt = by_node.get(ann.inputs[0].node)
+        if nxt is None:
+            break
+        ann = nxt
+    return ann
+
+
+# -- the capture -----------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False, repr=False)
+class Capture:
+    """One recorded forward of one model: what every tool of a report reads.
+
+    Attributes:
+        model: the model captured (it was not changed).
         label: how messages call it (``"model1"``).
-        device: run on this device (a copy when ``model`` lives elsewhere); None: where it is.
-        calibration: ``"raise"`` or ``"warn"``.
+        names: node name -> op name (the tables' "Module Name").
+        annotations: node name -> :class:`~qatkit.annotation.NodeAnnotation`.
+        tensors: node name -> True when the node produced a floating-point tensor.
+        calls: module path -> how often the module ran in the forward (every path of the
+            model that ran, including modules the tracer inlined).
+        records: the :class:`FeatureRecord` objects asked for, in execution order.
+        kept: node name -> output on the CPU, for the nodes asked for.
+        output: the model's output.
 
     Example::
 
-        >>> with analysis_model(qat_model, "model2", device="cpu") as gm:
-        ...     out = gm(x)
+        >>> cap = capture_model(float_model, x)
+        >>> cap.calls["relu"], cap.tensors["size"]
+        (2, False)
     """
-    states = _fake_quant_states(model)
-    calib = states.get(FakeQuantState.CALIBRATION, [])
-    if calib:
-        shown = ", ".join(calib[:4]) + (" ..." if len(calib) > 4 else "")
-        msg = (f"{label} ({type(model).__name__}) has {len(calib)} fake quant(s) in CALIBRATION "
-               f"state ({shown}): fake quantization is off and the model computes in float, so "
-               "it would be analysed as a float model. Fix: qatkit.set_fake_quantize("
-               f"{label}, qatkit.FakeQuantState.VALIDATION) after calibrating")
-        if calibration == "raise":
-            raise ValueError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    qat = states.get(FakeQuantState.QAT, [])
-    if qat:
-        warnings.warn(f"{label} ({type(model).__name__}) has {len(qat)} fake quant(s) in QAT "
-                      "state: their scales follow every batch, so a copy is analysed (the model "
-                      "is not changed). For the frozen scales a deployed model uses: "
-                      f"qatkit.set_fake_quantize({label}, qatkit.FakeQuantState.VALIDATION)",
-                      RuntimeWarning, stacklevel=3)
-    here = _model_device(model)
-    device = torch.device(device) if device is not None else here
-    if device is not None and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    moving = device is not None and here is not None and here != device
-    if qat or calib or moving:
-        copied = copy.deepcopy(model)
-        if device is not None:
-            copied.to(device)
-        gm = trace_model(copied, label).eval()
-        yield gm
-        return
-    gm = trace_model(model, label)
-    flags = [(m, m.training) for m in list(model.modules()) + list(gm.modules())]
-    try:
-        gm.eval()
-        yield gm
-    finally:
-        for m, training in flags:
-            m.training = training
 
+    model: nn.Module
+    label: str
+    names: dict[str, str] = dataclasses.field(default_factory=dict)
+    annotations: dict[str, NodeAnnotation] = dataclasses.field(default_factory=dict)
+    tensors: dict[str, bool] = dataclasses.field(default_factory=dict)
+    calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    records: list[FeatureRecord] = dataclasses.field(default_factory=list)
+    kept: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    output: Any = None
 
-def _as_tuple(inputs: Any) -> tuple[Any, ...]:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
+    def check_model(self, model: nn.Module, caller: str) -> None:
+        """Raise a ValueError naming ``caller`` when this capture was not made from ``model``.
 
+        Example::
 
-def to_device(inputs: tuple[Any, ...], device: torch.device | None) -> tuple[Any, ...]:
-    """``inputs`` with every tensor (also inside lists/dicts) moved to ``device``.
+            >>> cap.check_model(model, "get_module_called_count")
+        """
+        if self.model is not model:
+            raise ValueError(f"{caller}: capture= was recorded from {self.label} "
+                             f"({type(self.model).__name__}), not from the model passed "
+                             f"({type(model).__name__}). Pass the capture of that model, or "
+                             "leave capture=None to run it")
 
-    Example::
-
-        >>> to_device((x, [y]), torch.device("cpu"))
-    """
-    if device is None:
-        return inputs
-
-    def move(x: Any) -> Any:
-        if isinstance(x, Tensor):
-            return x.to(device)
-        if isinstance(x, (list, tuple)):
-            return type(x)(move(v) for v in x)
-        if isinstance(x, dict):
-            return {k: move(v) for k, v in x.items()}
-        return x
-
-    return tuple(move(x) for x in inputs)
+    def __repr__(self) -> str:
+        return (f"Capture({self.label}: {type(self.model).__name__}, {len(self.names)} nodes, "
+                f"{len(self.records)} records, {len(self.kept)} kept)")
 
 
 class _Snapshots:
@@ -234,6 +244,181 @@ def _to_int(t: Tensor, scale: float) -> Tensor:
     return torch.round(t.to(torch.float64) / scale).to(torch.int32)
 
 
+def _inlined_calls(gm: fx.GraphModule) -> dict[str, int]:
+    """Calls of the modules the tracer traced through (their ops are in the graph, the module
+    itself never runs): distinct ``nn_module_stack`` entries per module path, the entry of a
+    ``call_module`` node's own module left out."""
+    keys: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for key, value in stack.items():
+            path = value[0] if isinstance(value, tuple) and value else None
+            if not isinstance(path, str) or (node.op == "call_module" and node.target == path):
+                continue
+            keys.setdefault(path, set()).add(str(key))
+    return {path: len(k) for path, k in keys.items()}
+
+
+class _Recorder(fx.Interpreter):
+    """Runs ``gm`` once, filling a :class:`Capture` (see :func:`run_capture`)."""
+
+    def __init__(self, gm: fx.GraphModule, cap: Capture, record: bool, prefixes: Sequence[str],
+                 types: Sequence[Any], preserve_int: bool, keep: set[str],
+                 on_output: OnOutput | None) -> None:
+        super().__init__(gm)
+        self.cap, self.record_on, self.keep, self.on_output = cap, record, keep, on_output
+        self.prefixes, self.types, self.preserve_int = prefixes, types, preserve_int
+        self.modules = dict(gm.named_modules())
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.qparams = node_qparams(gm) if record else {}
+        self.snap = _Snapshots()
+
+    def _record(self, ann: NodeAnnotation, mtype: str, attr: str, arg: int, t: Tensor,
+                qp: tuple[float | None, str | None], pre: Tensor | None = None,
+                src: NodeAnnotation | None = None) -> None:
+        scale, qdtype = qp
+        data = self.snap(t)
+        if self.preserve_int and scale is not None and data.is_floating_point():
+            data = _to_int(data, scale)
+        dtype = qdtype if qdtype is not None else str(t.dtype).replace("torch.", "")
+        if pre is not None:  # the op's own tensor, never handed on: no copy needed on the CPU
+            pre = pre.detach().to("cpu", torch.float32)
+        self.cap.records.append(FeatureRecord(
+            ann.name, mtype, attr, arg, data, scale, dtype, pre, ann.kind, ann.role,
+            None if src is None else src.name, None if src is None else src.kind))
+
+    def run_node(self, n: fx.Node) -> Any:
+        cap = self.cap
+        if n.op not in _OPS:
+            out = super().run_node(n)
+            cap.tensors[n.name] = isinstance(out, Tensor) and out.is_floating_point()
+            if n.name in self.keep and isinstance(out, Tensor):
+                cap.kept[n.name] = out.detach().to("cpu", copy=True)
+            if self.on_output is not None:
+                out = self.on_output(self, n, out)
+            return out
+        ann = cap.annotations[n.name]
+        mod = self.modules.get(str(n.target)) if n.op == "call_module" else None
+        keep = False
+        if self.record_on:
+            mtype = node_type(n, self.modules)
+            keep = _matches(n, ann.name, mod, mtype, self.prefixes, self.types)
+        if keep:
+            in_nodes = [a for a in tree_flatten((n.args, n.kwargs))[0] if isinstance(a, fx.Node)]
+            k = 0
+            for a in in_nodes:
+                v = self.env[a]
+                if isinstance(v, Tensor):
+                    src = source_annotation(cap.annotations[a.name], cap.annotations)
+                    self._record(ann, mtype, "input", k, v, self.qparams.get(a, (None, None)),
+                                 src=src)
+                    k += 1
+        pre: list[Tensor] = []
+        fq = getattr(mod, "activation_post_process", None) if keep else None
+        hook = None
+        if isinstance(fq, FakeQuantize) and fq.state is not FakeQuantState.CALIBRATION:
+            hook = fq.register_forward_pre_hook(lambda m, a: pre.append(a[0]))
+        try:
+            out = super().run_node(n)
+        finally:
+            if hook is not None:
+                hook.remove()
+        is_tensor = isinstance(out, Tensor)
+        cap.tensors[n.name] = is_tensor and out.is_floating_point()
+        if keep and is_tensor:
+            unq = pre[-1] if pre and isinstance(pre[-1], Tensor) and pre[-1] is not out and \
+                pre[-1].shape == out.shape else None
+            self._record(ann, mtype, "output", 0, out, self.qparams[n], unq)
+        if n.name in self.keep and is_tensor:
+            cap.kept[n.name] = self.snap(out) if keep else out.detach().to("cpu", copy=True)
+        if self.on_output is not None:
+            out = self.on_output(self, n, out)
+        return out
+
+
+def run_capture(gm: fx.GraphModule, inputs: tuple[Any, ...], model: nn.Module | None = None,
+                label: str = "model", records: bool = False, prefixes: Iterable[str] = (),
+                types: Iterable[Any] = (), preserve_int: bool = False,
+                keep: Iterable[str] = (), on_output: OnOutput | None = None) -> Capture:
+    """Run ``gm`` (from :func:`~qatkit.profiler.running.analysis_model`) once and record a
+    :class:`Capture`.
+
+    Args:
+        gm: the GraphModule to run, in eval mode.
+        inputs: the forward's positional arguments.
+        model: the model ``gm`` stands for (default ``gm``); tools check a capture against it.
+        label: how messages call the model.
+        records: record :class:`FeatureRecord` objects (filtered by ``prefixes``/``types``,
+            integers with ``preserve_int``, as :func:`get_raw_features` describes).
+        keep: node names whose outputs are kept on the CPU (``Capture.kept``).
+        on_output: ``on_output(interpreter, node, value) -> value`` after each op (a
+            comparison; it may hand on another value).
+
+    Returns:
+        the :class:`Capture`.
+
+    Example::
+
+        >>> with analysis_model(calib_model, "model2") as gm:
+        ...     cap = run_capture(gm, (x,), calib_model, "model2", records=True)
+    """
+    anns = model_annotations(gm)
+    cap = Capture(model=gm if model is None else model, label=label,
+                  names={n.name: name for n, name in op_names(gm).items()},
+                  annotations={n.name: a for n, a in anns.items()})
+    counts: Counter = Counter()
+    instances = {id(m): m for m in gm.modules() if m is not gm}
+    hooks = [m.register_forward_hook(lambda mod, *_: counts.update((id(mod),)))
+             for m in instances.values()]
+    try:
+        recorder = _Recorder(gm, cap, records, list(prefixes), list(types), preserve_int,
+                             set(keep), on_output)
+        with torch.no_grad():
+            cap.output = recorder.run(*to_device(inputs, model_device(gm)))
+    finally:
+        for h in hooks:
+            h.remove()
+    inlined = _inlined_calls(gm)
+    cap.calls = dict(inlined)
+    for path, m in gm.named_modules(remove_duplicate=False):
+        if path and counts[id(m)]:
+            cap.calls[path] = counts[id(m)]
+    return cap
+
+
+def capture_model(model: nn.Module, example_inputs: Any, label: str = "model",
+                  device: Any = None, calibration: str = "warn", float_flow: bool = False,
+                  **kwargs: Any) -> Capture:
+    """Capture one forward of ``model`` (it is not changed; see
+    :func:`~qatkit.profiler.running.analysis_model`).
+
+    Args:
+        model: a float, calibrated, QAT or integer model.
+        example_inputs: the model's input, a tuple of its inputs, or a dict of keyword
+            inputs.
+        label: how messages call the model.
+        device: run on this device (a copy of the model); None: where the model is.
+        calibration: ``"warn"`` or ``"raise"`` for fake quants in CALIBRATION state.
+        float_flow: run a copy with every fake quant in CALIBRATION state (no scale needed;
+            for the structure: tensors and call counts).
+        **kwargs: :func:`run_capture`'s ``records``, ``prefixes``, ``types``,
+            ``preserve_int``, ``keep``, ``on_output``.
+
+    Raises:
+        ValueError: ``example_inputs`` do not fit the model's signature.
+
+    Example::
+
+        >>> cap = capture_model(calib_model, x, records=True)
+        >>> get_module_called_count(calib_model, x, capture=cap)   # no second forward
+    """
+    with analysis_model(model, label, device, calibration, float_flow) as gm:
+        inputs = (positional_inputs(gm, example_inputs) if isinstance(example_inputs, dict)
+                  else as_tuple(example_inputs))
+        check_inputs(gm, inputs, label)
+        return run_capture(gm, inputs, model, label, **kwargs)
+
+
 def get_raw_features(model: nn.Module, example_inputs: Any, prefixes: Iterable[str] = (),
                      types: Iterable[Any] = (), device: Any = None,
                      preserve_int: bool = False) -> list[FeatureRecord]:
@@ -241,7 +426,8 @@ def get_raw_features(model: nn.Module, example_inputs: Any, prefixes: Iterable[s
 
     Args:
         model: a float, calibrated, QAT or integer (``convert_fx``) model.  It is not
-            changed (see :func:`analysis_model`); a model in CALIBRATION state warns.
+            changed (see :func:`~qatkit.profiler.running.analysis_model`); a model in
+            CALIBRATION state warns.
         example_inputs: the model's input, or a tuple of its inputs.
         prefixes: keep only ops whose name is one of these or starts with ``prefix.``
             (``"layer1"`` keeps ``layer1.0.conv1`` and ``layer1.0.add``).
@@ -256,7 +442,8 @@ def get_raw_features(model: nn.Module, example_inputs: Any, prefixes: Iterable[s
         records in execution order: per op call, one ``"input"`` record per tensor input
         (``arg`` = its position among the tensor inputs, ``cat([a, b])`` gives 0 and 1), then
         the ``"output"`` record.  A module called several times gives ``name(0)``,
-        ``name(1)``...  Inputs carry their producer's scale.
+        ``name(1)``...  Inputs carry their producer's scale and name it (``source``, through
+        data-moving ops); every record carries the op's kind and role.
 
     Raises:
         ValueError: ``example_inputs`` do not fit the model's signature.
@@ -267,98 +454,5 @@ def get_raw_features(model: nn.Module, example_inputs: Any, prefixes: Iterable[s
         >>> [(r.name, r.attr, r.dtype) for r in records[:2]]
         [('layer1.0.conv1', 'input', 'qint8'), ('layer1.0.conv1', 'output', 'qint8')]
     """
-    inputs = _as_tuple(example_inputs)
-    prefixes, types = list(prefixes), list(types)
-    records: list[FeatureRecord] = []
-    with analysis_model(model, "model", device, calibration="warn") as gm:
-        check_inputs(gm, inputs, "model")
-        names = op_names(gm)
-        modules = dict(gm.named_modules())
-        qparams = node_qparams(gm)
-        snap = _Snapshots()
-
-        def record(name: str, mtype: str, attr: str, arg: int, t: Tensor,
-                   qp: tuple[float | None, str | None], pre: Tensor | None = None) -> None:
-            scale, qdtype = qp
-            data = snap(t)
-            if preserve_int and scale is not None and data.is_floating_point():
-                data = _to_int(data, scale)
-            dtype = qdtype if qdtype is not None else str(t.dtype).replace("torch.", "")
-            if pre is not None:
-                pre = pre.detach().to("cpu", torch.float32, copy=True)
-            records.append(FeatureRecord(name, mtype, attr, arg, data, scale, dtype, pre))
-
-        class _Capture(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                if n.op not in ("call_module", "call_function", "call_method"):
-                    return super().run_node(n)
-                mod = modules.get(str(n.target)) if n.op == "call_module" else None
-                mtype = node_type(n, modules)
-                keep = _matches(n, names[n], mod, mtype, prefixes, types)
-                if keep:
-                    in_nodes = [a for a in tree_flatten((n.args, n.kwargs))[0]
-                                if isinstance(a, fx.Node)]
-                    values = [self.env[a] for a in in_nodes]
-                    k = 0
-                    for a, v in zip(in_nodes, values, strict=True):
-                        if isinstance(v, Tensor):
-                            record(names[n], mtype, "input", k, v, qparams.get(a, (None, None)))
-                            k += 1
-                pre: list[Tensor] = []
-                fq = getattr(mod, "activation_post_process", None) if keep else None
-                hook = None
-                if isinstance(fq, FakeQuantize) and fq.state is not FakeQuantState.CALIBRATION:
-                    hook = fq.register_forward_pre_hook(lambda m, a: pre.append(a[0]))
-                try:
-                    out = super().run_node(n)
-                finally:
-                    if hook is not None:
-                        hook.remove()
-                if keep and isinstance(out, Tensor):
-                    unq = pre[-1] if pre and isinstance(pre[-1], Tensor) and \
-                        pre[-1].shape == out.shape else None
-                    record(names[n], mtype, "output", 0, out, qparams[n], unq)
-                return out
-
-        dev = _model_device(gm)
-        with torch.no_grad():
-            _Capture(gm).run(*to_device(inputs, dev))
-    return records
-
-
-def write_table(table: pd.DataFrame, out_dir: str | os.PathLike | None, file_name: str,
-                title: str = "", extra: Sequence[tuple[str, pd.DataFrame]] = ()) -> list[str]:
-    """Write ``table`` to ``out_dir/file_name.csv`` and a readable ``file_name.txt``.
-
-    ``extra`` tables (``(title, table)`` pairs) are appended to the .txt only.  Nothing is
-    written when ``out_dir`` is None.
-
-    Returns:
-        the paths written.
-
-    Example::
-
-        >>> write_table(table, "out", "featuremap_similarity", "float vs calibrated")
-        ['out/featuremap_similarity.csv', 'out/featuremap_similarity.txt']
-    """
-    if out_dir is None:
-        return []
-    os.makedirs(out_dir, exist_ok=True)
-    csv = os.path.join(os.fspath(out_dir), f"{file_name}.csv")
-    txt = os.path.join(os.fspath(out_dir), f"{file_name}.txt")
-    table.to_csv(csv, index=False)
-    parts = []
-    for t_title, t in [(title, table), *extra]:
-        body = t.to_string(index=False, float_format=_fmt) if len(t) else "(no rows)"
-        parts.append((f"{t_title}\n{'=' * len(t_title)}\n" if t_title else "") + body)
-    with open(txt, "w", encoding="utf-8") as f:
-        f.write("\n\n".join(parts) + "\n")
-    return [csv, txt]
-
-
-def _fmt(v: float) -> str:
-    if math.isnan(v) or math.isinf(v):
-        return str(v)
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
-        return f"{v:.4e}"
-    return f"{v:.6g}"
+    return capture_model(model, example_inputs, "model", device, "warn", records=True,
+                         prefixes=prefixes, types=types, preserve_int=preserve_int).records

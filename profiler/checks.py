@@ -8,7 +8,6 @@ None of them modifies the model: forward passes run on a deep copy.
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from collections import Counter
 from typing import Any, Callable
@@ -16,21 +15,23 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 from qatkit.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
-from qatkit.fx.fuse import _act_kind, _is_add, find_fusion_groups  # prepare's own matchers
+from qatkit.fx.annotate import is_non_tensor, is_passthrough
+from qatkit.fx.fuse import act_kind, find_fusion_groups, is_add  # prepare's own matchers
 from qatkit.fx.naming import float_node_names, op_base_name
 from qatkit.fx.patterns import (
     BN_FOR,
     FUSED_ACTIVATION_FUNCTIONS,
     NON_TENSOR_FUNCTIONS,
-    NON_TENSOR_METHODS,
     PASSTHROUGH_FUNCTIONS,
-    PASSTHROUGH_METHODS,
-    PASSTHROUGH_MODULES,
     QUANTIZED_FUNCTIONS,
 )
 from qatkit.fx.tracer import symbolic_trace
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
+
+from .capture import Capture
+from .running import positional_inputs
+from .tables import op_label, print_table
 
 __all__ = ["get_module_called_count", "check_unfused_operations"]
 
@@ -52,17 +53,6 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
         return (), dict(example_inputs)
     return (tuple(example_inputs) if isinstance(example_inputs, (tuple, list))
             else (example_inputs,)), {}
-
-
-def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
-    """The placeholders' values in order (an Interpreter takes positional arguments only)."""
-    out, rest = list(args), dict(kwargs)
-    for node in [n for n in gm.graph.nodes if n.op == "placeholder"][len(args):]:
-        if node.target in rest:
-            out.append(rest.pop(node.target))
-        elif node.args:
-            out.append(node.args[0])
-    return out
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
@@ -91,26 +81,12 @@ def _run_copy(gm: fx.GraphModule, example_inputs: Any, caller: str,
     runner = _private_copy(gm).eval()
     if any(isinstance(m, FakeQuantize) for m in runner.modules()):
         set_fake_quantize(runner, FakeQuantState.CALIBRATION)
-    args, kwargs = _split_inputs(example_inputs)
     try:
         with torch.no_grad():
-            _Interpreter(runner, on_node).run(*_positional(runner, args, kwargs))
+            _Interpreter(runner, on_node).run(*positional_inputs(runner, example_inputs))
     except Exception as e:
         raise RuntimeError(f"{caller}: running example_inputs through {type(gm).__name__} "
                            f"failed: {type(e).__name__}: {e}") from e
-
-
-def _print_table(title: str, df: pd.DataFrame, notes: list[str] | None = None) -> None:
-    shown = df.copy()
-    if notes is not None:
-        shown[""] = notes
-    print(f"== {title} ==")
-    print(shown.to_string(index=False) if len(shown) else "(none)")
-
-
-def _strip_call(name: str) -> str:
-    """``relu(1)`` -> ``relu``: the module path of one call site of a shared module."""
-    return re.sub(r"\(\d+\)$", "", name)
 
 
 # -- get_module_called_count ---------------------------------------------------------------
@@ -144,7 +120,8 @@ def _leaf_modules(model: nn.Module, is_leaf: Callable[[nn.Module], bool]
 
 def get_module_called_count(model: nn.Module, example_inputs: Any,
                             check_leaf_module: Callable[[nn.Module], bool] | None = None,
-                            print_tabulate: bool = True) -> pd.DataFrame:
+                            print_tabulate: bool = True,
+                            capture: Capture | None = None) -> pd.DataFrame:
     """Count how often each leaf module is called in one forward pass.
 
     A module called more than once shares one output scale over its calls and is not fused;
@@ -154,17 +131,21 @@ def get_module_called_count(model: nn.Module, example_inputs: Any,
     Args:
         model: any ``nn.Module``.
         example_inputs: the forward's positional arguments (a tuple, or one tensor), or a dict
-            of keyword arguments.
+            of keyword arguments (unused with ``capture``).
         check_leaf_module: ``callable(module) -> bool`` choosing the modules to count; the
             default counts modules without children and qatkit's QAT / quantized modules
             (whose fake quants are not counted separately).
         print_tabulate: print the table, shared and unused modules marked.
+        capture: a :class:`~qatkit.profiler.capture.Capture` of ``model``
+            (:func:`~qatkit.profiler.capture.capture_model`): its call counts are read and the
+            model does not run again (as in :func:`~qatkit.profiler.model_profiler`).
 
     Returns:
         DataFrame with columns "Module Name", "Module Type", "Called Count", in module order.
 
     Raises:
         RuntimeError: the forward pass failed (the message says which model and why).
+        ValueError: ``capture`` was recorded from another model.
 
     Example::
 
@@ -174,7 +155,23 @@ def get_module_called_count(model: nn.Module, example_inputs: Any,
     """
     is_leaf = check_leaf_module or _default_leaf
     leaves = _leaf_modules(model, is_leaf)
-    counts = {name: 0 for name, _ in leaves}
+    if capture is not None:
+        capture.check_model(model, "get_module_called_count")
+        counts = {name: capture.calls.get(name, 0) for name, _ in leaves}
+    else:
+        counts = _run_counting(model, example_inputs, [name for name, _ in leaves])
+    df = pd.DataFrame([(name, mod._get_name(), counts[name]) for name, mod in leaves],
+                      columns=CALLED_COUNT_COLUMNS)
+    if print_tabulate:
+        notes = ["<-- shared" if c > 1 else "<-- unused" if c == 0 else ""
+                 for c in df["Called Count"]]
+        print_table("module called count", df, notes)
+    return df
+
+
+def _run_counting(model: nn.Module, example_inputs: Any, names: list[str]) -> dict[str, int]:
+    """Calls of the modules ``names`` in one forward of a deep copy of ``model``."""
+    counts = {name: 0 for name in names}
     args, kwargs = _split_inputs(example_inputs)
     runner = _private_copy(model).eval()
     if any(isinstance(m, FakeQuantize) for m in runner.modules()):  # never needs a scale
@@ -193,29 +190,10 @@ def get_module_called_count(model: nn.Module, example_inputs: Any,
     finally:
         for h in handles:
             h.remove()
-    df = pd.DataFrame([(name, mod._get_name(), counts[name]) for name, mod in leaves],
-                      columns=CALLED_COUNT_COLUMNS)
-    if print_tabulate:
-        notes = ["<-- shared" if c > 1 else "<-- unused" if c == 0 else ""
-                 for c in df["Called Count"]]
-        _print_table("module called count", df, notes)
-    return df
+    return counts
 
 
 # -- check_unfused_operations ----------------------------------------------------------------
-def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], PASSTHROUGH_MODULES)
-    if node.op == "call_function":
-        return node.target in PASSTHROUGH_FUNCTIONS
-    return node.op == "call_method" and node.target in PASSTHROUGH_METHODS
-
-
-def _is_non_tensor(node: fx.Node) -> bool:
-    return (node.op == "call_method" and node.target in NON_TENSOR_METHODS) or (
-        node.op == "call_function" and node.target in NON_TENSOR_FUNCTIONS)
-
-
 def _is_opaque(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A wrapped function or a custom leaf module: prepare cannot see inside."""
     if node.op == "call_function":
@@ -236,19 +214,11 @@ def _stage(node: fx.Node, wmod: nn.Module | None, modules: dict[str, nn.Module],
         allowed = nn.modules.batchnorm._BatchNorm if wmod is None else BN_FOR.get(type(wmod), ())
         if isinstance(bn, allowed) and (wmod is None or bn.num_features == out_ch):
             return "bn"
-    if _is_add(node):
+    if is_add(node):
         return "add"
-    if _act_kind(node, modules) is not None:
+    if act_kind(node, modules) is not None:
         return "act"
     return hidden.get(node)
-
-
-def _label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return type(modules[node.target]).__name__
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return f"{op_base_name(node)}()" if node.op == "call_function" else node.op
 
 
 class _Spy(TorchFunctionMode):
@@ -293,13 +263,13 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node]
     """(tensor users, passthrough chain, non-tensor users) of ``node``: when its only tensor
     user is a data-moving op with one tensor user, and so on, the chain is followed."""
     users = list(node.users)
-    tensor_users = [u for u in users if not _is_non_tensor(u)]
+    tensor_users = [u for u in users if not is_non_tensor(u)]
     chain: list[fx.Node] = []
     cur = tensor_users
-    while len(cur) == 1 and _is_passthrough(cur[0], modules):
+    while len(cur) == 1 and is_passthrough(cur[0], modules):
         chain.append(cur[0])
-        cur = [u for u in cur[0].users if not _is_non_tensor(u)]
-    return cur, chain, [u for u in users if _is_non_tensor(u)]
+        cur = [u for u in cur[0].users if not is_non_tensor(u)]
+    return cur, chain, [u for u in users if is_non_tensor(u)]
 
 
 def _unfused_rows(gm: fx.GraphModule, names: dict[fx.Node, str], example_inputs: Any
@@ -334,7 +304,7 @@ def _unfused_rows(gm: fx.GraphModule, names: dict[fx.Node, str], example_inputs:
             if reason is None:  # not a pattern prepare could fuse (x + x, x + constant, ...)
                 continue
             mods = ", ".join(names[n] for n in nodes + chain + [user])
-            pattern = " + ".join(_label(n, modules) for n in nodes + chain + [user])
+            pattern = " + ".join(op_label(n, modules) for n in nodes + chain + [user])
             rows.append((mods, pattern, *reason))
     return rows
 
@@ -367,10 +337,10 @@ def _why_unfused(weighted: fx.Node, last: fx.Node, user: fx.Node, nxt: str,
                 f"call the {kind} in the traced forward (outside {what}), or move '{w}' into "
                 "the same leaf")
     if chain:
-        moves = ", ".join(f"'{names[n]}' ({_label(n, modules)})" for n in chain)
+        moves = ", ".join(f"'{names[n]}' ({op_label(n, modules)})" for n in chain)
         why = (f"{moves} between '{lst}' and '{u}' splits the pattern: prepare fuses only "
                "directly connected ops")
-        if any("dropout" in _label(n, modules).lower() or "stochastic" in _label(
+        if any("dropout" in op_label(n, modules).lower() or "stochastic" in op_label(
                 n, modules).lower() for n in chain):
             return why, (f"{moves} is an identity at inference: leave it out of the forward "
                          "used for quantization (e.g. behind a flag), or for a dropout before a "
@@ -423,7 +393,7 @@ def check_unfused_operations(model: nn.Module, example_inputs: Any = None,
     names = float_node_names(gm)
     df = pd.DataFrame(_unfused_rows(gm, names, example_inputs), columns=UNFUSED_COLUMNS)
     if print_tabulate:
-        _print_table("unfused operations", df)
+        print_table("unfused operations", df)
     return df
 
 

@@ -37,14 +37,12 @@ import pandas as pd
 from markupsafe import Markup, escape
 
 from .mermaid import GOOD_SIMILARITY, OK_SIMILARITY
+from .metrics import FINAL_SIMILARITY_THRESHOLD
 
 __all__ = [
     "FINAL_SIMILARITY_THRESHOLD", "REPORT_SECTIONS", "Finding", "LayerScore", "Verdict",
     "build_verdict", "render_html",
 ]
-
-#: the usual quick health rule: final-output cosine similarity above this (float vs quantized)
-FINAL_SIMILARITY_THRESHOLD = 0.98
 
 #: table key -> (section title, one-line help), in page order; other keys follow, titled by key
 REPORT_SECTIONS: dict[str, tuple[str, str]] = {

@@ -30,12 +30,14 @@ import pandas as pd
 from qatkit.fx.naming import float_node_names, op_base_name
 from torch import fx
 
+from .metrics import FINAL_SIMILARITY_THRESHOLD
+
 __all__ = ["GOOD_SIMILARITY", "OK_SIMILARITY", "similarity_class", "write_similarity_mermaid"]
 
 #: similarity at or above which a layer is drawn green
 GOOD_SIMILARITY = 0.99
-#: similarity at or above which a layer is drawn amber (below: red); the usual final-output rule
-OK_SIMILARITY = 0.98
+#: similarity at or above which a layer is drawn amber (below: red): the usual final-output rule
+OK_SIMILARITY = FINAL_SIMILARITY_THRESHOLD
 
 #: mermaid classDef styles
 CLASS_STYLES: dict[str, str] = {

@@ -1,115 +1,90 @@
 """check_qconfig: each op's quantization configuration in a prepared model, and the risky ones.
 
-Per op: the input dtypes (its producers', found through data-moving ops), output dtype, weight
-dtype and channel axis, fixed output scale; warnings for an output left unquantized where it is
-not a model output, a fixed scale, int16 weights, a dtype change between connected layers, a
-32-bit output on a layer that is not last, and a user's own check. The model is not modified.
+Everything is read from the model's quantization annotation (:mod:`qatkit.annotation`): per op
+the dtypes of its inputs (the spec of each tensor argument), of its output and of its weight,
+the weight's channel axis and a fixed output scale; warnings for an output left unquantized
+where it is not a model output, a fixed scale, int16 weights, a dtype change between connected
+layers, a 32-bit output on a layer that is not last, and a user's own check.  Which nodes
+produce tensors is measured once (a :class:`~qatkit.profiler.capture.Capture`), or read from
+the annotation without example inputs.  The model is not modified.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
+from qatkit.annotation import NodeAnnotation, QuantSpec, get_annotations, has_annotations
 from qatkit.fake_quantize import FakeQuantize
 from qatkit.fx import op_kind
-from qatkit.fx.naming import float_node_names
-from qatkit.fx.patterns import FLOAT_BOUNDARY_MODULES
-from qatkit.observers import FixedScaleObserver
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
-from .capture import write_table
-from .checks import (
-    _is_non_tensor,
-    _is_passthrough,
-    _label,
-    _print_table,
-    _run_copy,
-    _strip_call,
-)
+from .capture import Capture, capture_model, source_annotation
+from .tables import op_label, print_table, qconfig_key, write_table
 
 __all__ = ["check_qconfig", "QCONFIG_COLUMNS", "QCONFIG_WARNING_COLUMNS"]
 
 QCONFIG_COLUMNS = ["Module Name", "Module Type", "Input Dtype", "Output Dtype", "Weight Dtype",
                    "Weight ch_axis", "Fixed Scale"]
 QCONFIG_WARNING_COLUMNS = ["Module Name", "Warning"]
+#: annotation kinds that end or restart quantization without computing anything: a consumer
+#: behind them is looked for further on
+_BOUNDARY_KINDS = ("quant_stub", "dequant_stub")
+#: kinds of the QAT modules that own a weight (their "Weight Dtype" is float32 without a
+#: weight fake quant)
+_WEIGHTED_KINDS = ("conv", "linear")
+_DTYPE_ORDER = ["float32", "qint8", "qint16"]
 
 
-def _tensor_nodes(gm: fx.GraphModule, example_inputs: Any) -> dict[str, bool] | None:
-    """Node name -> produces a floating tensor, measured on a copy (None without inputs)."""
-    if example_inputs is None:
-        return None
-    seen: dict[str, bool] = {}
-
-    def on_node(interp: fx.Interpreter, n: fx.Node, run: Callable) -> Any:
-        value = run(n)
-        seen[n.name] = isinstance(value, Tensor) and value.is_floating_point()
-        return value
-
-    _run_copy(gm, example_inputs, "check_qconfig", on_node)
-    return seen
+def _dtype(spec: QuantSpec | None) -> str:
+    return "float32" if spec is None else spec.dtype
 
 
-class _Dtypes:
-    """Output dtype of each node of a prepared graph, producers found through data-moving ops."""
+class _Graph:
+    """The annotation of a prepared graph, and which of its nodes produce tensors."""
 
-    def __init__(self, gm: fx.GraphModule, tensors: dict[str, bool] | None) -> None:
-        self.gm, self.tensors = gm, tensors
-        self.modules = dict(gm.named_modules())
-        self.memo: dict[fx.Node, str | None] = {}
+    def __init__(self, gm: fx.GraphModule, tensors: Mapping[str, bool] | None) -> None:
+        self.gm = gm
+        self.anns = {a.node: a for a in get_annotations(gm).values()}
+        self.tensors = tensors
+        self.users: dict[str, list[str]] = {n.name: [u.name for u in n.users]
+                                            for n in gm.graph.nodes}
 
-    def is_tensor(self, node: fx.Node) -> bool:
+    def is_tensor(self, ann: NodeAnnotation) -> bool:
         if self.tensors is not None:
-            return self.tensors.get(node.name, False)
-        return node.op != "output" and not _is_non_tensor(node)  # inferred from the graph
+            return self.tensors.get(ann.node, False)
+        return ann.role not in ("output", "non_tensor", "attr")  # inferred from the graph
 
-    def producer(self, node: fx.Node) -> fx.Node:
-        while _is_passthrough(node, self.modules) and node.all_input_nodes:
-            node = node.all_input_nodes[0]
-        return node
+    def inputs(self, ann: NodeAnnotation) -> list[tuple[NodeAnnotation, str]]:
+        """(source op, dtype) of each tensor argument (sources through data-moving ops)."""
+        out = []
+        for arg in ann.inputs:
+            producer = self.anns[arg.node]
+            if producer.role == "attr" or not self.is_tensor(producer):
+                continue
+            out.append((source_annotation(producer, self.anns), _dtype(arg.spec)))
+        return out
 
-    def out(self, node: fx.Node) -> str | None:
-        if node in self.memo:
-            return self.memo[node]
-        src = self.producer(node)
-        dtype: str | None = "float32"
-        if not self.is_tensor(node) or src.op == "get_attr":
-            dtype = None
-        elif src.op == "call_module" and hasattr(self.modules[src.target],
-                                                 "activation_post_process"):
-            fq = self.modules[src.target].activation_post_process
-            dtype = fq.dtype if fq is not None else "float32"
-        self.memo[node] = dtype
-        return dtype
-
-    def inputs(self, node: fx.Node) -> list[tuple[fx.Node, str]]:
-        return [(self.producer(a), d) for a in node.all_input_nodes
-                if (d := self.out(a)) is not None]
-
-    def consumers(self, node: fx.Node) -> list[fx.Node]:
-        """The ops using ``node``'s output (not the graph output), past data-moving ops and the
+    def consumers(self, ann: NodeAnnotation) -> list[NodeAnnotation]:
+        """The ops using ``ann``'s output (not the graph output), past data-moving ops and the
         QuantStubs prepare inserted, and DeQuantStubs: none for a model output."""
         out = []
-        for u in node.users:
-            if _is_passthrough(u, self.modules) or (
-                    u.op == "call_module" and (
-                        op_kind(self.modules[u.target]) == "quant_stub"
-                        or isinstance(self.modules[u.target], FLOAT_BOUNDARY_MODULES))):
-                out.extend(self.consumers(u))
-            elif u.op != "output" and not _is_non_tensor(u):
-                out.append(u)
+        for name in self.users[ann.node]:
+            user = self.anns[name]
+            if user.role == "passthrough" or user.kind in _BOUNDARY_KINDS:
+                out.extend(self.consumers(user))
+            elif user.role not in ("output", "non_tensor"):
+                out.append(user)
         return out
 
 
-def _is_compute(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return node.op in ("call_module", "call_function", "call_method") and not (
-        _is_passthrough(node, modules) or _is_non_tensor(node) or (
-            node.op == "call_module" and isinstance(modules[node.target], FLOAT_BOUNDARY_MODULES)))
+def _is_compute(ann: NodeAnnotation) -> bool:
+    return ann.role in ("quantized", "float") and ann.kind != "dequant_stub"
 
 
 def _matches(name: str, mod: nn.Module | None, prefixes: list[str], types: list[Any]) -> bool:
-    path = _strip_call(name)
+    path = qconfig_key(name)
     ok_prefix = not prefixes or any(path == p or path.startswith(p + ".") for p in prefixes)
     ok_type = not types or mod is not None and any(
         (isinstance(t, type) and isinstance(mod, t)) or t == op_kind(mod) or t == mod._get_name()
@@ -117,64 +92,79 @@ def _matches(name: str, mod: nn.Module | None, prefixes: list[str], types: list[
     return ok_prefix and ok_type
 
 
-def _layer_warnings(name: str, node: fx.Node, mod: nn.Module | None, dt: _Dtypes,
-                    names: dict[fx.Node, str]) -> list[str]:
+def _fixed_scale_warning(gm: fx.GraphModule, spec: QuantSpec) -> str:
+    s = float(spec.fixed_scale)
+    span = s * spec.quant_max
+    msg = f"fixed output scale {s:.6g} (covers [-{span:.4g}, {span:.4g}])"
+    obs = getattr(gm.get_submodule(spec.module_path), "observer", None)
+    if obs is not None and obs.min_val.numel():
+        lo, hi = float(obs.min_val.min()), float(obs.max_val.max())
+        msg += f"; observed data [{lo:.4g}, {hi:.4g}]"
+        if max(-lo, hi) > span * (1 + 1 / spec.quant_max):
+            msg += " exceeds it and saturates"
+    return msg + (". Fix: make sure the data stays inside the fixed range (normalize the "
+                  "input to [-1, 1] for scale 1/128), or let calibration choose the scale")
+
+
+def _layer_warnings(ann: NodeAnnotation, graph: _Graph) -> list[str]:
     out: list[str] = []
-    fq = getattr(mod, "activation_post_process", None) if mod is not None else None
-    wfq = getattr(mod, "weight_fake_quant", None) if mod is not None else None
-    weighted = mod is not None and hasattr(mod, "weight_fake_quant")
-    consumers = sorted({names[u] for u in dt.consumers(node)})[:4]
-    if dt.out(node) == "float32" and consumers:
+    weighted = ann.kind in _WEIGHTED_KINDS and ann.is_quantized
+    consumers = sorted({c.name for c in graph.consumers(ann)})[:4]
+    key = qconfig_key(ann.name)
+    if ann.output is None and consumers:
         if weighted:
             out.append(f"32-bit (unquantized) output on a layer that is not the last: it feeds "
-                       f"{consumers}, which re-quantize it. Fix: give '{_strip_call(name)}' an "
+                       f"{consumers}, which re-quantize it. Fix: give '{key}' an "
                        "8-bit qconfig; keep 32-bit output for the model's final conv/linear only")
         else:
-            what = "has no quantized implementation" if mod is None or not hasattr(
-                mod, "activation_post_process") else "has a qconfig without activation"
+            what = ("has a qconfig without activation" if ann.is_quantized
+                    else "has no quantized implementation")
             out.append(f"output not quantized ({what}) but it is not a model output: it feeds "
                        f"{consumers} and the NPU must leave it to the CPU. Fix: use a supported "
                        "op (qatkit.fx.patterns.QUANTIZED_FUNCTIONS) or an 8-bit qconfig for "
-                       f"'{_strip_call(name)}'")
-    if fq is not None and isinstance(fq.observer, FixedScaleObserver):
-        s = float(fq.observer.scale)
-        span = s * fq.quant_max
-        msg = f"fixed output scale {s:.6g} (covers [-{span:.4g}, {span:.4g}])"
-        obs = fq.observer
-        if obs.min_val.numel():
-            lo, hi = float(obs.min_val.min()), float(obs.max_val.max())
-            msg += f"; observed data [{lo:.4g}, {hi:.4g}]"
-            if max(-lo, hi) > span * (1 + 1 / fq.quant_max):
-                msg += " exceeds it and saturates"
-        out.append(msg + ". Fix: make sure the data stays inside the fixed range (normalize the "
-                   "input to [-1, 1] for scale 1/128), or let calibration choose the scale")
-    if wfq is not None and wfq.dtype == "qint16":
+                       f"'{key}'")
+    if ann.output is not None and ann.output.fixed_scale is not None:
+        out.append(_fixed_scale_warning(graph.gm, ann.output))
+    if ann.weight is not None and ann.weight.dtype == "qint16":
         out.append("int16 weight: most NPUs run int8 weights only (int16 doubles weight memory "
                    "and bandwidth). Fix: an 8-bit-weight qconfig such as "
                    "qatkit.default_qat_8bit_weight_16bit_act_fake_quant_qconfig")
-    if fq is not None and not isinstance(mod, FLOAT_BOUNDARY_MODULES) and op_kind(mod) != (
-            "quant_stub"):
-        changed = [(names[p], d) for p, d in dt.inputs(node) if d not in ("float32", fq.dtype)]
+    if ann.output is not None and ann.kind not in _BOUNDARY_KINDS:
+        dtype = ann.output.dtype
+        changed = [(src.name, d) for src, d in graph.inputs(ann) if d not in ("float32", dtype)]
         if changed:
             srcs = ", ".join(f"'{p}' ({d})" for p, d in changed)
-            out.append(f"dtype change: input from {srcs}, output {fq.dtype}; the NPU needs a "
+            out.append(f"dtype change: input from {srcs}, output {dtype}; the NPU needs a "
                        f"mixed-precision kernel or a requantization here. Fix: give the connected "
                        f"layers the same activation dtype")
     return out
+
+
+def _row(ann: NodeAnnotation, mod: nn.Module | None, node: fx.Node, graph: _Graph,
+         modules: Mapping[str, nn.Module]) -> tuple:
+    ins = sorted({d for _, d in graph.inputs(ann)}, key=_DTYPE_ORDER.index)
+    weighted = ann.kind in _WEIGHTED_KINDS and ann.is_quantized
+    spec = ann.output
+    return (ann.name, mod._get_name() if mod is not None else op_label(node, modules),
+            ", ".join(ins), _dtype(spec),
+            _dtype(ann.weight) if weighted else None,
+            ann.weight.ch_axis if ann.weight is not None else None,
+            spec.fixed_scale if spec is not None and spec.fixed_scale is not None
+            else float("nan"))
 
 
 def check_qconfig(model: fx.GraphModule, example_inputs: Any = None,
                   prefixes: Iterable[str] = (), types: Iterable[Any] = (),
                   custom_check_func: Callable[[str, nn.Module], str | None] | None = None,
                   out_dir: str | os.PathLike | None = None, print_tabulate: bool = True,
-                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  capture: Capture | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Show each op's quantization configuration in a prepared model, and warn about risky ones.
 
-    Per op (quantized or left float): input dtypes (its producers', through data-moving ops),
-    output dtype, weight dtype and channel axis, fixed output scale. Warnings: output not
-    quantized where the op is not a model output, fixed scale, int16 weight, dtype change
-    between connected layers, 32-bit output on a layer that is not last, and
-    ``custom_check_func``'s. The model is not modified. See docs/profiler_checks.md.
+    Per op (quantized or left float), read from the quantization annotation: input dtypes (the
+    spec of each tensor argument), output dtype, weight dtype and channel axis, fixed output
+    scale. Warnings: output not quantized where the op is not a model output, fixed scale,
+    int16 weight, dtype change between connected layers, 32-bit output on a layer that is not
+    last, and ``custom_check_func``'s. The model is not modified. See docs/profiler_checks.md.
 
     Args:
         model: a prepared (QAT / calibrated) model.
@@ -187,6 +177,8 @@ def check_qconfig(model: fx.GraphModule, example_inputs: Any = None,
         out_dir: if given, ``qconfig_info.csv`` / ``.txt`` (both tables in the .txt) and
             ``qconfig_warnings.csv`` / ``.txt`` are written there.
         print_tabulate: print both tables.
+        capture: a :class:`~qatkit.profiler.capture.Capture` of ``model``: which nodes produce
+            tensors is read from it instead of running ``example_inputs``.
 
     Returns:
         ``(layers, warnings)``: ``layers`` has columns "Module Name", "Module Type", "Input
@@ -195,8 +187,8 @@ def check_qconfig(model: fx.GraphModule, example_inputs: Any = None,
         "Module Name", "Warning" (each warning ends with "Fix: ...").
 
     Raises:
-        ValueError: ``model`` has no fake quants (not prepared), or ``prefixes``/``types``
-            match no op.
+        ValueError: ``model`` has no fake quants (not prepared), ``capture`` is another
+            model's, or ``prefixes``/``types`` match no op.
 
     Example::
 
@@ -204,47 +196,45 @@ def check_qconfig(model: fx.GraphModule, example_inputs: Any = None,
         >>> layers.set_index("Module Name").loc["conv1", "Weight Dtype"]
         'qint8'
     """
-    if not isinstance(model, fx.GraphModule) or not any(
-            isinstance(m, FakeQuantize) for m in model.modules()):
+    if not has_annotations(model) or not any(isinstance(m, FakeQuantize)
+                                             for m in model.modules()):
         raise ValueError(f"check_qconfig needs a model made by qatkit.prepare_qat_fx; "
                          f"{type(model).__name__} has no fake quants. Fix: pass the prepared "
                          "(QAT / calibrated) model, not the float or converted one")
     prefixes, types = list(prefixes), list(types)
+    if capture is not None:
+        capture.check_model(model, "check_qconfig")
+    elif example_inputs is not None:
+        try:
+            capture = capture_model(model, example_inputs, "model", float_flow=True)
+        except Exception as e:
+            raise RuntimeError(f"check_qconfig: running example_inputs through "
+                               f"{type(model).__name__} failed: {type(e).__name__}: {e}") from e
+    graph = _Graph(model, None if capture is None else capture.tensors)
     modules = dict(model.named_modules())
-    names = float_node_names(model)
-    dt = _Dtypes(model, _tensor_nodes(model, example_inputs))
     rows, warns = [], []
     for node in model.graph.nodes:
-        if not _is_compute(node, modules) or not dt.is_tensor(node):
+        ann = graph.anns[node.name]
+        if not _is_compute(ann) or not graph.is_tensor(ann):
             continue
-        mod = modules[node.target] if node.op == "call_module" else None
-        name = names[node]
-        if not _matches(name, mod, prefixes, types):
+        mod = modules[str(node.target)] if node.op == "call_module" else None
+        if not _matches(ann.name, mod, prefixes, types):
             continue
-        fq = getattr(mod, "activation_post_process", None)
-        wfq = getattr(mod, "weight_fake_quant", None)
-        ins = sorted({d for _, d in dt.inputs(node)}, key=["float32", "qint8", "qint16"].index)
-        rows.append((name, mod._get_name() if mod is not None else _label(node, modules),
-                     ", ".join(ins), dt.out(node),
-                     (wfq.dtype if wfq is not None else "float32")
-                     if hasattr(mod, "weight_fake_quant") else None,
-                     wfq.ch_axis if wfq is not None else None,
-                     float(fq.observer.scale) if fq is not None
-                     and isinstance(fq.observer, FixedScaleObserver) else float("nan")))
-        texts = _layer_warnings(name, node, mod, dt, names)
+        rows.append(_row(ann, mod, node, graph, modules))
+        texts = _layer_warnings(ann, graph)
         if custom_check_func is not None and mod is not None:
             try:
-                extra = custom_check_func(_strip_call(name), mod)
+                extra = custom_check_func(qconfig_key(ann.name), mod)
             except Exception as e:
-                raise RuntimeError(f"check_qconfig: custom_check_func failed on '{name}': "
+                raise RuntimeError(f"check_qconfig: custom_check_func failed on '{ann.name}': "
                                    f"{type(e).__name__}: {e}") from e
             if extra:
                 texts.append(str(extra))
-        warns.extend((name, t) for t in texts)
+        warns.extend((ann.name, t) for t in texts)
     if (prefixes or types) and not rows:
         raise ValueError(f"check_qconfig: prefixes {prefixes} / types {types} match no op of "
                          f"{type(model).__name__}; op names look like "
-                         f"{[names[n] for n in model.graph.nodes if n.op == 'call_module'][:5]}")
+                         f"{[a.name for a in graph.anns.values() if a.module][:5]}")
     layers = pd.DataFrame(rows, columns=QCONFIG_COLUMNS)
     layers["Weight ch_axis"] = layers["Weight ch_axis"].astype("Int64")
     warn_df = pd.DataFrame(warns, columns=QCONFIG_WARNING_COLUMNS)
@@ -252,6 +242,6 @@ def check_qconfig(model: fx.GraphModule, example_inputs: Any = None,
                 extra=[("Warnings", warn_df)])
     write_table(warn_df, out_dir, "qconfig_warnings", "qconfig warnings")
     if print_tabulate:
-        _print_table("qconfig", layers)
-        _print_table("qconfig warnings", warn_df)
+        print_table("qconfig", layers)
+        print_table("qconfig warnings", warn_df)
     return layers, warn_df

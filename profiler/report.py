@@ -25,15 +25,16 @@ from torch import fx, nn
 from ..fake_quantize import FakeQuantize
 from ..quantized import QuantizedModule
 from .advisor import advise
+from .alignment import shared_traces
 from .capture import get_raw_features
 from .checks import check_unfused_operations, get_module_called_count
 from .html import Verdict, build_verdict, render_html
 from .mermaid import write_similarity_mermaid
 from .metrics import cosine_similarity, get_metric
 from .qconfig_check import check_qconfig
-from .similarity import featuremap_similarity, similarity_tables
+from .similarity import _parse_devices, compare_models, featuremap_similarity
 from .statistics import outlier_channels, profile_featuremap
-from .weights import compare_weights
+from .weights import check_weight_correspondence, compare_weights
 
 __all__ = ["model_profiler", "ProfilerReport", "MODES", "model_kind"]
 
@@ -58,6 +59,7 @@ TOOLS: dict[str, Callable[..., Any]] = {
     "get_module_called_count": get_module_called_count,
     "check_unfused_operations": check_unfused_operations,
     "check_qconfig": check_qconfig,
+    "check_weight_correspondence": check_weight_correspondence,
     "advise": advise,
     "render_html": render_html,
 }
@@ -66,7 +68,7 @@ TOOLS: dict[str, Callable[..., Any]] = {
 _OWN_ARGS = {"model", "model1", "model2", "float_model", "qat_model", "inputs", "example_inputs",
              "features", "out_dir", "method", "print_tabulate", "tables", "path", "verdict",
              "statistics", "similarity", "per_layer_similarity", "outliers", "called_count",
-             "unfused", "qconfig_warnings", "shared"}
+             "unfused", "qconfig_warnings", "shared", "capture"}
 
 
 def model_kind(model: nn.Module) -> str:
@@ -190,6 +192,13 @@ def _final_similarity(out1: Any, out2: Any) -> float | None:
     return float(cosine_similarity(a, b))
 
 
+def _same_device(a: Any, b: Any) -> bool:
+    """True when two device arguments (None: where the model is) name the same device."""
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.device(a) == torch.device(b)
+
+
 def _shared_names(*tables: pd.DataFrame | None) -> set[str]:
     names: set[str] = set()
     for t in tables:
@@ -236,11 +245,18 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
         PosixPath('float_calib/profiler.html')
         >>> report.findings.head()        # Severity, Layer, Problem, Evidence, Advice
     """
+    with shared_traces():  # each model is traced once for all the tools
+        return _model_profiler(model1, model2, example_inputs, mode, out_dir, kwargs_dict,
+                               devices)
+
+
+def _model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any, mode: str,
+                    out_dir: str | os.PathLike,
+                    kwargs_dict: Mapping[str, Mapping[str, Any]] | None,
+                    devices: Any) -> ProfilerReport:
     kinds = _check_mode(mode, model1, model2)
     kw = _check_kwargs(kwargs_dict)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tables: dict[str, pd.DataFrame] = {}
     seconds: dict[str, float] = {}
 
@@ -250,52 +266,67 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
         return result
 
+    if kinds[0] == "float":  # before anything runs or is written
+        timed("check_weight_correspondence", check_weight_correspondence, model1, model2,
+              **kw.get("check_weight_correspondence", {}))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     sim_kw = {"similarity_func": "Cosine", "devices": devices, "threshold": None,
               **kw.get("featuremap_similarity", {})}
     metric = get_metric(sim_kw["similarity_func"])
-    # both methods from one set of runs; the model outputs come with them
-    sims, outputs = timed("featuremap_similarity", similarity_tables, model1, model2, inputs,
-                          metric, sim_kw["devices"])
+    # statistics of the quantized side (its scales are what the NPU will use), recorded by
+    # model2's end-to-end run unless they must run on another device
+    raw_kw = dict(kw.get("get_raw_features", {}))
+    sim_dev2 = _parse_devices(sim_kw["devices"])[1]
+    raw_device = raw_kw.pop("device", sim_dev2)
+    shared_run = _same_device(raw_device, sim_dev2)
+    # one capture of each model: model1's keeps the outputs model2 is compared with; model2's
+    # end-to-end run compares them and records the statistics; every tool below reads them
+    cmp = timed("capture_and_similarity", compare_models, model1, model2, inputs, metric,
+                sim_kw["devices"], records2=raw_kw if shared_run else None)
+    cap1, cap2 = cmp.capture1, cmp.capture2
     for key, method in (("similarity_end_to_end", "EndToEnd"),
                         ("similarity_per_layer", "PerLayer")):
-        table = sims[method]
+        table = cmp.tables[method]
         if sim_kw["threshold"] is not None:  # as featuremap_similarity(threshold=...) does
             worse = [metric.is_worse(float(v), sim_kw["threshold"]) for v in table["Similarity"]]
             table = table[worse].reset_index(drop=True)
         tables[key] = table
-    # statistics of the quantized side (its scales are what the NPU will use)
-    stats_model = model2
-    model2_device = devices[1] if isinstance(devices, (list, tuple)) else devices
-    raw_kw = {"device": model2_device, **kw.get("get_raw_features", {})}
-    features = timed("get_raw_features", get_raw_features, stats_model, inputs, **raw_kw)
+    if shared_run:
+        features = cap2.records
+    else:
+        features = timed("get_raw_features", get_raw_features, model2, inputs,
+                         device=raw_device, **raw_kw)
     profile = timed("profile_featuremap", profile_featuremap, features,
                     **kw.get("profile_featuremap", {}))
     tables["statistics"], tables["statistics_by_range"] = profile.table, profile.by_range
     tables["outliers"] = timed("outlier_channels", outlier_channels, features,
                                **kw.get("outlier_channels", {}))
     del features  # one batch of feature maps, no longer needed
+    cap2.records = []
     if kinds[0] == "float":
         tables["weights"] = timed("compare_weights", compare_weights, model1, model2,
                                   **kw.get("compare_weights", {}))
-    counts = [timed("get_module_called_count", get_module_called_count, m, inputs,
-                    print_tabulate=False, **kw.get("get_module_called_count", {}))
-              for m in (model1, model2)]
+    counts = [timed("get_module_called_count", get_module_called_count, m, None,
+                    print_tabulate=False, capture=cap, **kw.get("get_module_called_count", {}))
+              for m, cap in ((model1, cap1), (model2, cap2))]
     tables["called_count"] = counts[0]
     if kinds[0] == "float":
         tables["unfused"] = timed("check_unfused_operations", check_unfused_operations, model1,
                                   inputs, print_tabulate=False,
                                   **kw.get("check_unfused_operations", {}))
-    fq_model = model2 if kinds[1] == "fake_quant" else model1
+    fq_model, fq_cap = (model2, cap2) if kinds[1] == "fake_quant" else (model1, cap1)
     if isinstance(fq_model, fx.GraphModule):
         tables["qconfig"], tables["qconfig_warnings"] = timed(
-            "check_qconfig", check_qconfig, fq_model, inputs, print_tabulate=False,
-            **kw.get("check_qconfig", {}))
+            "check_qconfig", check_qconfig, fq_model, None, print_tabulate=False,
+            capture=fq_cap, **kw.get("check_qconfig", {}))
     tables["findings"] = timed(
         "advise", advise, statistics=tables["statistics"],
         similarity=tables["similarity_end_to_end"],
         per_layer_similarity=tables["similarity_per_layer"], outliers=tables["outliers"],
         called_count=tables["called_count"], unfused=tables.get("unfused"),
         qconfig_warnings=tables.get("qconfig_warnings"), **kw.get("advise", {}))
+    outputs = (cap1.output, cap2.output)
     final = _final_similarity(*outputs)
     verdict = build_verdict(tables, final_similarity=final)
 

@@ -1,10 +1,11 @@
 """featuremap_similarity: compare two models op by op, end to end or per layer.
 
-model1 (the reference: float, calibrated or QAT) runs once through an FX Interpreter that
-keeps, on the CPU, the outputs model2 has counterparts for (aligned by float name through
-:mod:`.alignment`, never guessed).  model2 then runs through an Interpreter that compares
-each op's output with model1's as soon as it is computed, so model2's feature maps are never
-stored:
+model1 (the reference: float, calibrated or QAT) is captured once
+(:class:`~qatkit.profiler.capture.Capture`), keeping on the CPU the outputs model2 has
+counterparts for (aligned by float name through :mod:`.alignment`, never guessed).  model2 then
+runs through an Interpreter that compares each op's output with model1's as soon as it is
+computed, so model2's feature maps are not stored (unless a report asks its end-to-end capture
+to record them for the statistics, :func:`compare_models`):
 
 * **end to end** -- model2 runs on its own: each row shows the error accumulated up to that op;
 * **same input** -- every op of model2 that has a counterpart in model1 hands on model1's
@@ -19,20 +20,24 @@ analysis.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor, fx, nn
 
 from .alignment import check_inputs, is_prepared, node_type, op_names, reference_names
-from .capture import _as_tuple, _model_device, analysis_model, node_qparams, to_device, write_table
-from .metrics import Metric, get_metric
+from .capture import Capture, node_qparams, run_capture
+from .metrics import Metric, chunk_pairs, get_metric
+from .running import analysis_model, as_tuple, model_device, to_device
+from .tables import write_table
 
-__all__ = ["featuremap_similarity", "similarity_tables", "SIMILARITY_COLUMNS", "METHODS"]
+__all__ = ["featuremap_similarity", "similarity_tables", "compare_models", "ModelComparison",
+           "SIMILARITY_COLUMNS", "METHODS"]
 
 SIMILARITY_COLUMNS = ["Index", "Module Name", "Module Type", "Similarity", "qscale",
                       "Acc Error (float atol)", "Acc Error (N out_qscale)",
@@ -129,76 +134,68 @@ def _align(gm1: fx.GraphModule, gm2: fx.GraphModule) -> dict[fx.Node, tuple[str,
     return out
 
 
-def _record_model1(gm1: fx.GraphModule, inputs: tuple, keys: set[tuple[str, int]],
-                   ) -> tuple[dict[tuple[str, int], Tensor], Any]:
-    """model1's outputs of the aligned ops (on the CPU), and the model's output."""
-    occ1 = _occurrences(reference_names(gm1))
-    records: dict[tuple[str, int], Tensor] = {}
+class _Comparison:
+    """``on_output`` of a model2 run: compares each aligned op's output with model1's kept
+    output; with ``substitute``, hands model1's value on instead (the same-input run)."""
 
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            key = occ1.get(n)
-            if key in keys and isinstance(out, Tensor):
-                records[key] = out.detach().to("cpu", copy=True)  # safe from in-place ops
-            if _METER is not None:
-                _METER.sample(records, {**self.env, n: out})
+    def __init__(self, keys: dict[str, tuple[str, int]], kept: dict[tuple[str, int], Tensor],
+                 metric: Metric | None, substitute: bool, names1: dict[tuple[str, int], str],
+                 names2: dict[str, str]) -> None:
+        self.keys, self.kept, self.metric, self.substitute = keys, kept, metric, substitute
+        self.names1, self.names2 = names1, names2
+        self.sim: dict[str, float] = {}
+        self.atol: dict[str, float] = {}
+
+    def __call__(self, interp: fx.Interpreter, n: fx.Node, out: Any) -> Any:
+        key = self.keys.get(n.name)
+        if n.op not in _OPS or key not in self.kept or not isinstance(out, Tensor):
             return out
+        ref = self.kept[key]
+        if tuple(out.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"featuremap_similarity: model1's op '{self.names1[key]}' (float name "
+                f"'{key[0]}') outputs shape {list(ref.shape)} but model2's op "
+                f"'{self.names2[n.name]}' outputs {list(out.shape)}: the models do not "
+                "correspond at this layer (was model2 made from model1?)")
+        cpu = out.detach().to("cpu")
+        if self.metric is not None:
+            self.sim[n.name] = self.metric(ref, cpu)
+        self.atol[n.name] = _max_abs(ref, cpu)
+        if self.substitute:
+            out = ref.to(device=out.device, dtype=out.dtype, copy=True)
+        if _METER is not None:
+            _METER.sample(self.kept, {**interp.env, n: out, "cpu": cpu})
+        return out
 
-    with torch.no_grad():
-        output = _Recorder(gm1).run(*to_device(inputs, _model_device(gm1)))
-    return records, output
+
+class _Hooked(fx.Interpreter):
+    """An Interpreter that passes each op's output through ``on_output``."""
+
+    def __init__(self, gm: fx.GraphModule, on_output: Any) -> None:
+        super().__init__(gm)
+        self.on_output = on_output
+
+    def run_node(self, n: fx.Node) -> Any:
+        return self.on_output(self, n, super().run_node(n))
+
+
+def _sample_meter(interp: fx.Interpreter, n: fx.Node, out: Any) -> Any:
+    """model1's ``on_output`` while a benchmark measures memory: its kept outputs and the
+    interpreter's live values."""
+    if _METER is not None:
+        _METER.sample(interp.cap.kept, {**interp.env, n: out})
+    return out
 
 
 def _max_abs(a: Tensor, b: Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    return float((b.to(a.dtype) - a).abs().max()) if a.is_floating_point() else float(
-        (b.double() - a.double()).abs().max())
-
-
-class _Run:
-    """One run of model2 comparing each aligned op's output with model1's record."""
-
-    def __init__(self, gm2: fx.GraphModule, keys: dict[fx.Node, tuple[str, int]],
-                 records: dict[tuple[str, int], Tensor], metric: Metric | None,
-                 substitute: bool, names1: dict[tuple[str, int], str]) -> None:
-        self.gm2, self.keys, self.records = gm2, keys, records
-        self.metric, self.substitute = metric, substitute
-        self.names1 = names1
-        self.sim: dict[fx.Node, float] = {}
-        self.atol: dict[fx.Node, float] = {}
-        self.output: Any = None
-
-    def run(self, inputs: tuple) -> None:
-        names2 = op_names(self.gm2)
-        outer = self
-
-        class _Compare(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                out = super().run_node(n)
-                key = outer.keys.get(n)
-                if n.op not in _OPS or key not in outer.records or not isinstance(out, Tensor):
-                    return out
-                ref = outer.records[key]
-                if tuple(out.shape) != tuple(ref.shape):
-                    raise ValueError(
-                        f"featuremap_similarity: model1's op '{outer.names1[key]}' (float name "
-                        f"'{key[0]}') outputs shape {list(ref.shape)} but model2's op "
-                        f"'{names2[n]}' outputs {list(out.shape)}: the models do not "
-                        "correspond at this layer (was model2 made from model1?)")
-                cpu = out.detach().to("cpu")
-                if outer.metric is not None:
-                    outer.sim[n] = outer.metric(ref, cpu)
-                outer.atol[n] = _max_abs(ref, cpu)
-                if outer.substitute:
-                    out = ref.to(device=out.device, dtype=out.dtype, copy=True)
-                if _METER is not None:
-                    _METER.sample(outer.records, {**self.env, n: out, "cpu": cpu})
-                return out
-
-        with torch.no_grad():
-            self.output = _Compare(self.gm2).run(*to_device(inputs, _model_device(self.gm2)))
+    """max |b - a|, in ``a``'s dtype (float64 for integers), chunk by chunk."""
+    worst = 0.0
+    for x, y in chunk_pairs(a, b, None if a.is_floating_point() else torch.float64):
+        err = float((y - x).abs().max())
+        if math.isnan(err):
+            return math.nan
+        worst = max(worst, err)
+    return worst
 
 
 def _steps(err: float, scale: float) -> float:
@@ -209,6 +206,106 @@ def _steps(err: float, scale: float) -> float:
     return err / scale
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class ModelComparison:
+    """The similarity tables of two models and the captures they were computed from.
+
+    Attributes:
+        tables: method (``"EndToEnd"``, ``"PerLayer"``) -> table (:data:`SIMILARITY_COLUMNS`).
+        capture1: model1's capture (its outputs of the aligned ops in ``kept``).
+        capture2: model2's end-to-end capture (None without ``"EndToEnd"``): its records,
+            call counts and output come from the run that gave the end-to-end table.
+    """
+
+    tables: dict[str, pd.DataFrame]
+    capture1: Capture
+    capture2: Capture | None
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}: {len(v)} rows" for k, v in self.tables.items())
+        return f"ModelComparison({sizes}, {self.capture1!r}, {self.capture2!r})"
+
+
+def compare_models(model1: nn.Module, model2: nn.Module, inputs: Any, metric: Metric,
+                   devices: Any = None, methods: Sequence[str] = METHODS,
+                   records2: Mapping[str, Any] | None = None) -> ModelComparison:
+    """The tables of :func:`featuremap_similarity` for several methods from one set of runs,
+    with the captures a report's other tools read.
+
+    model1 runs once (its :class:`~qatkit.profiler.capture.Capture` keeps the outputs of the
+    aligned ops); model2 runs end to end once (a capture too: with ``records2`` it records its
+    feature maps, as :func:`~qatkit.profiler.get_raw_features` does) and once with model1's
+    values handed on (PerLayer).  ``methods=("EndToEnd", "PerLayer")`` costs what
+    ``"EndToEnd"`` alone costs.
+
+    Args:
+        model1, model2, inputs, devices: as in :func:`featuremap_similarity`.
+        metric: a :class:`~qatkit.profiler.metrics.Metric`.
+        methods: the tables to compute.
+        records2: record model2's feature maps with these :func:`run_capture` arguments
+            (``{}`` for all; ``prefixes``, ``types``, ``preserve_int``); None: none.
+
+    Example::
+
+        >>> cmp = compare_models(float_model, calib_model, (x,), get_metric("Cosine"),
+        ...                      records2={})
+        >>> cmp.tables["PerLayer"].head(), len(cmp.capture2.records)
+    """
+    methods = [_parse_method(m) for m in methods]
+    inputs = as_tuple(inputs)
+    dev1, dev2 = _parse_devices(devices)
+    with analysis_model(model1, "model1", dev1) as gm1, \
+            analysis_model(model2, "model2", dev2) as gm2:
+        check_inputs(gm1, inputs, "model1")
+        check_inputs(gm2, inputs, "model2")
+        keys = {n.name: k for n, k in _align(gm1, gm2).items()}
+        occ1 = _occurrences(reference_names(gm1))
+        wanted = set(keys.values())
+        cap1 = run_capture(gm1, inputs, model1, "model1",
+                           keep={n.name for n, k in occ1.items() if k in wanted},
+                           on_output=None if _METER is None else _sample_meter)
+        node_key1 = {n.name: k for n, k in occ1.items()}
+        kept = {node_key1[name]: t for name, t in cap1.kept.items()}
+        names1 = {node_key1[name]: cap1.names[name] for name in cap1.kept}
+        names1.update({k: cap1.names[n.name] for n, k in occ1.items()})
+        names2 = {n.name: name for n, name in op_names(gm2).items()}
+        runs: dict[str, _Comparison] = {}
+        cap2 = None
+        if "EndToEnd" in methods:
+            runs["e2e"] = _Comparison(keys, kept, metric, False, names1, names2)
+            cap2 = run_capture(gm2, inputs, model2, "model2", records=records2 is not None,
+                               on_output=runs["e2e"], **dict(records2 or {}))
+        runs["same"] = _Comparison(keys, kept, metric if "PerLayer" in methods else None, True,
+                                   names1, names2)
+        with torch.no_grad():
+            _Hooked(gm2, runs["same"]).run(*to_device(inputs, model_device(gm2)))
+        qparams1 = node_qparams(gm1)
+        qp1 = {k: qparams1[n][0] for n, k in occ1.items()}
+        qp2 = node_qparams(gm2)
+        modules2 = dict(gm2.named_modules())
+        tables = {}
+        for method in methods:
+            main = runs["e2e" if method == "EndToEnd" else "same"]
+            rows = []
+            for node in gm2.graph.nodes:
+                if node.name not in main.atol:
+                    continue
+                scale = qp2[node][0]
+                if scale is None:
+                    scale = qp1.get(keys[node.name])
+                scale = math.nan if scale is None else float(scale)
+                atol = main.atol[node.name]
+                rows.append({"Index": len(rows), "Module Name": names2[node.name],
+                             "Module Type": node_type(node, modules2),
+                             "Similarity": main.sim[node.name], "qscale": scale,
+                             "Acc Error (float atol)": atol,
+                             "Acc Error (N out_qscale)": _steps(atol, scale),
+                             "Op Error with Same Input (N out_qscale)":
+                                 _steps(runs["same"].atol.get(node.name, math.nan), scale)})
+            tables[method] = pd.DataFrame(rows, columns=SIMILARITY_COLUMNS)
+    return ModelComparison(tables, cap1, cap2)
+
+
 def similarity_tables(model1: nn.Module, model2: nn.Module, inputs: Any, metric: Metric,
                       devices: Any = None, methods: Sequence[str] = METHODS,
                       ) -> tuple[dict[str, pd.DataFrame], tuple[Any, Any]]:
@@ -216,7 +313,8 @@ def similarity_tables(model1: nn.Module, model2: nn.Module, inputs: Any, metric:
     and the two models' outputs (model2's from its end-to-end run; None without EndToEnd).
 
     model1 runs once, model2 once per kind of run needed (end to end; same input), so
-    ``methods=("EndToEnd", "PerLayer")`` costs what ``"EndToEnd"`` alone costs.
+    ``methods=("EndToEnd", "PerLayer")`` costs what ``"EndToEnd"`` alone costs.  See
+    :func:`compare_models` for the captures behind them.
 
     Example::
 
@@ -224,51 +322,9 @@ def similarity_tables(model1: nn.Module, model2: nn.Module, inputs: Any, metric:
         ...                                          get_metric("Cosine"))
         >>> tables["PerLayer"].head()
     """
-    methods = [_parse_method(m) for m in methods]
-    inputs = _as_tuple(inputs)
-    dev1, dev2 = _parse_devices(devices)
-    with analysis_model(model1, "model1", dev1) as gm1, \
-            analysis_model(model2, "model2", dev2) as gm2:
-        check_inputs(gm1, inputs, "model1")
-        check_inputs(gm2, inputs, "model2")
-        keys = _align(gm1, gm2)
-        occ1 = _occurrences(reference_names(gm1))
-        names1, qparams1 = op_names(gm1), node_qparams(gm1)
-        names1_by_key = {k: names1[n] for n, k in occ1.items()}
-        records, out1 = _record_model1(gm1, inputs, set(keys.values()))
-        runs: dict[str, _Run] = {}
-        if "EndToEnd" in methods:
-            runs["e2e"] = _Run(gm2, keys, records, metric, False, names1_by_key)
-            runs["e2e"].run(inputs)
-        runs["same"] = _Run(gm2, keys, records, metric if "PerLayer" in methods else None,
-                            True, names1_by_key)
-        runs["same"].run(inputs)
-        qp1 = {k: qparams1[n][0] for n, k in occ1.items()}
-        qp2 = node_qparams(gm2)
-        names2 = op_names(gm2)
-        modules2 = dict(gm2.named_modules())
-        tables = {}
-        for method in methods:
-            main = runs["e2e" if method == "EndToEnd" else "same"]
-            rows = []
-            for node in gm2.graph.nodes:
-                if node not in main.atol:
-                    continue
-                scale = qp2[node][0]
-                if scale is None:
-                    scale = qp1.get(keys[node])
-                scale = math.nan if scale is None else float(scale)
-                atol = main.atol[node]
-                rows.append({"Index": len(rows), "Module Name": names2[node],
-                             "Module Type": node_type(node, modules2),
-                             "Similarity": main.sim[node], "qscale": scale,
-                             "Acc Error (float atol)": atol,
-                             "Acc Error (N out_qscale)": _steps(atol, scale),
-                             "Op Error with Same Input (N out_qscale)":
-                                 _steps(runs["same"].atol.get(node, math.nan), scale)})
-            tables[method] = pd.DataFrame(rows, columns=SIMILARITY_COLUMNS)
-        out2 = runs["e2e"].output if "e2e" in runs else None
-    return tables, (out1, out2)
+    cmp = compare_models(model1, model2, inputs, metric, devices, methods)
+    out2 = None if cmp.capture2 is None else cmp.capture2.output
+    return cmp.tables, (cmp.capture1.output, out2)
 
 
 def featuremap_similarity(model1: nn.Module, model2: nn.Module, inputs: Any,
@@ -281,7 +337,7 @@ def featuremap_similarity(model1: nn.Module, model2: nn.Module, inputs: Any,
     integer).  Ops are aligned by float name through prepare's provenance: a fused
     conv+bn+relu of model2 is compared with the float relu's output.  Both models run in
     eval mode without gradients and are not changed (see
-    :func:`qatkit.profiler.capture.analysis_model`).
+    :func:`qatkit.profiler.running.analysis_model`).
 
     Args:
         model1: the reference model (float, or the less quantized one).

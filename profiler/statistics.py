@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from .capture import FeatureRecord, write_table
+from .capture import FeatureRecord
+from .tables import write_table
 
 __all__ = ["FeatureProfile", "profile_featuremap", "outlier_channels"]
 
-STAT_COLUMNS = ["Module Name", "Module Type", "Attr", "Arg", "Min", "Max", "Mean", "Var",
-                "Scale", "Dtype", "Saturation Ratio", "Range (steps)", "NaN", "Inf"]
-OUTLIER_COLUMNS = ["Module Name", "Module Type", "Attr", "Channels", "Level>=3", "Level>=4",
-                   "Level>=5", "Level>=6", "Max Level"]
+STAT_COLUMNS = ["Module Name", "Module Type", "Op Kind", "Attr", "Arg", "Source", "Source Kind",
+                "Min", "Max", "Mean", "Var", "Scale", "Dtype", "Saturation Ratio",
+                "Range (steps)", "NaN", "Inf"]
+OUTLIER_COLUMNS = ["Module Name", "Module Type", "Op Kind", "Attr", "Channels", "Level>=3",
+                   "Level>=4", "Level>=5", "Level>=6", "Max Level"]
 
 
 class FeatureProfile(NamedTuple):
@@ -49,68 +51,157 @@ def _qrange(dtype: str) -> tuple[int, int] | None:
     return None
 
 
-def _stats_row(r: FeatureRecord) -> dict:
-    # float32 passes (min/max, the saturation count) and float64 accumulation (mean, var):
-    # a few passes per tensor, no float64 copy of the feature map
-    # a fake-quant op's output: the value before its fake quant, so the range in steps and the
-    # saturation show what the grid cuts off (after it, both are clamped to the grid's ends)
-    is_int = r.is_int and r.unquantized is None
-    x = (r.data if r.unquantized is None else r.unquantized).reshape(-1)
+#: elements per pass: small chunks stay in the allocator's cache (a feature map of 200 MB
+#: would be a fresh, page-faulting allocation for every temporary)
+_CHUNK = 1 << 20
+
+
+def _chunks(x: Tensor) -> Iterator[Tensor]:
+    for i in range(0, x.numel(), _CHUNK):
+        yield x[i:i + _CHUNK]
+
+
+def _finite_part(x: Tensor) -> tuple[Tensor, int, int, float, float]:
+    """``(finite values, NaN count, inf count, min, max)`` of a flat tensor; one pass (min /
+    max) when everything is finite, the usual case."""
+    lo, hi = math.inf, -math.inf
+    for c in _chunks(x):
+        a, b = torch.aminmax(c)
+        lo, hi = min(lo, float(a)), max(hi, float(b))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            break
+    else:
+        return x, 0, 0, lo, hi
+    finite = x[torch.isfinite(x)]
+    n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    if finite.numel():
+        a, b = torch.aminmax(finite)
+        return finite, n_nan, n_inf, float(a), float(b)
+    return finite, n_nan, n_inf, math.nan, math.nan
+
+
+def _edge(k: int, inv: Tensor, above: bool) -> Tensor | None:
+    """For ``f(c) = round(c * inv)`` (float32 arithmetic, as the fake quant computes it), the
+    smallest ``c`` with ``f(c) > k`` (``above``), or the largest with ``f(c) < k``: ``f`` is
+    monotonic, so one comparison per element counts what lies beyond.  None if ``inv`` is not
+    finite."""
+    if not bool(torch.isfinite(inv)) or float(inv) <= 0:
+        return None
+    c = torch.tensor((k + (0.5 if above else -0.5)) / float(inv), dtype=inv.dtype)
+    up = torch.tensor(math.inf, dtype=inv.dtype)
+    down = -up
+
+    def f(v: Tensor) -> float:
+        return float(torch.round(v * inv))
+
+    beyond = (lambda v: f(v) > k) if above else (lambda v: f(v) < k)
+    inward, outward = (down, up) if above else (up, down)
+    for _ in range(64):  # the guess is within a few ulps
+        if not beyond(c):
+            break
+        c = torch.nextafter(c, inward)
+    for _ in range(128):
+        if beyond(c):
+            return c
+        c = torch.nextafter(c, outward)
+    return None
+
+
+def _count_at_ends(x: Tensor, is_int: bool, scale: float, qr: tuple[int, int], lo: float,
+                   hi: float, beyond: bool) -> int:
+    """Values whose ``round(x * float32(1 / s))`` (as the fake quant computes it) lies beyond
+    the range ``qr`` (``beyond``) or on / beyond its ends."""
+    inv = (torch.tensor(1.0, dtype=x.dtype) if is_int else
+           (1.0 / torch.tensor(scale, dtype=torch.float32)).to(x.dtype))
+    ends = torch.round(torch.tensor([lo, hi], dtype=x.dtype) * inv)  # monotonic in x
+    # beyond: f < qmin or f > qmax; at the ends: f < qmin + 1 or f > qmax - 1
+    k_lo, k_hi = (qr[0], qr[1]) if beyond else (qr[0] + 1, qr[1] - 1)
+    if k_lo <= ends[0] and ends[1] <= k_hi:
+        return 0
+    t_hi, t_lo = _edge(k_hi, inv, above=True), _edge(k_lo, inv, above=False)
+    count = 0
+    for c in _chunks(x):
+        if t_hi is None or t_lo is None:  # scale beyond float32: round every value
+            q = torch.round(c * inv)
+            count += int(((q < k_lo) | (q > k_hi)).sum())
+        else:
+            count += int(torch.count_nonzero(c >= t_hi)) + int(torch.count_nonzero(c <= t_lo))
+    return count
+
+
+def _tensor_stats(t: Tensor, is_int: bool, scale: float | None, dtype: str,
+                  beyond: bool) -> dict:
+    # chunked passes: min/max (and the finite check), the float64 sums of deviations from a
+    # pilot mean and of their squares, the saturation count (only when min/max reach the
+    # grid's ends)
+    x = t.reshape(-1)
     if not x.is_floating_point() or x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         x = x.to(torch.float32)
     n = x.numel()
-    n_nan = n_inf = 0
-    finite = x
-    if n and not bool(torch.isfinite(x).all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        finite = x[torch.isfinite(x)]
+    finite, n_nan, n_inf, mn, mx = _finite_part(x) if n else (x, 0, 0, math.nan, math.nan)
     m = finite.numel()
-    if m:
-        lo, hi = torch.aminmax(finite)
-        mn, mx = float(lo), float(hi)
-        mean = float(finite.sum(dtype=torch.float64)) / m
-        centered = finite - torch.tensor(mean, dtype=finite.dtype)
-        var = float(centered.square_().sum(dtype=torch.float64)) / m
-    else:
-        mn = mx = mean = var = math.nan
-    scale = r.scale
+    mean = var = math.nan
+    if m:  # sums of deviations from a pilot mean: one pass, no cancellation
+        pilot = finite[:_CHUNK].sum(dtype=torch.float64) / min(m, _CHUNK)
+        center = pilot.to(finite.dtype)
+        s1 = s2 = 0.0
+        for c in _chunks(finite):
+            d = c - center
+            s1 += float(d.sum(dtype=torch.float64))
+            s2 += float(d.square_().sum(dtype=torch.float64))
+        shift = s1 / m
+        mean = float(center) + shift
+        var = max(s2 / m - shift * shift, 0.0)
     sat = steps = math.nan
-    qr = _qrange(r.dtype)
+    qr = _qrange(dtype)
     if scale is not None and not math.isnan(scale) and scale > 0 and n:
         if m:
             amax = max(abs(mn), abs(mx))
             steps = amax if is_int else amax / scale  # the range in quantization steps
         if qr is not None:
-            # round(x * float32(1 / s)), as the fake quant computes it
-            qi = finite if is_int else torch.round(finite * (1.0 / torch.tensor(
-                scale, dtype=torch.float32)).to(finite.dtype))
-            if r.unquantized is not None:  # the values the fake quant actually clamps
-                at_ends = int(((qi < qr[0]) | (qi > qr[1])).sum()) + n_inf
-            else:  # already on the grid: the values sitting at its ends
-                at_ends = int(((qi <= qr[0]) | (qi >= qr[1])).sum()) + n_inf
-            sat = at_ends / n
-    return {"Module Name": r.name, "Module Type": r.module_type, "Attr": r.attr, "Arg": r.arg,
-            "Min": mn, "Max": mx, "Mean": mean, "Var": var,
-            "Scale": math.nan if scale is None else float(scale), "Dtype": r.dtype,
+            # the fake quant clamps what lies beyond; a tensor already on the grid counts the
+            # values sitting at its ends
+            at_ends = _count_at_ends(finite, is_int, scale, qr, mn, mx, beyond) if m else 0
+            sat = (at_ends + n_inf) / n
+    return {"Min": mn, "Max": mx, "Mean": mean, "Var": var,
+            "Scale": math.nan if scale is None else float(scale), "Dtype": dtype,
             "Saturation Ratio": sat, "Range (steps)": steps, "NaN": n_nan, "Inf": n_inf}
+
+
+def _stats_row(r: FeatureRecord, memo: dict) -> dict:
+    # a fake-quant op's output: the value before its fake quant, so the range in steps and the
+    # saturation show what the grid cuts off (after it, both are clamped to the grid's ends)
+    t = r.data if r.unquantized is None else r.unquantized
+    is_int = r.is_int and r.unquantized is None
+    beyond = r.unquantized is not None
+    # one tensor recorded several times (an op's output is the next ops' input) is measured
+    # once; the records hold it, so its id stays valid
+    key = (id(t), is_int, r.scale, r.dtype, beyond)
+    if key not in memo:
+        memo[key] = _tensor_stats(t, is_int, r.scale, r.dtype, beyond)
+    return {"Module Name": r.name, "Module Type": r.module_type, "Op Kind": r.kind,
+            "Attr": r.attr, "Arg": r.arg, "Source": r.source, "Source Kind": r.source_kind,
+            **memo[key]}
 
 
 def profile_featuremap(features: Sequence[FeatureRecord], out_dir: str | os.PathLike | None = None,
                        file_name: str | None = None) -> FeatureProfile:
     """Statistics of every recorded tensor, and the same rows sorted by range.
 
-    Columns: "Module Name", "Module Type", "Attr", "Arg", "Min", "Max", "Mean", "Var"
-    (over the finite values), "Scale" (NaN for a float tensor), "Dtype",
-    "Saturation Ratio" (fraction of values the grid clamps: with ``round(x / scale)`` beyond
-    the dtype's range, infinities included; NaN without a scale), "Range (steps)" (``max|x| /
-    scale``: above 127 an int8 tensor cannot hold its range at this scale; NaN without a
-    scale), "NaN", "Inf" (counts).  The output of a fake-quant op is described by its value
-    *before* the output fake quant (``FeatureRecord.unquantized``): that is what the grid has to
-    hold, so a range beyond 127 steps and the clamped fraction are visible.  Tensors already on
-    the grid (inputs, integer-model outputs) count the values at the grid's ends as saturated.
-    Records captured with ``preserve_int`` hold the integers ``q``: Min/Max/Mean/Var are then
-    in steps too.
+    Columns: "Module Name", "Module Type", "Op Kind" (from the quantization annotation:
+    ``conv``, ``add``, ``quant_stub``, ``sigmoid``...; the op's base name for other ops),
+    "Attr", "Arg", "Source" and "Source Kind" (for an input: the op whose output it is, looked
+    up through data-moving ops, and its kind -- ``input`` for a model input; empty for an
+    output), "Min", "Max", "Mean", "Var" (over the finite values), "Scale" (NaN for a float
+    tensor), "Dtype", "Saturation Ratio" (fraction of values the grid clamps: with
+    ``round(x / scale)`` beyond the dtype's range, infinities included; NaN without a scale),
+    "Range (steps)" (``max|x| / scale``: above 127 an int8 tensor cannot hold its range at
+    this scale; NaN without a scale), "NaN", "Inf" (counts).  The output of a fake-quant op is
+    described by its value *before* the output fake quant (``FeatureRecord.unquantized``):
+    that is what the grid has to hold, so a range beyond 127 steps and the clamped fraction
+    are visible.  Tensors already on the grid (inputs, integer-model outputs) count the values
+    at the grid's ends as saturated.  Records captured with ``preserve_int`` hold the integers
+    ``q``: Min/Max/Mean/Var are then in steps too.
 
     Args:
         features: records from :func:`~qatkit.profiler.get_raw_features`.
@@ -126,7 +217,8 @@ def profile_featuremap(features: Sequence[FeatureRecord], out_dir: str | os.Path
         >>> table, by_range = profile_featuremap(get_raw_features(calib_model, x))
         >>> by_range[["Module Name", "Range (steps)", "Saturation Ratio"]].head(3)
     """
-    rows = [_stats_row(r) for r in features]
+    memo: dict = {}
+    rows = [_stats_row(r, memo) for r in features]
     table = pd.DataFrame(rows, columns=STAT_COLUMNS)
     key = table["Range (steps)"].fillna(-1.0)
     amax = pd.concat([table["Min"].abs(), table["Max"].abs()], axis=1).max(axis=1).fillna(-1.0)
@@ -144,10 +236,23 @@ def _channel_axis(t: Tensor, channel_axis: int | None) -> int:
     return t.dim() - 1 if t.dim() == 3 else 1
 
 
+def _channel_max(t: Tensor, axis: int) -> Tensor:
+    """max |x| per channel (float64; NaNs ignored), by reductions that copy nothing."""
+    x = t.detach()
+    if not x.is_floating_point():
+        x = x.to(torch.float64)
+    if x.numel() == 0:
+        return torch.zeros(t.shape[axis], dtype=torch.float64)
+    dims = [d for d in range(x.dim()) if d != axis]
+    cmax = torch.maximum(x.amax(dim=dims), -x.amin(dim=dims)).to(torch.float64)
+    if bool(torch.isnan(cmax).any()):  # NaNs count as 0, as for a dead channel
+        x = x.to(torch.float64).abs().nan_to_num(nan=0.0).movedim(axis, 0)
+        cmax = x.reshape(t.shape[axis], -1).max(dim=1).values
+    return cmax
+
+
 def _levels(t: Tensor, axis: int) -> tuple[int, list[float]]:
-    x = t.detach().to(torch.float64).abs().nan_to_num(nan=0.0)
-    x = x.movedim(axis, 0).reshape(t.shape[axis], -1)
-    cmax = x.max(dim=1).values if x.shape[1] else torch.zeros(x.shape[0], dtype=torch.float64)
+    cmax = _channel_max(t, axis)
     top = float(cmax.max()) if cmax.numel() else 0.0
     live = cmax[cmax > 0]
     if top == 0 or math.isinf(top):
@@ -179,7 +284,7 @@ def outlier_channels(features: Sequence[FeatureRecord], channel_axis: int | None
         file_name: default ``"outlier_channels"``.
 
     Returns:
-        a DataFrame: "Module Name", "Module Type", "Attr", "Channels", "Level>=3" ...
+        a DataFrame: "Module Name", "Module Type", "Op Kind", "Attr", "Channels", "Level>=3" ...
         "Level>=6" (channel counts), "Max Level" (0.0 when no channel is below the max).
 
     Example::
@@ -188,14 +293,17 @@ def outlier_channels(features: Sequence[FeatureRecord], channel_axis: int | None
         >>> t.sort_values("Level>=6", ascending=False).head()
     """
     rows = []
+    memo: dict[tuple[int, int], tuple[int, list[float]]] = {}  # a tensor recorded twice
     for r in features:
         data = r.data if r.unquantized is None else r.unquantized  # before the output grid
         if data.dim() < 2:
             continue
         axis = _channel_axis(data, channel_axis)
-        channels, levels = _levels(data, axis)
-        row = {"Module Name": r.name, "Module Type": r.module_type, "Attr": r.attr,
-               "Channels": channels}
+        if (id(data), axis) not in memo:
+            memo[id(data), axis] = _levels(data, axis)
+        channels, levels = memo[id(data), axis]
+        row = {"Module Name": r.name, "Module Type": r.module_type, "Op Kind": r.kind,
+               "Attr": r.attr, "Channels": channels}
         for k in (3, 4, 5, 6):
             row[f"Level>={k}"] = sum(1 for v in levels if v >= k)
         row["Max Level"] = max(levels) if levels else 0.0

@@ -3,30 +3,32 @@
 The float weight is folded with the float model's BatchNorm exactly as the QAT module folds
 it (``W * gamma / sqrt(running_var + eps)`` per output channel, through the QAT module's own
 :meth:`folded_weight_bias`), so that a calibrated model's weight differs from it by the
-weight quantization alone.  The quantized weight is the QAT module's folded weight passed
-through its weight fake quant, or a converted model's integer weight times its scale.
+weight quantization alone.  The quantized weight is the QAT module's own integer weight
+(:meth:`quantize_weight`, the one rounding rule) or a converted model's integer ``weight``,
+times the scale its weight spec (the quantization annotation) names.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import pandas as pd
 import qatkit
 import torch
-from qatkit.fake_quantize import LSQFakeQuantize
+from qatkit.annotation import AnnotatedOp, QuantSpec, get_annotations, has_annotations
 from qatkit.fx.patterns import BN_FOR
 from qatkit.nn.qat import FLOAT_TO_QAT, from_float
 from qatkit.quantized.conv import QuantizedConv
 from torch import Tensor, nn
 
 from .alignment import trace_model
-from .capture import write_table
 from .metrics import get_metric
+from .tables import write_table
 
-__all__ = ["compare_weights", "WEIGHT_COLUMNS"]
+__all__ = ["compare_weights", "check_weight_correspondence", "WEIGHT_COLUMNS"]
 
 WEIGHT_COLUMNS = ["Weight Name", "Module Type", "Similarity", "Max Abs Error", "Weight Scale",
                   "Error (N weight scale)"]
@@ -63,36 +65,37 @@ def _reference_weight(name: str, float_mod: nn.Module, bn: nn.Module | None) -> 
         bn.train(bn_training)
 
 
-def _fake_quant_weight(mod: nn.Module) -> tuple[Tensor, Tensor, int] | None:
-    """(quantized weight, per-channel scale, channel axis) of a QAT module, or None."""
-    wfq = getattr(mod, "weight_fake_quant", None)
-    if wfq is None or not wfq.has_scale:
-        return None
-    with torch.no_grad():
-        w = mod.folded_weight_bias()[0].detach().float()
-    scale = wfq.scale.detach().float().reshape(-1)
-    if isinstance(wfq, LSQFakeQuantize):
-        scale = scale.clamp(min=torch.finfo(torch.float32).eps)
-    axis = 0 if wfq.ch_axis is None else wfq.ch_axis % w.dim()
-    shape = [1] * w.dim()
+def _weight_specs(model: nn.Module) -> dict[str, QuantSpec]:
+    """Module path -> the weight's spec, from the quantization annotation (a model prepared
+    by module swapping has none: each module states its own)."""
+    if has_annotations(model):
+        return {a.module: a.weight for a in get_annotations(model).values()
+                if a.module is not None and a.weight is not None}
+    return {name: spec for name, mod in model.named_modules()
+            if isinstance(mod, AnnotatedOp) and (spec := mod.qatkit_weight_spec(name))}
+
+
+def _dequantized(q: Tensor, spec: QuantSpec, model: nn.Module) -> tuple[Tensor, Tensor, int]:
+    """(``q * scale`` in float32, the scale as a flat vector, the channel axis)."""
+    scale = spec.scale(model).detach().float().reshape(-1)
+    axis = 0 if spec.ch_axis is None else spec.ch_axis % q.dim()
+    shape = [1] * q.dim()
     if scale.numel() > 1:
         shape[axis] = -1
-    s = scale.view(shape).to(w.device)
-    q = torch.mul(w, torch.ones_like(s) / s).round_().clamp_(wfq.quant_min, wfq.quant_max)
-    return q * s, scale, axis
+    return q.float() * scale.view(shape).to(q.device), scale, axis
 
 
-def _integer_weight(mod: QuantizedConv) -> tuple[Tensor, Tensor, int]:
-    """(dequantized weight, per-channel scale, channel axis) of an integer conv / linear."""
-    s_w = (mod.acc_scale.to(torch.float64) / mod.input_scale.to(torch.float64).reshape(-1)[0])
-    w = mod.weight.to(torch.float64)
-    if mod._kind == "ConvTranspose":
-        axis, s_w = 1, s_w[: w.shape[1]]
-    else:
-        axis = 0
-    shape = [1] * w.dim()
-    shape[axis] = -1
-    return (w * s_w.view(shape)).float(), s_w.float(), axis
+def _quantized_weight(name: str, mod: nn.Module, specs: dict[str, QuantSpec],
+                      model: nn.Module) -> tuple[Tensor, Tensor, int] | None:
+    """(quantized weight, per-channel scale, channel axis) of a QAT module (its own
+    ``quantize_weight``) or an integer conv / linear (its integer ``weight``), each times the
+    scale its weight spec names; None without a weight spec or scale."""
+    spec = specs.get(name)
+    if spec is None or not spec.has_scale(model):
+        return None
+    if isinstance(mod, QuantizedConv):
+        return _dequantized(mod.weight, spec, model)
+    return _dequantized(mod.quantize_weight(), spec, model)
 
 
 def _steps(err: Tensor, scale: Tensor, axis: int) -> float:
@@ -136,6 +139,7 @@ def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_fun
     """
     metric = get_metric(similarity_func)
     float_modules = dict(float_model.named_modules())
+    specs = _weight_specs(qat_model)
     bns: dict[str, nn.Module] | None = None
     rows = []
     for name, mod in qat_model.named_modules():
@@ -158,7 +162,7 @@ def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_fun
             if bn is None and not is_int:
                 bn = mod.bn  # float model not traceable: the BatchNorm prepare copied
         ref = _reference_weight(name, fmod, bn).float().cpu()
-        got_q = _integer_weight(mod) if is_int else _fake_quant_weight(mod)
+        got_q = _quantized_weight(name, mod, specs, qat_model)
         row = {"Weight Name": f"{name}.weight", "Module Type": mod._get_name(),
                "Similarity": math.nan, "Max Abs Error": math.nan, "Weight Scale": math.nan,
                "Error (N weight scale)": math.nan}
@@ -180,3 +184,120 @@ def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_fun
                 f"compare_weights ({metric.name}): {type(float_model).__name__} vs "
                 f"{type(qat_model).__name__}")
     return table
+
+
+#: how far, in steps of its own scale, an integer weight may lie from the float model's
+#: (BN-folded) weight: half a step of rounding, one where a channel's maximum clamps to 127
+_INTEGER_MAX_STEPS = 1.0 + 1e-3
+
+
+def _called_modules(float_model: nn.Module) -> set[str] | None:
+    """The modules the traced forward calls (None when the model cannot be traced)."""
+    try:
+        gm = trace_model(float_model, "model1")
+    except ValueError:
+        return None
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def _relative_difference(w1: Tensor, w2: Tensor) -> float:
+    """``max |w2 - w1| / max |w1|`` (0 for equal tensors, inf against an all-zero w1)."""
+    a, b = w1.detach().float().cpu(), w2.detach().float().cpu()
+    if torch.equal(a, b):  # prepare copies the float weights: the usual case, one pass
+        return 0.0
+    diff = float((b - a).abs().max()) if a.numel() else 0.0
+    ref = float(a.abs().max()) if a.numel() else 0.0
+    if diff == 0:
+        return 0.0
+    return diff / ref if ref > 0 else math.inf
+
+
+def check_weight_correspondence(float_model: nn.Module, model2: nn.Module,
+                                rtol: float | None = 1e-5) -> list[str]:
+    """Check that ``model2`` was made from ``float_model``: same weighted layers, same weights.
+
+    Every conv / conv-transpose / linear of ``model2`` needs a float layer of the same name in
+    ``float_model`` with the same weight: for a calibrated / QAT model the layer's own float
+    ``weight`` (unfolded: a fused BatchNorm is not in it) must equal the float layer's within
+    ``rtol`` (``max |w2 - w1| / max |w1|``); for an integer model (``convert_fx``) the
+    dequantized weight must lie within one step of its scale of the float weight, BN-folded
+    as :func:`compare_weights` folds it.  A report on models that do not correspond compares
+    unrelated numbers (a cosine of -0.3 with no other sign of why), so this is an error.
+
+    ``float_model``'s weighted layers with no counterpart in ``model2`` are not an error:
+    they are returned and listed in a ``RuntimeWarning`` (layers its forward never calls are
+    left out: prepare drops them).
+
+    Args:
+        float_model: the float model (model1 of ``model_profiler(mode="FvsQ")``).
+        model2: a calibrated / QAT model or an integer model.
+        rtol: the largest relative difference of a float weight; None skips the check (a
+            QAT-trained model's weights differ on purpose).
+
+    Returns:
+        the names of ``float_model``'s weighted layers that ``model2`` lacks.
+
+    Raises:
+        ValueError: naming the first layer of ``model2`` with no float counterpart, another
+            shape, or other weights, and how to fix it.
+
+    Example::
+
+        >>> check_weight_correspondence(float_model, calib_model)
+        []
+    """
+    if rtol is None:
+        return []
+    fix = ("FvsQ compares a quantized model with the float model it was prepared from: pass "
+           "that float model as model1 (and model2 prepared / calibrated from it). If model2 "
+           "was QAT-trained from model1, its weights changed on purpose: compare it with the "
+           "calibrated model (mode='CvsQ'), or skip this check with kwargs_dict="
+           "{'check_weight_correspondence': {'rtol': None}}")
+    float_modules = dict(float_model.named_modules())
+    matched: set[str] = set()
+    integer = False
+    for name, mod in model2.named_modules():
+        is_int = isinstance(mod, QuantizedConv)
+        if not (is_int or hasattr(mod, "folded_weight_bias") or type(mod) in FLOAT_TO_QAT):
+            continue
+        fmod = float_modules.get(name)
+        if fmod is None or type(fmod) not in FLOAT_TO_QAT:
+            got = "no module" if fmod is None else f"a {type(fmod).__name__}"
+            raise ValueError(f"model2 ({type(model2).__name__}) does not correspond to model1 "
+                             f"({type(float_model).__name__}): model2's layer '{name}' "
+                             f"({mod._get_name()}) has {got} of that name in model1. {fix}")
+        matched.add(name)
+        if is_int:
+            integer = True
+            continue
+        w1, w2 = fmod.weight, mod.weight
+        if w1.shape != w2.shape:
+            raise ValueError(f"model2 ({type(model2).__name__}) does not correspond to model1 "
+                             f"({type(float_model).__name__}): layer '{name}' has weight shape "
+                             f"{list(w2.shape)} in model2 but {list(w1.shape)} in model1. {fix}")
+        rel = _relative_difference(w1, w2)
+        if rel > rtol:
+            raise ValueError(f"model2 ({type(model2).__name__}) does not correspond to model1 "
+                             f"({type(float_model).__name__}): layer '{name}' has other weights "
+                             f"(max |w2 - w1| / max |w1| = {rel:.3g} > {rtol:g}). {fix}")
+    if integer:
+        table = compare_weights(float_model, model2)
+        far = table[table["Error (N weight scale)"] > _INTEGER_MAX_STEPS]
+        if len(far):
+            row = far.iloc[0]
+            raise ValueError(f"model2 ({type(model2).__name__}) does not correspond to model1 "
+                             f"({type(float_model).__name__}): the integer weight of "
+                             f"'{row['Weight Name']}' is {row['Error (N weight scale)']:.3g} "
+                             "steps of its scale from model1's (BN-folded) weight; a model "
+                             f"converted from model1 is within {_INTEGER_MAX_STEPS:.3g}. {fix}")
+    called = _called_modules(float_model)
+    missing = [name for name, mod in float_modules.items()
+               if type(mod) in FLOAT_TO_QAT and name not in matched
+               and (called is None or name in called)]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        warnings.warn(f"model1 ({type(float_model).__name__}) has {len(missing)} weighted "
+                      f"layer(s) with no counterpart in model2 ({type(model2).__name__}): "
+                      f"{shown}. They are not compared; if model2 should have them, it was not "
+                      "prepared from model1", RuntimeWarning, stacklevel=2)
+    return missing

@@ -17,29 +17,33 @@ from qatkit.profiler.advisor import ADVICE_COLUMNS, advise
 from torch import nn
 
 NAN = math.nan
-STAT_COLUMNS = ["Module Name", "Module Type", "Attr", "Arg", "Min", "Max", "Mean", "Var", "Scale",
-                "Dtype", "Saturation Ratio", "Range (steps)", "NaN", "Inf"]
 
 
 def _stat(name, mtype, attr, mn, mx, mean=0.0, var=None, arg=0, scale=NAN, dtype="float32",
-          sat=NAN, steps=NAN, nans=0, infs=0) -> dict:
+          sat=NAN, steps=NAN, nans=0, infs=0, kind="", source=None, source_kind=None) -> dict:
     if var is None:  # a spread that int8 holds well: std = max|x| / 4
         var = (max(abs(mn), abs(mx)) / 4) ** 2
-    return dict(zip(STAT_COLUMNS, [name, mtype, attr, arg, mn, mx, mean, var, scale, dtype, sat,
-                                   steps, nans, infs], strict=True))
+    return {"Module Name": name, "Module Type": mtype, "Op Kind": kind, "Attr": attr,
+            "Arg": arg, "Source": source, "Source Kind": source_kind, "Min": mn, "Max": mx,
+            "Mean": mean, "Var": var, "Scale": scale, "Dtype": dtype, "Saturation Ratio": sat,
+            "Range (steps)": steps, "NaN": nans, "Inf": infs}
 
 
-def _io(name, mtype, mn, mx, **kw) -> list[dict]:
+def _io(name, mtype, mn, mx, source=None, source_kind=None, **kw) -> list[dict]:
     """An op's input and output rows, same statistics."""
-    return [_stat(name, mtype, "input", mn, mx, **kw), _stat(name, mtype, "output", mn, mx, **kw)]
+    return [_stat(name, mtype, "input", mn, mx, source=source, source_kind=source_kind, **kw),
+            _stat(name, mtype, "output", mn, mx, **kw)]
 
 
 def _clean_rows() -> list[dict]:
-    return (_io("x_quant", "QuantStub", -1.0, 1.0) + _io("conv", "ConvBnReLU2d", 0.0, 3.0)
-            + _io("sigmoid", "FunctionalOp[sigmoid]", -4.0, 4.0)
-            + [_stat("add", "FunctionalOp[add]", "input", -2, 2),
-               _stat("add", "FunctionalOp[add]", "input", -1, 1, arg=1),
-               _stat("add", "FunctionalOp[add]", "output", -3, 3)])
+    return (_io("x_quant", "QuantStub", -1.0, 1.0, kind="quant_stub", source="x",
+                source_kind="input")
+            + _io("conv", "ConvBnReLU2d", 0.0, 3.0, kind="conv", source="x_quant",
+                  source_kind="quant_stub")
+            + _io("sigmoid", "FunctionalOp[sigmoid]", -4.0, 4.0, kind="sigmoid")
+            + [_stat("add", "FunctionalOp[add]", "input", -2, 2, kind="add"),
+               _stat("add", "FunctionalOp[add]", "input", -1, 1, arg=1, kind="add"),
+               _stat("add", "FunctionalOp[add]", "output", -3, 3, kind="add")])
 
 
 def _layers(df: pd.DataFrame, severity: str | None = None) -> list[str]:
@@ -57,14 +61,16 @@ def test_clean_tables_give_no_findings() -> None:
 
 
 def test_input_not_normalized_and_one_sided() -> None:
-    rows = _io("x_quant", "QuantStub", 0.0, 255.0, mean=127.5) + _clean_rows()[2:]
+    rows = _io("x_quant", "QuantStub", 0.0, 255.0, mean=127.5, kind="quant_stub", source="x",
+               source_kind="input") + _clean_rows()[2:]
     df = advise(statistics=pd.DataFrame(rows))
     assert _layers(df) == ["x_quant"]
     assert "not normalized" in df["Problem"][0] and "not symmetric" in df["Problem"][0]
     assert "[0, 255]" in df["Evidence"][0] and "QuantStub(scale=1/128)" in df["Advice"][0]
     # float model statistics (no QuantStub): the first input row is the model input
-    float_rows = [_stat("conv", "Conv2d", "input", -300.0, 290.0),
-                  _stat("conv", "Conv2d", "output", -1.0, 1.0)]
+    float_rows = [_stat("conv", "Conv2d", "input", -300.0, 290.0, kind="conv", source="x",
+                        source_kind="input"),
+                  _stat("conv", "Conv2d", "output", -1.0, 1.0, kind="conv")]
     df = advise(statistics=pd.DataFrame(float_rows))
     assert _layers(df) == ["conv"] and "not symmetric" not in df["Problem"][0]
 
@@ -103,11 +109,12 @@ def test_saturation_only_when_data_lies_beyond_the_grid() -> None:
 
 def test_multi_input_ranges_large_eats_small() -> None:
     rows = _clean_rows() + [
-        _stat("cat", "FunctionalOp[cat]", "input", -1.0, 1.0),
-        _stat("cat", "FunctionalOp[cat]", "input", -1000.0, 1000.0, arg=1),
-        _stat("cat", "FunctionalOp[cat]", "output", -1000.0, 1000.0),
-        _stat("mul", "FunctionalOp[mul]", "input", -1.0, 1.0),  # a product: ranges may differ
-        _stat("mul", "FunctionalOp[mul]", "input", -1000.0, 1000.0, arg=1)]
+        _stat("cat", "FunctionalOp[cat]", "input", -1.0, 1.0, kind="cat"),
+        _stat("cat", "FunctionalOp[cat]", "input", -1000.0, 1000.0, arg=1, kind="cat"),
+        _stat("cat", "FunctionalOp[cat]", "output", -1000.0, 1000.0, kind="cat"),
+        # a product: ranges may differ
+        _stat("mul", "FunctionalOp[mul]", "input", -1.0, 1.0, kind="mul"),
+        _stat("mul", "FunctionalOp[mul]", "input", -1000.0, 1000.0, arg=1, kind="mul")]
     df = advise(statistics=pd.DataFrame(rows))
     multi = df[df["Problem"].str.contains("large numbers eat small numbers")]
     assert multi["Layer"].tolist() == ["cat"]
@@ -116,18 +123,22 @@ def test_multi_input_ranges_large_eats_small() -> None:
 
 
 def test_nonlinear_steep_region() -> None:
-    rows = _clean_rows() + _io("fc", "Linear", -64.0, 64.0, scale=0.5, dtype="qint8")
+    rows = _clean_rows() + _io("fc", "Linear", -64.0, 64.0, scale=0.5, dtype="qint8",
+                               kind="linear")
     rows += [_stat("sig", "FunctionalOp[sigmoid]", "input", -64.0, 64.0, scale=0.5,
-                   dtype="qint8"),  # 16 levels in [-4, 4]
-             _stat("soft", "Softmax", "input", -10.0, 10.0),  # step 10/128 > 1/16
-             _stat("inv", "reciprocal", "input", 0.001, 12.8),  # min 0.01 steps from 0
-             _stat("root", "sqrt", "input", 2.0, 12.8)]  # 20 steps from 0: fine
+                   dtype="qint8", kind="sigmoid", source="fc",
+                   source_kind="linear"),  # 16 levels in [-4, 4]
+             _stat("soft", "Softmax", "input", -10.0, 10.0,
+                   kind="softmax"),  # step 10/128 > 1/16
+             _stat("inv", "reciprocal", "input", 0.001, 12.8,
+                   kind="reciprocal"),  # min 0.01 steps from 0
+             _stat("root", "sqrt", "input", 2.0, 12.8, kind="sqrt")]  # 20 steps from 0: fine
     df = advise(statistics=pd.DataFrame(rows))
     nl = df[df["Problem"].str.startswith("non-linear")]
     assert nl["Layer"].tolist() == ["sig", "soft", "inv"]
     sig = nl.iloc[0]
     assert "only 16 input levels" in sig["Evidence"]
-    assert "('fc')" in sig["Advice"] and '[("fc", ' in sig["Advice"]  # the producer, by stats
+    assert "('fc')" in sig["Advice"] and '[("fc", ' in sig["Advice"]  # the producer: Source
 
 
 def test_nan_reported_once_at_first_occurrence() -> None:
@@ -139,19 +150,20 @@ def test_nan_reported_once_at_first_occurrence() -> None:
 
 
 # -- outliers, similarity, structure ---------------------------------------------------------
-def _outlier(name, mtype, attr, channels, l3, l4, l5, l6) -> dict:
-    return {"Module Name": name, "Module Type": mtype, "Attr": attr, "Channels": channels,
+def _outlier(name, mtype, kind, attr, channels, l3, l4, l5, l6) -> dict:
+    return {"Module Name": name, "Module Type": mtype, "Op Kind": kind, "Attr": attr,
+            "Channels": channels,
             "Level>=3": l3, "Level>=4": l4, "Level>=5": l5, "Level>=6": l6,
             "Max Level": 6.6 if l6 else 4.2}
 
 
 def test_outlier_levels_and_consumers() -> None:
     table = pd.DataFrame([
-        _outlier("ln", "LayerNorm", "output", 8, 7, 7, 7, 7),
-        _outlier("fc1", "Linear", "input", 8, 7, 7, 7, 7),  # SmoothQuant target
-        _outlier("act", "GELU", "input", 8, 7, 7, 7, 7),  # input of a non-linear: skipped
-        _outlier("mid", "Conv2d", "output", 8, 6, 5, 0, 0),
-        _outlier("few", "Conv2d", "output", 8, 1, 1, 1, 1),  # one dwarfed channel: fine
+        _outlier("ln", "LayerNorm", "layer_norm", "output", 8, 7, 7, 7, 7),
+        _outlier("fc1", "Linear", "linear", "input", 8, 7, 7, 7, 7),  # SmoothQuant target
+        _outlier("act", "GELU", "gelu", "input", 8, 7, 7, 7, 7),  # a non-linear's input: skipped
+        _outlier("mid", "Conv2d", "conv", "output", 8, 6, 5, 0, 0),
+        _outlier("few", "Conv2d", "conv", "output", 8, 1, 1, 1, 1),  # one dwarfed channel: fine
     ])
     df = advise(outliers=table)
     assert df[["Severity", "Layer"]].values.tolist() == [["error", "ln"], ["error", "fc1"],
