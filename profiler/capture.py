@@ -163,13 +163,14 @@ class Capture:
     Attributes:
         model: the model captured (it was not changed).
         label: how messages call it (``"model1"``).
-        names: node name -> op name (the tables' "Module Name").
-        annotations: node name -> :class:`~qatkit.annotation.NodeAnnotation`.
-        tensors: node name -> True when the node produced a floating-point tensor.
+        names: FX node name -> op name (the tables' "Module Name").
+        annotations: FX node name -> :class:`~qatkit.annotation.NodeAnnotation`.
+        tensors: op name -> True when the op (or graph input) produced a floating-point
+            tensor.
         calls: module path -> how often the module ran in the forward (every path of the
             model that ran, including modules the tracer inlined).
         records: the :class:`FeatureRecord` objects asked for, in execution order.
-        kept: node name -> output on the CPU, for the nodes asked for.
+        kept: op name -> output on the CPU, for the ops asked for (``keep``).
         output: the model's output.
 
     Example::
@@ -289,11 +290,13 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         cap = self.cap
+        name = cap.names[n.name]
         if n.op not in _OPS:
             out = super().run_node(n)
-            cap.tensors[n.name] = isinstance(out, Tensor) and out.is_floating_point()
-            if n.name in self.keep and isinstance(out, Tensor):
-                cap.kept[n.name] = out.detach().to("cpu", copy=True)
+            if n.op != "output":
+                cap.tensors[name] = isinstance(out, Tensor) and out.is_floating_point()
+            if name in self.keep and isinstance(out, Tensor):
+                cap.kept[name] = out.detach().to("cpu", copy=True)
             if self.on_output is not None:
                 out = self.on_output(self, n, out)
             return out
@@ -324,13 +327,13 @@ class _Recorder(fx.Interpreter):
             if hook is not None:
                 hook.remove()
         is_tensor = isinstance(out, Tensor)
-        cap.tensors[n.name] = is_tensor and out.is_floating_point()
+        cap.tensors[name] = is_tensor and out.is_floating_point()
         if keep and is_tensor:
             unq = pre[-1] if pre and isinstance(pre[-1], Tensor) and pre[-1] is not out and \
                 pre[-1].shape == out.shape else None
             self._record(ann, mtype, "output", 0, out, self.qparams[n], unq)
-        if n.name in self.keep and is_tensor:
-            cap.kept[n.name] = self.snap(out) if keep else out.detach().to("cpu", copy=True)
+        if name in self.keep and is_tensor:
+            cap.kept[name] = self.snap(out) if keep else out.detach().to("cpu", copy=True)
         if self.on_output is not None:
             out = self.on_output(self, n, out)
         return out
@@ -350,7 +353,7 @@ def run_capture(gm: fx.GraphModule, inputs: tuple[Any, ...], model: nn.Module | 
         label: how messages call the model.
         records: record :class:`FeatureRecord` objects (filtered by ``prefixes``/``types``,
             integers with ``preserve_int``, as :func:`get_raw_features` describes).
-        keep: node names whose outputs are kept on the CPU (``Capture.kept``).
+        keep: op names whose outputs are kept on the CPU (``Capture.kept``).
         on_output: ``on_output(interpreter, node, value) -> value`` after each op (a
             comparison; it may hand on another value).
 

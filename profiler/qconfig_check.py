@@ -53,7 +53,7 @@ class _Graph:
 
     def is_tensor(self, ann: NodeAnnotation) -> bool:
         if self.tensors is not None:
-            return self.tensors.get(ann.node, False)
+            return self.tensors.get(ann.name, False)
         return ann.role not in ("output", "non_tensor", "attr")  # inferred from the graph
 
     def inputs(self, ann: NodeAnnotation) -> list[tuple[NodeAnnotation, str]]:

@@ -261,13 +261,12 @@ def compare_models(model1: nn.Module, model2: nn.Module, inputs: Any, metric: Me
         keys = {n.name: k for n, k in _align(gm1, gm2).items()}
         occ1 = _occurrences(reference_names(gm1))
         wanted = set(keys.values())
+        op1 = op_names(gm1)
         cap1 = run_capture(gm1, inputs, model1, "model1",
-                           keep={n.name for n, k in occ1.items() if k in wanted},
+                           keep={op1[n] for n, k in occ1.items() if k in wanted},
                            on_output=None if _METER is None else _sample_meter)
-        node_key1 = {n.name: k for n, k in occ1.items()}
-        kept = {node_key1[name]: t for name, t in cap1.kept.items()}
-        names1 = {node_key1[name]: cap1.names[name] for name in cap1.kept}
-        names1.update({k: cap1.names[n.name] for n, k in occ1.items()})
+        kept = {k: cap1.kept[op1[n]] for n, k in occ1.items() if op1[n] in cap1.kept}
+        names1 = {k: op1[n] for n, k in occ1.items()}
         names2 = {n.name: name for n, name in op_names(gm2).items()}
         runs: dict[str, _Comparison] = {}
         cap2 = None

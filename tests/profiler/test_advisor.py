@@ -75,6 +75,17 @@ def test_input_not_normalized_and_one_sided() -> None:
     assert _layers(df) == ["conv"] and "not symmetric" not in df["Problem"][0]
 
 
+def test_a_quant_stub_after_a_float_op_is_not_a_model_input() -> None:
+    # div_quant re-quantizes the output of a float op (x / buffer): not the model's input
+    rows = _clean_rows() + _io("div_quant", "QuantStub", 0.0, 255.0, mean=127.5,
+                               kind="quant_stub", source="div", source_kind="div")
+    assert advise(statistics=pd.DataFrame(rows)).empty
+    # through data-moving ops a stub still takes the model input: the capture's Source Kind
+    rows = _clean_rows()[2:] + _io("x_quant", "QuantStub", 0.0, 255.0, kind="quant_stub",
+                                   source="x", source_kind="input")
+    assert _layers(advise(statistics=pd.DataFrame(rows))) == ["x_quant"]
+
+
 def test_range_too_large_for_int8_names_layer_with_snippet() -> None:
     rows = _clean_rows() + _io("layer3.1.conv2", "ConvBn2d", -20.0, 20.0, var=0.05 ** 2,
                                scale=20 / 128, dtype="qint8")
@@ -270,6 +281,33 @@ def test_end_to_end_defects_point_at_the_right_layers() -> None:
     assert "output of 'fc1'" in df[df["Layer"] == "fc1"]["Evidence"].iloc[0]
     assert "input of 'fc2'" in df[df["Layer"] == "fc2"]["Evidence"].iloc[0]
     assert set(df["Layer"]) == {"conv", "cat", "fc1", "fc2"}, df.to_string()
+
+
+class MidStub(nn.Module):
+    """A raw [0, 255] input, and abs (no quantized implementation) in the middle: prepare
+    re-quantizes its output with a QuantStub, abs_quant, whose input is no model input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.abs(self.conv1(torch.flatten(x, 2).reshape(x.shape))))
+
+
+def test_end_to_end_only_real_model_inputs_are_inputs(calibrate) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8) * 255
+    qm = calibrate(MidStub().eval(), x)
+    stats, _ = _tables(qm, x)
+    stubs = stats[(stats["Op Kind"] == "quant_stub") & (stats["Attr"] == "input")]
+    assert set(stubs["Module Name"]) == {"x_quant", "abs_quant"}
+    assert dict(zip(stubs["Module Name"], stubs["Source Kind"], strict=True)) == {
+        "x_quant": "input", "abs_quant": "abs"}  # x_quant: through flatten and reshape
+    df = advise(statistics=stats)
+    inputs = df[df["Problem"].str.startswith("model input")]
+    assert inputs["Layer"].tolist() == ["x_quant"], df.to_string()
+    assert "abs_quant" not in set(df["Layer"])
 
 
 def test_end_to_end_clean_model_and_working_snippet() -> None:

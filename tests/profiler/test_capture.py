@@ -143,3 +143,53 @@ def test_model_is_not_mutated_and_calibration_state_warns(models) -> None:
     # float data (fake quantization off) shown with the calibrated scales
     assert _by(recs, "conv1").scale == pytest.approx(
         float(qm.conv1.activation_post_process.scale))
+
+
+def test_records_carry_kind_role_and_source_from_the_annotation(models) -> None:
+    m, qm, im, x = models
+    from qatkit.annotation import annotation_by_name
+
+    for model in (qm, im):
+        recs = get_raw_features(model, x)
+        anns = annotation_by_name(model)
+        for r in recs:
+            assert (r.kind, r.role) == (anns[r.name].kind, anns[r.name].role), r
+        stub_in = _by(recs, "x_quant", "input")
+        assert (stub_in.kind, stub_in.source, stub_in.source_kind) == ("quant_stub", "x",
+                                                                       "input")
+        assert (_by(recs, "conv1", "input").source, _by(recs, "conv1").source) == ("x_quant",
+                                                                                   None)
+        assert _by(recs, "add").kind == "add" and _by(recs, "cat", "input", 1).source == "relu"
+    # a float model: the annotate pass's kinds of its trace, no scales
+    recs = get_raw_features(m, x)
+    assert [_by(recs, n).kind for n in ("conv1", "act(0)", "add", "cat")] == [
+        "conv", "sigmoid", "add", "cat"]
+    assert _by(recs, "conv1", "input").source_kind == "input"
+
+
+class Reshaped(nn.Module):
+    """A data-moving op (flatten) between the conv and the linear, and a size read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 2, 1), nn.Linear(2 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(0)
+        return self.fc(torch.flatten(self.conv(x), 1).reshape(n, -1))
+
+
+def test_capture_sources_through_data_moving_ops_tensors_and_calls(calibrate) -> None:
+    from qatkit.profiler.capture import capture_model
+
+    x = torch.randn(2, 3, 8, 8)
+    qm = calibrate(Reshaped().eval(), x)
+    cap = capture_model(qm, x, records=True, keep=["conv"])
+    fc_in = _by(cap.records, "fc", "input")
+    assert (fc_in.source, fc_in.source_kind) == ("conv", "conv")  # past flatten and reshape
+    assert cap.tensors["size"] is False and cap.tensors["conv"] is True
+    assert cap.calls["conv"] == 1 and cap.calls["fc"] == 1
+    with torch.no_grad():
+        assert torch.equal(cap.kept["conv"], qm.conv(qm.x_quant(x)))
+        assert torch.equal(cap.output, qm(x))
+    assert "Capture(model: Reshaped" in repr(cap) and "tensor(" not in repr(cap)

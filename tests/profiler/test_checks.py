@@ -218,6 +218,51 @@ def test_called_count_error_names_model_and_leaves_no_hook() -> None:
     assert all(not m._forward_hooks for m in model.modules())
 
 
+class Scale(nn.Module):
+    """No children, traced through (its mul is in the graph, the module is never called)."""
+
+    def forward(self, x):
+        return x * 2
+
+
+class Inlined(nn.Module):
+    """Modules the tracer inlines, one of them called twice, next to called leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale, self.conv = Scale(), nn.Conv2d(3, 4, 1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+
+    def forward(self, x):
+        return self.block(self.scale(self.conv(self.scale(x))))
+
+
+@pytest.mark.parametrize("make, leaf", [
+    (SharedReLU, None), (SharedConv, None), (Inlined, None),
+    (Inlined, lambda m: isinstance(m, (Scale, nn.Sequential))),
+    (lambda: nn.Sequential(SharedReLU(), nn.Sequential(nn.Identity())),
+     lambda m: isinstance(m, (SharedReLU, nn.Sequential))),
+    (lambda: torchvision.models.resnet18(), None),
+    (lambda: _calibrate(_prepare(SharedReLU(), X), X), None),
+    (lambda: qatkit.convert_fx(_calibrate(_prepare(SharedReLU(), X), X)), None),
+])
+def test_called_count_from_a_capture_equals_running_the_model(make, leaf) -> None:
+    from qatkit.profiler.capture import capture_model
+
+    model = make().eval()
+    x = torch.randn(2, 3, 32, 32) if isinstance(model, torchvision.models.ResNet) else X
+    direct = get_module_called_count(model, x, leaf, print_tabulate=False)
+    cap = capture_model(model, x)
+    from_capture = get_module_called_count(model, None, leaf, print_tabulate=False, capture=cap)
+    pd.testing.assert_frame_equal(direct, from_capture)
+    assert direct["Called Count"].sum() > 0
+    if make is Inlined:  # inlined by the tracer, counted from the graph's module stacks
+        counts = dict(zip(from_capture["Module Name"], from_capture["Called Count"], strict=True))
+        assert counts["scale"] == 2 and counts.get("block", 1) == 1, counts
+    with pytest.raises(ValueError, match="capture= was recorded from"):
+        get_module_called_count(SharedReLU(), None, capture=cap, print_tabulate=False)
+
+
 # -- check_unfused_operations ----------------------------------------------------------------
 def _fused_names(qm) -> dict[str, str]:
     return {n: m.fused_name for n, m in qm.named_modules() if hasattr(m, "fused_name")}
@@ -416,3 +461,26 @@ def test_check_qconfig_without_example_inputs_matches() -> None:
     b, wb = check_qconfig(copy.deepcopy(qm), None, print_tabulate=False)
     pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(wa, wb)
+
+
+def test_check_qconfig_reads_a_capture_and_the_annotation() -> None:
+    from qatkit.annotation import annotation_by_name
+    from qatkit.profiler.capture import capture_model
+
+    qm = _mixed()
+    a, wa = check_qconfig(qm, (X,), print_tabulate=False)
+    b, wb = check_qconfig(qm, None, print_tabulate=False, capture=capture_model(qm, X))
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(wa, wb)
+    # every dtype of the table is the annotation's
+    anns = annotation_by_name(qm)
+    for _, row in a.iterrows():
+        ann = anns[row["Module Name"]]
+        assert row["Output Dtype"] == (ann.output.dtype if ann.output else "float32")
+        if ann.weight is not None:
+            assert (row["Weight Dtype"], row["Weight ch_axis"]) == (ann.weight.dtype,
+                                                                    ann.weight.ch_axis)
+        ins = {i.spec.dtype if i.spec else "float32" for i in ann.inputs if i.node != "scale"}
+        assert set(row["Input Dtype"].split(", ")) == ins, row["Module Name"]
+    with pytest.raises(ValueError, match="capture= was recorded from"):
+        check_qconfig(qm, None, print_tabulate=False, capture=capture_model(_mixed(), X))

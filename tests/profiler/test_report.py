@@ -206,3 +206,85 @@ def test_model_kind_and_similarity_tables_agree_with_the_tools(models) -> None:
                                                                    method=method))
     with torch.no_grad():
         assert torch.equal(out1, float_model(x)) and torch.equal(out2, calib(x))
+
+
+def test_one_capture_per_report(models, tmp_path) -> None:
+    """model1 runs once, model2 twice (end to end, and with model1's values for the per-layer
+    table); every other tool reads those runs."""
+    float_model, calib, _, x = models
+    calls = {"model1": 0, "model2": 0}
+    hooks = [float_model.conv1.register_forward_pre_hook(
+                 lambda *_: calls.update(model1=calls["model1"] + 1)),
+             calib.conv1.register_forward_pre_hook(
+                 lambda *_: calls.update(model2=calls["model2"] + 1))]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = model_profiler(float_model, calib, x, out_dir=tmp_path)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"model1": 1, "model2": 2}, calls
+    assert "capture_and_similarity" in report.seconds and "get_raw_features" not in report.seconds
+    stats = report.tables["statistics"]
+    assert {"Op Kind", "Source", "Source Kind"} <= set(stats.columns)
+    assert set(stats.loc[stats["Module Name"] == "conv2", "Op Kind"]) == {"conv"}
+
+
+class OtherNet(nn.Module):
+    """DefectNet's layer names, another conv2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv2(self.relu(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class WithHead(DefectNet):
+    """DefectNet with one more layer model2 does not have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(super().forward(x))
+
+
+def test_fvsq_refuses_a_model_not_prepared_from_model1(models, calibrate, tmp_path) -> None:
+    float_model, calib, _, x = models
+    torch.manual_seed(1)
+    other_weights = calibrate(DefectNet().eval(), x)        # same layers, other weights
+    with pytest.raises(ValueError, match=r"layer 'conv1' has other weights .*mode='CvsQ'"):
+        model_profiler(float_model, other_weights, x, out_dir=tmp_path / "w")
+    other = OtherNet().eval()
+    other.conv1.load_state_dict(float_model.conv1.state_dict())
+    other_arch = calibrate(other, x)                          # conv1 the same; conv2: 16 ch
+    with pytest.raises(ValueError, match=r"layer 'conv2' has weight shape \[16, 8, 3, 3\]"):
+        model_profiler(float_model, other_arch, x, out_dir=tmp_path / "a")
+    integer = qatkit.convert_fx(other_weights)                # FvsQ against an integer model
+    with pytest.raises(ValueError, match=r"integer weight of 'conv1.weight' is .* steps"):
+        model_profiler(float_model, integer, x, out_dir=tmp_path / "i")
+    assert not any(tmp_path.iterdir()), "the check runs before anything is written"
+    # a QAT-trained model2 differs on purpose: the check can be skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = model_profiler(float_model, other_weights, x, out_dir=tmp_path / "skip",
+                                kwargs_dict={"check_weight_correspondence": {"rtol": None}})
+    assert report.verdict.final_similarity is not None
+
+
+def test_fvsq_warns_about_model1_layers_model2_lacks(models, tmp_path) -> None:
+    float_model, calib, _, x = models
+    with_head = WithHead().eval()
+    with_head.load_state_dict(float_model.state_dict(), strict=False)
+    with pytest.warns(RuntimeWarning, match=r"1 weighted layer\(s\) with no counterpart in "
+                                            r"model2 .*: head\."):
+        model_profiler(with_head, calib, x, out_dir=tmp_path)

@@ -115,3 +115,36 @@ def test_outlier_channel_levels(tmp_path) -> None:
     assert forced.iloc[0]["Channels"] == 4
     assert (tmp_path / "outlier_channels.csv").exists()
     assert (tmp_path / "outlier_channels.txt").exists()
+
+
+def test_saturation_counts_what_the_fake_quant_rounds_beyond_the_grid() -> None:
+    """The count by thresholds equals rounding every value as the fake quant does,
+    round(x * float32(1 / s)), values exactly at half steps included."""
+    torch.manual_seed(0)
+    for scale in (1 / 128, 0.0173, 3.7, 1e-4):
+        inv = 1.0 / torch.tensor(scale, dtype=torch.float32)
+        half = (torch.tensor([127.5, -128.5, 126.5, -127.5]) / inv).float()
+        up, down = torch.full_like(half, math.inf), torch.full_like(half, -math.inf)
+        x = torch.cat([torch.randn(5000) * 60 * scale, half, torch.nextafter(half, up),
+                       torch.nextafter(half, down)])
+        q = torch.round(x * inv)
+        for unq, expected in ((x, (q < -128) | (q > 127)), (None, (q <= -128) | (q >= 127))):
+            r = FeatureRecord("t", "T", "output", 0, x, scale, "qint8", unq)
+            got = profile_featuremap([r]).table.iloc[0]["Saturation Ratio"]
+            assert got == int(expected.sum()) / x.numel(), scale
+
+
+def test_kind_and_source_columns_and_one_measure_per_tensor() -> None:
+    data = torch.randn(2, 4, 3, 3)
+    recs = [FeatureRecord("conv", "Conv2d", "output", 0, data, None, "float32", kind="conv",
+                          role="float"),
+            FeatureRecord("relu", "ReLU", "input", 0, data, None, "float32", kind="relu",
+                          role="float", source="conv", source_kind="conv")]
+    table = profile_featuremap(recs).table
+    assert table["Op Kind"].tolist() == ["conv", "relu"]
+    assert table["Source"].isna().tolist() == [True, False]   # an output has no source
+    assert table.iloc[1][["Source", "Source Kind"]].tolist() == ["conv", "conv"]
+    numbers = ["Min", "Max", "Mean", "Var"]
+    assert table.iloc[0][numbers].tolist() == table.iloc[1][numbers].tolist()
+    assert table.iloc[0]["Var"] == pytest.approx(float(data.double().var(unbiased=False)))
+    assert outlier_channels(recs)["Op Kind"].tolist() == ["conv", "relu"]

@@ -76,3 +76,19 @@ def test_metric_choice_and_mismatch(models) -> None:
     other.conv1 = nn.Identity()
     with pytest.raises(ValueError, match=r"layer 'conv1' \(ConvBnReLU2d\) has no float conv"):
         compare_weights(other, qm)
+
+
+def test_weight_correspondence(models) -> None:
+    from qatkit.profiler.weights import check_weight_correspondence
+
+    m, qm, im = models
+    assert check_weight_correspondence(m, qm) == [] and check_weight_correspondence(m, im) == []
+    other = Net().eval()
+    other.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        other.up.weight[0, 0, 0, 0] += 1e-3 * other.up.weight.abs().max()  # 1e-3 relative
+    with pytest.raises(ValueError, match=r"layer 'up' has other weights \(max \|w2 - w1\| / "
+                                         r"max \|w1\| = 0\.001 > 1e-05\)"):
+        check_weight_correspondence(other, qm)
+    assert check_weight_correspondence(other, qm, rtol=1e-2) == []
+    assert check_weight_correspondence(other, qm, rtol=None) == []
