@@ -54,6 +54,7 @@ from . import _ops_compute as _ops_compute  # noqa: F401  (registers emitters)
 from . import _ops_glue as _ops_glue  # noqa: F401
 from . import _ops_lut as _ops_lut  # noqa: F401
 from ._graph import EMITTERS, ExportError, FValue, OnnxGraph, OpCall, QValue, TensorMeta
+from ._passes import guard_float_layers, live_nodes
 
 __all__ = ["export_onnx", "DEFAULT_OPSET", "SUPPORTED_OPSETS", "MODULE_PARAMS"]
 
@@ -331,7 +332,7 @@ class _Exporter:
         graph_outputs = []
         for name, leaf in zip(out_names, out_leaves, strict=True):
             graph_outputs.append(self._output(name, leaf, axes.get(name, {})))
-        nodes = _live_nodes(_guard_float_layers(self.graph), [o.name for o in graph_outputs])
+        nodes = live_nodes(guard_float_layers(self.graph), [o.name for o in graph_outputs])
         used = {i for n in nodes for i in n.input}
         inits = [t for name, t in self.graph.initializers.items() if name in used]
         graph = helper.make_graph(nodes, "qatkit", graph_inputs, graph_outputs,
@@ -508,66 +509,6 @@ def _value_info(name: str, meta: Any, axes: dict[int, str]) -> onnx.ValueInfoPro
         dims.append(axes.get(i, f"{name}_dim{i}") if dyn or i in axes else d)
     elem = helper.np_dtype_to_tensor_dtype(torch.empty((), dtype=meta.dtype).numpy().dtype)
     return helper.make_tensor_value_info(name, elem, dims)
-
-
-#: ops onnxruntime folds into a conv / gemm before it looks for QDQ patterns (or that a QDQ
-#: conv pattern may end with)
-_FOLDED_INTO_LAYER = ("Relu", "Clip", "BatchNormalization", "Add", "Sub", "Mul", "Div",
-                      "Identity")
-
-
-def _guard_float_layers(graph: OnnxGraph) -> list[onnx.NodeProto]:
-    """The nodes, with a single-input ``Concat`` before the ``QuantizeLinear`` that a float
-    conv / gemm (float weight initializer, dequantized input) reaches without branching through
-    ops onnxruntime folds into it (ReLU, Clip, BatchNormalization, arithmetic):
-    onnxruntime's WeightBiasQuantization (basic level and up) would otherwise quantize its
-    float weights to int8 per tensor, and the float island would not run as float."""
-    nodes = list(graph.nodes)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producer: dict[str, onnx.NodeProto] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-        for o in n.output:
-            producer[o] = n
-    guards: dict[int, onnx.NodeProto] = {}
-    for n in nodes:
-        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 2:
-            continue
-        dq = producer.get(n.input[0])
-        weight = graph.initializers.get(n.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or weight is None \
-                or weight.data_type != onnx.TensorProto.FLOAT:
-            continue
-        cur = n
-        while len(consumers.get(cur.output[0], [])) == 1:
-            nxt = consumers[cur.output[0]][0]
-            if nxt.op_type == "QuantizeLinear":
-                name = graph.tensor_name(f"{n.name}.keep_float")
-                guards[id(nxt)] = helper.make_node("Concat", [cur.output[0]], [name], axis=0,
-                                                   name=f"{n.name}.keep_float")
-                nxt.input[0] = name
-                break
-            if nxt.op_type not in _FOLDED_INTO_LAYER:
-                break
-            cur = nxt
-    out = []
-    for n in nodes:
-        if id(n) in guards:
-            out.append(guards[id(n)])
-        out.append(n)
-    return out
-
-
-def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    """The nodes the outputs depend on, in order (dead branches dropped)."""
-    needed = set(outputs)
-    keep = []
-    for n in reversed(nodes):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    return list(reversed(keep))
 
 
 def _write_checked(proto: onnx.ModelProto, path: str) -> None:
