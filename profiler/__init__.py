@@ -13,7 +13,9 @@ from __future__ import annotations
 
 # --- profiler core (capture, metrics, similarity, statistics, weights) ---
 from .alignment import align_names as align_names
+from .capture import Capture as Capture
 from .capture import FeatureRecord as FeatureRecord
+from .capture import capture_model as capture_model
 from .capture import get_raw_features as get_raw_features
 from .metrics import METRICS as METRICS
 from .metrics import Metric as Metric
@@ -31,10 +33,12 @@ from .similarity import featuremap_similarity as featuremap_similarity
 from .statistics import FeatureProfile as FeatureProfile
 from .statistics import outlier_channels as outlier_channels
 from .statistics import profile_featuremap as profile_featuremap
+from .weights import check_weight_correspondence as check_weight_correspondence
 from .weights import compare_weights as compare_weights
 
 __all__: list[str] = []
-__all__ += ["get_raw_features", "FeatureRecord", "profile_featuremap", "FeatureProfile",
+__all__ += ["get_raw_features", "FeatureRecord", "Capture", "capture_model",
+            "check_weight_correspondence", "profile_featuremap", "FeatureProfile",
             "outlier_channels", "featuremap_similarity", "compare_weights", "align_names",
             "Metric", "METRICS", "get_metric", "list_metrics", "register_metric",
             "cosine_similarity", "mse", "l1", "max_abs_error", "sqnr", "kl_divergence",

@@ -208,20 +208,41 @@ class Capture:
                 f"{len(self.records)} records, {len(self.kept)} kept)")
 
 
-class _Snapshots:
-    """CPU copies of tensors, one per (tensor, version): an op's output recorded again as the
-    next op's input is not copied twice, while an in-place change gives a fresh copy."""
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return None
 
-    def __init__(self) -> None:
-        self._cache: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+class _Snapshots:
+    """The tensors a capture keeps, on the CPU, one per (tensor, version): an op's output
+    recorded again as the next op's input is kept once, while an in-place change gives a new
+    one.  A CPU tensor is kept as it is, no copy, with its version: :meth:`changed` tells
+    afterwards whether an in-place op changed one of them (the capture then runs again with
+    ``copy``).  Tensors on other devices are copied to the CPU at once."""
+
+    def __init__(self, copy: bool = False) -> None:
+        self.copy = copy
+        self._cache: dict[int, tuple[weakref.ref, int | None, Tensor]] = {}
+        self._held: list[tuple[Tensor, int]] = []
 
     def __call__(self, t: Tensor) -> Tensor:
+        version = _version(t)
         hit = self._cache.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == t._version:
+        if hit is not None and hit[0]() is t and version is not None and hit[1] == version:
             return hit[2]
-        snap = t.detach().to("cpu", copy=True)
-        self._cache[id(t)] = (weakref.ref(t), t._version, snap)
+        if self.copy or version is None or t.device.type != "cpu":
+            snap = t.detach().to("cpu", copy=True)
+        else:
+            snap = t.detach()  # shares t's version counter (views share their base's)
+            self._held.append((snap, version))
+        self._cache[id(t)] = (weakref.ref(t), version, snap)
         return snap
+
+    def changed(self) -> bool:
+        """True when an in-place op changed a tensor kept without a copy."""
+        return any(t._version != v for t, v in self._held)
 
 
 def _matches(node: fx.Node, name: str, mod: nn.Module | None, mtype: str,
@@ -265,14 +286,14 @@ class _Recorder(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, cap: Capture, record: bool, prefixes: Sequence[str],
                  types: Sequence[Any], preserve_int: bool, keep: set[str],
-                 on_output: OnOutput | None) -> None:
+                 on_output: OnOutput | None, copy: bool) -> None:
         super().__init__(gm)
         self.cap, self.record_on, self.keep, self.on_output = cap, record, keep, on_output
         self.prefixes, self.types, self.preserve_int = prefixes, types, preserve_int
         self.modules = dict(gm.named_modules())
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.qparams = node_qparams(gm) if record else {}
-        self.snap = _Snapshots()
+        self.snap = _Snapshots(copy)
 
     def _record(self, ann: NodeAnnotation, mtype: str, attr: str, arg: int, t: Tensor,
                 qp: tuple[float | None, str | None], pre: Tensor | None = None,
@@ -296,7 +317,7 @@ class _Recorder(fx.Interpreter):
             if n.op != "output":
                 cap.tensors[name] = isinstance(out, Tensor) and out.is_floating_point()
             if name in self.keep and isinstance(out, Tensor):
-                cap.kept[name] = out.detach().to("cpu", copy=True)
+                cap.kept[name] = self.snap(out)
             if self.on_output is not None:
                 out = self.on_output(self, n, out)
             return out
@@ -333,7 +354,7 @@ class _Recorder(fx.Interpreter):
                 pre[-1].shape == out.shape else None
             self._record(ann, mtype, "output", 0, out, self.qparams[n], unq)
         if name in self.keep and is_tensor:
-            cap.kept[name] = self.snap(out) if keep else out.detach().to("cpu", copy=True)
+            cap.kept[name] = self.snap(out)
         if self.on_output is not None:
             out = self.on_output(self, n, out)
         return out
@@ -357,6 +378,10 @@ def run_capture(gm: fx.GraphModule, inputs: tuple[Any, ...], model: nn.Module | 
         on_output: ``on_output(interpreter, node, value) -> value`` after each op (a
             comparison; it may hand on another value).
 
+    Records and kept outputs of a model on the CPU are its very tensors, not copies; when an
+    in-place op of the model changed one of them later in the forward, the model runs again
+    and they are copied as they are produced (``on_output`` then sees the second run too).
+
     Returns:
         the :class:`Capture`.
 
@@ -366,23 +391,25 @@ def run_capture(gm: fx.GraphModule, inputs: tuple[Any, ...], model: nn.Module | 
         ...     cap = run_capture(gm, (x,), calib_model, "model2", records=True)
     """
     anns = model_annotations(gm)
-    cap = Capture(model=gm if model is None else model, label=label,
-                  names={n.name: name for n, name in op_names(gm).items()},
-                  annotations={n.name: a for n, a in anns.items()})
-    counts: Counter = Counter()
-    instances = {id(m): m for m in gm.modules() if m is not gm}
-    hooks = [m.register_forward_hook(lambda mod, *_: counts.update((id(mod),)))
-             for m in instances.values()]
-    try:
-        recorder = _Recorder(gm, cap, records, list(prefixes), list(types), preserve_int,
-                             set(keep), on_output)
-        with torch.no_grad():
-            cap.output = recorder.run(*to_device(inputs, model_device(gm)))
-    finally:
-        for h in hooks:
-            h.remove()
-    inlined = _inlined_calls(gm)
-    cap.calls = dict(inlined)
+    names = {n.name: name for n, name in op_names(gm).items()}
+    for copy in (False, True):  # without copies, unless an in-place op changed a kept tensor
+        cap = Capture(model=gm if model is None else model, label=label, names=names,
+                      annotations={n.name: a for n, a in anns.items()})
+        counts: Counter = Counter()
+        instances = {id(m): m for m in gm.modules() if m is not gm}
+        hooks = [m.register_forward_hook(lambda mod, *_, c=counts: c.update((id(mod),)))
+                 for m in instances.values()]
+        try:
+            recorder = _Recorder(gm, cap, records, list(prefixes), list(types), preserve_int,
+                                 set(keep), on_output, copy)
+            with torch.no_grad():
+                cap.output = recorder.run(*to_device(inputs, model_device(gm)))
+        finally:
+            for h in hooks:
+                h.remove()
+        if copy or not recorder.snap.changed():
+            break
+    cap.calls = dict(_inlined_calls(gm))
     for path, m in gm.named_modules(remove_duplicate=False):
         if path and counts[id(m)]:
             cap.calls[path] = counts[id(m)]

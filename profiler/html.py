@@ -56,8 +56,9 @@ REPORT_SECTIONS: dict[str, tuple[str, str]] = {
         "Low rows here are the layers to fix."),
     "statistics": (
         "Feature-map statistics",
-        "Min / max / mean / var of every op's inputs and outputs, with the quantization scale, "
-        "saturation ratio and range in quantization steps."),
+        "Min / max / mean / var of every op's inputs and outputs, with the op kind, where each "
+        "input comes from, the quantization scale, saturation ratio and range in quantization "
+        "steps."),
     "outliers": (
         "Outlier channels",
         "Channels whose max is 2^k times below the tensor max: per-tensor scales dominated by a "

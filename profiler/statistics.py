@@ -51,33 +51,15 @@ def _qrange(dtype: str) -> tuple[int, int] | None:
     return None
 
 
-#: elements per pass: small chunks stay in the allocator's cache (a feature map of 200 MB
-#: would be a fresh, page-faulting allocation for every temporary)
-_CHUNK = 1 << 20
+#: elements per chunk: one chunk (1 MB of float32) stays in the CPU cache while all its
+#: statistics are taken, and small temporaries are reused by the allocator (a whole feature
+#: map would be a fresh, page-faulting allocation for every temporary)
+_CHUNK = 1 << 18
 
 
 def _chunks(x: Tensor) -> Iterator[Tensor]:
     for i in range(0, x.numel(), _CHUNK):
         yield x[i:i + _CHUNK]
-
-
-def _finite_part(x: Tensor) -> tuple[Tensor, int, int, float, float]:
-    """``(finite values, NaN count, inf count, min, max)`` of a flat tensor; one pass (min /
-    max) when everything is finite, the usual case."""
-    lo, hi = math.inf, -math.inf
-    for c in _chunks(x):
-        a, b = torch.aminmax(c)
-        lo, hi = min(lo, float(a)), max(hi, float(b))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            break
-    else:
-        return x, 0, 0, lo, hi
-    finite = x[torch.isfinite(x)]
-    n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-    if finite.numel():
-        a, b = torch.aminmax(finite)
-        return finite, n_nan, n_inf, float(a), float(b)
-    return finite, n_nan, n_inf, math.nan, math.nan
 
 
 def _edge(k: int, inv: Tensor, above: bool) -> Tensor | None:
@@ -107,61 +89,80 @@ def _edge(k: int, inv: Tensor, above: bool) -> Tensor | None:
     return None
 
 
-def _count_at_ends(x: Tensor, is_int: bool, scale: float, qr: tuple[int, int], lo: float,
-                   hi: float, beyond: bool) -> int:
-    """Values whose ``round(x * float32(1 / s))`` (as the fake quant computes it) lies beyond
-    the range ``qr`` (``beyond``) or on / beyond its ends."""
-    inv = (torch.tensor(1.0, dtype=x.dtype) if is_int else
-           (1.0 / torch.tensor(scale, dtype=torch.float32)).to(x.dtype))
-    ends = torch.round(torch.tensor([lo, hi], dtype=x.dtype) * inv)  # monotonic in x
-    # beyond: f < qmin or f > qmax; at the ends: f < qmin + 1 or f > qmax - 1
-    k_lo, k_hi = (qr[0], qr[1]) if beyond else (qr[0] + 1, qr[1] - 1)
-    if k_lo <= ends[0] and ends[1] <= k_hi:
-        return 0
-    t_hi, t_lo = _edge(k_hi, inv, above=True), _edge(k_lo, inv, above=False)
-    count = 0
+class _Grid:
+    """Counts the values whose ``round(x * float32(1 / s))`` (as the fake quant computes it)
+    lies beyond the integer range (``beyond``: what a fake quant clamps) or on / beyond its
+    ends (a tensor already on the grid), by two thresholds on ``x``."""
+
+    def __init__(self, dtype: torch.dtype, is_int: bool, scale: float, qr: tuple[int, int],
+                 beyond: bool) -> None:
+        self.inv = (torch.tensor(1.0, dtype=dtype) if is_int else
+                    (1.0 / torch.tensor(scale, dtype=torch.float32)).to(dtype))
+        # beyond: f < qmin or f > qmax; at the ends: f < qmin + 1 or f > qmax - 1
+        self.k_lo, self.k_hi = (qr[0], qr[1]) if beyond else (qr[0] + 1, qr[1] - 1)
+        self.t_hi = _edge(self.k_hi, self.inv, above=True)
+        self.t_lo = _edge(self.k_lo, self.inv, above=False)
+
+    def count(self, c: Tensor, lo: float, hi: float) -> int:
+        """Values of ``c`` (whose min and max are ``lo``, ``hi``) beyond the range."""
+        if self.t_hi is None or self.t_lo is None:  # a scale beyond float32: round each value
+            q = torch.round(c * self.inv)
+            return int(((q < self.k_lo) | (q > self.k_hi)).sum())
+        n = 0
+        if hi >= float(self.t_hi):
+            n += int(torch.count_nonzero(c >= self.t_hi))
+        if lo <= float(self.t_lo):
+            n += int(torch.count_nonzero(c <= self.t_lo))
+        return n
+
+
+def _moments(x: Tensor, grid: _Grid | None) -> tuple[float, float, float, float, int] | None:
+    """``(min, max, mean, var, values beyond the grid)`` of a flat tensor in one pass over
+    cache-sized chunks (float64 sums of deviations from a pilot mean: no cancellation); None
+    as soon as a chunk holds a NaN or an infinity."""
+    m = x.numel()
+    center = (x[:_CHUNK].sum(dtype=torch.float64) / min(m, _CHUNK)).to(x.dtype)
+    lo, hi, s1, s2, at_ends = math.inf, -math.inf, 0.0, 0.0, 0
     for c in _chunks(x):
-        if t_hi is None or t_lo is None:  # scale beyond float32: round every value
-            q = torch.round(c * inv)
-            count += int(((q < k_lo) | (q > k_hi)).sum())
-        else:
-            count += int(torch.count_nonzero(c >= t_hi)) + int(torch.count_nonzero(c <= t_lo))
-    return count
+        a, b = torch.aminmax(c)
+        a, b = float(a), float(b)
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return None
+        lo, hi = min(lo, a), max(hi, b)
+        if grid is not None:
+            at_ends += grid.count(c, a, b)
+        d = c - center
+        s1 += float(d.sum(dtype=torch.float64))
+        s2 += float(d.square_().sum(dtype=torch.float64))
+    shift = s1 / m
+    return lo, hi, float(center) + shift, max(s2 / m - shift * shift, 0.0), at_ends
 
 
 def _tensor_stats(t: Tensor, is_int: bool, scale: float | None, dtype: str,
                   beyond: bool) -> dict:
-    # chunked passes: min/max (and the finite check), the float64 sums of deviations from a
-    # pilot mean and of their squares, the saturation count (only when min/max reach the
-    # grid's ends)
     x = t.reshape(-1)
     if not x.is_floating_point() or x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         x = x.to(torch.float32)
     n = x.numel()
-    finite, n_nan, n_inf, mn, mx = _finite_part(x) if n else (x, 0, 0, math.nan, math.nan)
-    m = finite.numel()
-    mean = var = math.nan
-    if m:  # sums of deviations from a pilot mean: one pass, no cancellation
-        pilot = finite[:_CHUNK].sum(dtype=torch.float64) / min(m, _CHUNK)
-        center = pilot.to(finite.dtype)
-        s1 = s2 = 0.0
-        for c in _chunks(finite):
-            d = c - center
-            s1 += float(d.sum(dtype=torch.float64))
-            s2 += float(d.square_().sum(dtype=torch.float64))
-        shift = s1 / m
-        mean = float(center) + shift
-        var = max(s2 / m - shift * shift, 0.0)
-    sat = steps = math.nan
     qr = _qrange(dtype)
-    if scale is not None and not math.isnan(scale) and scale > 0 and n:
-        if m:
+    has_scale = scale is not None and not math.isnan(scale) and scale > 0
+    grid = _Grid(x.dtype, is_int, scale, qr, beyond) if has_scale and qr and n else None
+    n_nan = n_inf = 0
+    mn = mx = mean = var = math.nan
+    at_ends = 0
+    got = _moments(x, grid) if n else None
+    if got is None and n:  # NaN / inf: statistics over the finite values, both counted
+        finite = x[torch.isfinite(x)]
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        got = _moments(finite, grid) if finite.numel() else None
+    if got is not None:
+        mn, mx, mean, var, at_ends = got
+    sat = steps = math.nan
+    if has_scale and n:
+        if not math.isnan(mn):
             amax = max(abs(mn), abs(mx))
             steps = amax if is_int else amax / scale  # the range in quantization steps
         if qr is not None:
-            # the fake quant clamps what lies beyond; a tensor already on the grid counts the
-            # values sitting at its ends
-            at_ends = _count_at_ends(finite, is_int, scale, qr, mn, mx, beyond) if m else 0
             sat = (at_ends + n_inf) / n
     return {"Min": mn, "Max": mx, "Mean": mean, "Var": var,
             "Scale": math.nan if scale is None else float(scale), "Dtype": dtype,

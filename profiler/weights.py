@@ -53,9 +53,27 @@ def _float_bns(float_model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _reference_weight(name: str, float_mod: nn.Module, bn: nn.Module | None) -> Tensor:
+def _same_tensors(a: nn.Module, b: nn.Module, names: tuple[str, ...]) -> bool:
+    for name in names:
+        x, y = getattr(a, name, None), getattr(b, name, None)
+        if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
+            return False
+    return True
+
+
+def _reference_weight(name: str, float_mod: nn.Module, bn: nn.Module | None,
+                      qat_mod: nn.Module | None = None) -> Tensor:
+    """The float weight, folded with ``bn`` by the QAT module's own rule.  When ``qat_mod``
+    holds the very same weight and BatchNorm (prepare copied them), its own fold is that
+    rule's result; else a QAT module is built from the float layer to fold it."""
     if bn is None:
         return float_mod.weight.detach()
+    qat_bn = getattr(qat_mod, "bn", None)
+    if qat_bn is not None and getattr(qat_bn, "eps", None) == bn.eps and \
+            _same_tensors(qat_mod, float_mod, ("weight", "bias")) and \
+            _same_tensors(qat_bn, bn, ("weight", "bias", "running_mean", "running_var")):
+        with torch.no_grad():
+            return qat_mod.folded_weight_bias()[0].detach()
     bn_training = bn.training
     try:
         folder = from_float(float_mod, qatkit.default_qat_8bit_fake_quant_qconfig, bn=bn)
@@ -161,7 +179,7 @@ def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_fun
             bn = bns.get(name)
             if bn is None and not is_int:
                 bn = mod.bn  # float model not traceable: the BatchNorm prepare copied
-        ref = _reference_weight(name, fmod, bn).float().cpu()
+        ref = _reference_weight(name, fmod, bn, None if is_int else mod).float().cpu()
         got_q = _quantized_weight(name, mod, specs, qat_model)
         row = {"Weight Name": f"{name}.weight", "Module Type": mod._get_name(),
                "Similarity": math.nan, "Max Abs Error": math.nan, "Weight Scale": math.nan,
