@@ -10,6 +10,7 @@ integer conv / linear is written with its integer weights and int32 bias
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -400,6 +401,17 @@ def _softmax(call: OpCall) -> str:
     if dim is None:  # torch's legacy rule
         dim = 0 if rank in (0, 1, 3) else 1
     op = "Softmax" if call.kind == "softmax" else "LogSoftmax"
+    spec = call.ann.output
+    if op == "Softmax" and spec is not None and spec.bits == 8 and call.ann.input_spec("input"):
+        inv = 1.0 / float(call.out_scale())
+        if abs(inv - round(inv)) > 1e-6 * inv:
+            warnings.warn(
+                f"export_onnx: softmax '{call.name}' has output scale 1/{inv:.4g}; onnxruntime "
+                "(ORT_ENABLE_ALL) runs it as QLinearSoftmax, which multiplies by floor(1 / "
+                "scale) and so differs from the integer model by 1 LSB on some outputs. A "
+                "softmax lies in [0, 1]: fix its output scale at 1/128 (a FixedScaleObserver "
+                "qconfig for this op) to make the fused kernel exact (docs/export.md)",
+                stacklevel=2)
     return call.emit(op, [call.tensor("input")], axis=int(dim) % rank)
 
 
