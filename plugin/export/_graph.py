@@ -238,6 +238,16 @@ class OpCall:
 
     def unsupported(self, what: str) -> ExportError:
         """The error for an op (or an argument of it) that cannot be exported."""
+        if self.ann.role == "passthrough":
+            return ExportError(
+                f"export_onnx cannot write {self.where()}: {what}. It moves data between "
+                "quantized ops: rewrite it with supported data-moving ops (reshape, permute / "
+                "transpose, slicing, cat, split, flip, pad), or file an issue")
+        if not self.ann.is_quantized:  # already float: only a rewrite helps
+            return ExportError(
+                f"export_onnx cannot write {self.where()}: {what}. The op runs in float and "
+                "has no ONNX form in qatkit's exporter: rewrite it with supported ops (e.g. "
+                "linear, matmul, softmax for an attention module), or file an issue")
         return ExportError(
             f"export_onnx cannot write {self.where()}: {what}. Keep the op float (qconfig_dict "
             f"{{'module_name': [('{self.name}', None)]}} or hybrid_dict), keep it in fake-quant "
@@ -357,13 +367,9 @@ class OpCall:
     def reshape(self, x: str, out: TensorMeta, src: TensorMeta | None,
                 suffix: str | None = None) -> str:
         """``Reshape`` of ``x`` (shaped ``src``) to the recorded shape ``out``: constant dims,
-        ``0`` (copy) for a dynamic dim that the input has at the same index, ``-1`` for at
-        most one other dynamic dim."""
-        return self.emit("Reshape", [x, self.ints(f"{suffix or 'reshape'}_shape",
-                                                  self.reshape_target(out, src))], suffix)
-
-    def reshape_target(self, out: TensorMeta, src: TensorMeta | None) -> list[int]:
-        target = list(out.shape)
+        ``0`` (copy) for a dynamic dim that the input has at the same index, ``-1`` for one
+        other dynamic dim, and a graph input's dim (``Shape``) for any further one."""
+        target: list[Any] = list(out.shape)
         dyn = [i for i, d in enumerate(out.dynamic) if d]
         if any(d == 0 for i, d in enumerate(out.shape) if i not in dyn):
             raise self.unsupported("a reshape to a zero-size dim")
@@ -371,15 +377,49 @@ class OpCall:
                 and src.shape[i] == out.shape[i] and src.alt is not None and out.alt is not None
                 and src.alt[i] == out.alt[i]]
         rest = [i for i in dyn if i not in copy]
-        if len(rest) > 1:
-            raise self.unsupported(f"a reshape to {list(out.shape)} with several dynamic dims "
-                                   f"({rest}) that cannot be copied from its input; export with "
-                                   "fewer dynamic axes")
         for i in copy:
             target[i] = 0
-        for i in rest:
-            target[i] = -1
-        return target
+        for k, i in enumerate(rest):
+            target[i] = -1 if k == 0 else self.dynamic_dim(out, i)
+        shape = self.shape_input(f"{suffix or 'reshape'}_shape", target)
+        return self.emit("Reshape", [x, shape], suffix)
+
+    def dynamic_dim(self, meta: TensorMeta, i: int) -> str:
+        """An int64 ``[1]`` tensor holding dim ``i`` of ``meta`` at run time, read with ``Shape``
+        from a graph input that has a dynamic dim of the same size in both recorded runs (the
+        batch axis...)."""
+        size, alt = meta.shape[i], (meta.alt or meta.shape)[i]
+        cache = self.exporter.dim_tensors
+        for node, rec in self.exporter.records.items():
+            if node.op != "placeholder" or not isinstance(rec, TensorMeta):
+                continue
+            for j, (d, a, dyn) in enumerate(zip(rec.shape, rec.alt or rec.shape, rec.dynamic,
+                                                strict=True)):
+                if dyn and d == size and a == alt:
+                    name = self.exporter.values[node].name
+                    if (name, j) not in cache:
+                        cache[(name, j)] = self.graph.node1("Shape", [name], f"{name}.dim{j}",
+                                                            start=j, end=j + 1)
+                    return cache[(name, j)]
+        raise self.unsupported(f"dim {i} of a {list(meta.shape)} tensor follows the dynamic axes "
+                               "but is no graph input's dim; export with fewer dynamic axes")
+
+    def shape_input(self, suffix: str, dims: Sequence[Any]) -> str:
+        """A 1-D int64 shape: an initializer when every dim is an int, else a ``Concat`` of
+        constants and run-time dims (names of ``[1]`` tensors, :meth:`dynamic_dim`)."""
+        if all(isinstance(d, (int, np.integer)) for d in dims):
+            return self.ints(suffix, dims)
+        parts, run = [], []
+        for d in list(dims) + [None]:
+            if isinstance(d, (int, np.integer)):
+                run.append(int(d))
+                continue
+            if run:
+                parts.append(self.ints(f"{suffix}.{len(parts)}", run))
+                run = []
+            if d is not None:
+                parts.append(d)
+        return self.emit("Concat", parts, f"{suffix}", axis=0)
 
     def require_opset(self, opset: int, what: str) -> None:
         if self.graph.opset < opset:

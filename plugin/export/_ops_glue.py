@@ -186,15 +186,14 @@ def _expand(call: OpCall) -> Any:
     if src.shape == out.shape and src.dynamic == out.dynamic:
         return call.value(call.args["input"])
     shift = out.rank - src.rank
-    target = []
+    target: list[Any] = []
     for i, (d, dyn) in enumerate(zip(out.shape, out.dynamic, strict=True)):
         if dyn:
             j = i - shift
-            if j < 0 or not src.dynamic[j]:
-                raise call.unsupported("expanding to a dynamic size")
-            d = 1  # broadcasting keeps the input's (dynamic) size
+            # broadcasting keeps an input dim of the same (dynamic) size; else read it at run time
+            d = 1 if j >= 0 and src.dynamic[j] else call.dynamic_dim(out, i)
         target.append(d)
-    return call.emit("Expand", [call.tensor("input"), call.ints("shape", target)])
+    return call.emit("Expand", [call.tensor("input"), call.shape_input("shape", target)])
 
 
 @register_emitter("repeat")

@@ -283,6 +283,7 @@ class _Exporter:
         self.values: dict[fx.Node, Any] = {}
         self.records: dict[fx.Node, Any] = {}
         self.dynamic_values: set[fx.Node] = set()
+        self.dim_tensors: dict[tuple[str, int], str] = {}  # (graph input, dim) -> Shape output
         self.modules = dict(model.named_modules())
 
     def build(self, inputs: tuple, input_names: Sequence[str] | None,
@@ -374,7 +375,15 @@ class _Exporter:
     # -- one node -------------------------------------------------------------------------------
     def _emit(self, node: fx.Node, ann: NodeAnnotation) -> Any:
         if ann.role == "non_tensor":
-            return self.records.get(node)
+            rec = self.records.get(node)
+            if not _holds_tensor(rec):
+                return rec
+            # a tensor that the annotation counts among sizes (e.g. a parameter expanded to
+            # the batch size): computed in float
+            kind = type(self.modules[str(node.target)]).__name__.lower() \
+                if node.op == "call_module" else ann.kind
+            ann = dataclasses.replace(ann, kind=kind, role="float", output=None,
+                                      output_mode="float")
         if node.op == "get_attr":
             return self._attr(node)
         module = self.modules.get(str(node.target)) if node.op == "call_module" else None
@@ -466,6 +475,12 @@ class _Exporter:
         else:
             raise ValueError(f"export_onnx: output '{name}' ({leaf.name}) is not a tensor")
         return _value_info(name, meta, axes)
+
+
+def _holds_tensor(rec: Any) -> bool:
+    if isinstance(rec, TensorMeta):
+        return True
+    return isinstance(rec, (list, tuple)) and any(_holds_tensor(r) for r in rec)
 
 
 def _output_leaves(out: fx.Node) -> list[Any]:

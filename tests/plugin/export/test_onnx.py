@@ -269,6 +269,33 @@ def test_transformer_dynamic_batch_reshapes(transformer_qat, tmp_path):
     assert res.numel == 5 * 8 * 32 and res.exact >= 0.999
 
 
+class _ClassToken(nn.Module):
+    """A learned token expanded to the batch size and concatenated (ViT's class token)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.token = nn.Parameter(torch.randn(1, 1, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = torch.cat([self.token.expand(x.shape[0], -1, -1), self.proj(x)], dim=1)
+        return self.head(tokens[:, 0] + tokens[:, 1:].mean(dim=1))
+
+
+def test_dynamic_batch_expand_reads_the_batch_size(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 4)
+    qm = _calibrated(_ClassToken().eval(), [x])
+    path = qatkit.export_onnx(qm, (x,), tmp_path / "tok.onnx", dynamic_axes={"x": {0: "n"}})
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "Shape" in ops and "Expand" in ops
+    for n in (1, 9):
+        for mode in MODES:
+            [res] = compare_with_onnxruntime(qm, path, (torch.randn(n, 6, 4),), mode)
+            assert res.numel == 3 * n and res.exact == 1.0, (n, mode, res)
+
+
 # -- every op kind --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ops_net():
@@ -464,8 +491,7 @@ def test_unsupported_op_names_it_and_leaves_path_untouched(tmp_path):
     qm = _calibrated(_Roll().eval(), [x])
     path = tmp_path / "roll.onnx"
     path.write_text("previous file")
-    with pytest.raises(NotImplementedError, match=r"'roll'.*keep it in fake-quant form|"
-                                                  r"'roll'.*Keep the op float"):
+    with pytest.raises(NotImplementedError, match=r"op 'roll'.*rewrite it with supported"):
         qatkit.export_onnx(qm, (x,), path)
     assert path.read_text() == "previous file"
     assert [p.name for p in tmp_path.iterdir()] == ["roll.onnx"], "no temporary file left"
