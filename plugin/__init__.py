@@ -7,6 +7,15 @@ Example::
 """
 
 from ._exact import release_exact_caches as release_exact_caches
+from .algorithms import adaround as adaround
+from .algorithms import bias_correction as bias_correction
+from .algorithms import bn_reestimation as bn_reestimation
+from .algorithms import brecq as brecq
+from .algorithms import cross_layer_equalization as cross_layer_equalization
+from .algorithms import easy_quant as easy_quant
+from .algorithms import ptq_log as ptq_log
+from .algorithms import refine_weight_range as refine_weight_range
+from .algorithms import smooth_quant as smooth_quant
 from .annotation import NodeAnnotation as NodeAnnotation
 from .annotation import QuantSpec as QuantSpec
 from .annotation import get_annotations as get_annotations
@@ -112,4 +121,13 @@ __all__ = [
     "default_calib_8bit_weight_16bit_act_fake_quant_qconfig",
     "default_qat_16bit_fake_quant_qconfig",
     "default_calib_16bit_fake_quant_qconfig",
+    "smooth_quant",
+    "cross_layer_equalization",
+    "bias_correction",
+    "bn_reestimation",
+    "refine_weight_range",
+    "easy_quant",
+    "adaround",
+    "brecq",
+    "ptq_log",
 ]
