@@ -346,11 +346,28 @@ def _adaptive_avg_pool(call: OpCall) -> str:
     x = call.tensor("input")
     if all(o == 1 for o in outs):
         return call.emit("GlobalAveragePool", [x])
-    if any(src.dynamic[2:]) or any(i % o for i, o in zip(ins, outs, strict=True)):
-        raise call.unsupported(f"adaptive average pooling of {list(ins)} to {list(outs)} "
-                               "(only 1x1 or an exact divisor)")
-    kernel = [i // o for i, o in zip(ins, outs, strict=True)]
-    return call.emit("AveragePool", [x], kernel_shape=kernel, strides=kernel)
+    if any(src.dynamic[2:]):
+        raise call.unsupported("adaptive average pooling of a dynamic spatial size")
+    if not any(i % o for i, o in zip(ins, outs, strict=True)):
+        kernel = [i // o for i, o in zip(ins, outs, strict=True)]
+        return call.emit("AveragePool", [x], kernel_shape=kernel, strides=kernel)
+    if len(ins) > 2:
+        raise call.unsupported(f"adaptive average pooling of {list(ins)} to {list(outs)}")
+    # windows of unequal sizes (or an output larger than the input): one averaging matrix
+    # per spatial axis, [out, in] with 1/n over torch's window [floor(i*in/out), ceil(...))
+    for axis in range(len(ins)):
+        n_in, n_out = ins[-1 - axis], outs[-1 - axis]
+        if n_in == n_out:
+            continue
+        a = np.zeros((n_out, n_in), np.float32)
+        for i in range(n_out):
+            lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+            a[i, lo:hi] = 1.0 / (hi - lo)
+        if axis == 0:
+            x = call.emit("MatMul", [x, call.initializer("pool_w", a.T.copy())], "pool_w")
+        else:
+            x = call.emit("MatMul", [call.initializer("pool_h", a), x], "pool_h")
+    return x
 
 
 # -- resize -----------------------------------------------------------------------------------

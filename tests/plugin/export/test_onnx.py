@@ -331,6 +331,23 @@ def test_every_op_kind_fuses(ops_net, tmp_path):
         assert kernels.get(k, 0) >= 1, (k, kernels)
 
 
+@pytest.mark.parametrize("size", [(3, 5), (1, 6)])
+def test_adaptive_avg_pool_of_unequal_windows(size, tmp_path):
+    """Output sizes that do not divide the input (or exceed it, as vgg / alexnet at small
+    inputs): an averaging matrix per axis (MatMul), exact per op."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(size), nn.Flatten(),
+                          nn.Linear(4 * size[0] * size[1], 3)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    qm = _calibrated(model, [x])
+    path = qatkit.export_onnx(qm, (x,), tmp_path / "p.onnx")
+    assert "MatMul" in [n.op_type for n in onnx.load(path).graph.node]
+    for mode in MODES:
+        df = op_agreement(qm, (x,), mode)
+        assert (df.exact == 1).all(), df.to_string()
+        assert compare_with_onnxruntime(qm, path, (x,), mode)[0].exact == 1.0
+
+
 # -- transformer block ----------------------------------------------------------------------------
 def test_transformer_int8(transformer_qat, tmp_path):
     """Float path: 100% at the output.  ORT_ENABLE_ALL runs softmax as QLinearSoftmax, which
