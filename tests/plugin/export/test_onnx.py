@@ -239,6 +239,17 @@ def test_digits_fuses_into_integer_kernels(digits_file):
     assert "MatMulNBits" not in kernels
 
 
+@pytest.mark.parametrize("opset", [19, 20])
+def test_older_opsets_for_int8(digits_qat, data, tmp_path, opset):
+    path = qatkit.export_onnx(digits_qat, (data.train_x[:8],), tmp_path / "o.onnx",
+                              opset_version=opset, dynamic_axes={"x": [0]})
+    model = onnx.load(path)
+    assert model.opset_import[0].version == opset and model.ir_version == 9
+    for mode in MODES:
+        [res] = compare_with_onnxruntime(digits_qat, path, (data.test_x[:64],), mode)
+        assert res.exact == 1.0, (mode, res)
+
+
 def test_dynamic_batch(digits_qat, digits_file, data, tmp_path):
     model = onnx.load(digits_file)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -317,7 +328,12 @@ def test_every_op_kind_matches_op_by_op(ops_net, tmp_path, mode):
     bad = df[df.exact < 1]
     assert bad.empty, bad.to_string()
     path = qatkit.export_onnx(ops_net, (x,), tmp_path / "ops.onnx")
-    onnx.checker.check_model(onnx.load(path), full_check=True)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:  # never two adjacent Q/DQ pairs (onnxruntime merges them)
+        if n.op_type == "QuantizeLinear" and n.input[0] in producer:
+            assert producer[n.input[0]].op_type != "DequantizeLinear", n.name
     out = compare_with_onnxruntime(ops_net, path, (x,), mode)
     assert [o.name for o in out] == ["output_0", "output_1"]
     assert all(o.exact == 1.0 for o in out), out
