@@ -56,7 +56,8 @@ from . import _ops_lut as _ops_lut  # noqa: F401
 from ._graph import EMITTERS, ExportError, FValue, OnnxGraph, OpCall, QValue, TensorMeta
 from ._passes import guard_float_layers, live_nodes
 
-__all__ = ["export_onnx", "DEFAULT_OPSET", "SUPPORTED_OPSETS", "MODULE_PARAMS"]
+__all__ = ["export_onnx", "write_onnx", "DEFAULT_OPSET", "SUPPORTED_OPSETS", "MODULE_PARAMS",
+           "GLUE_SIGNATURES"]
 
 #: opset 21: the first with int16 QuantizeLinear / DequantizeLinear (and GroupNormalization
 #: with per-channel scales); 19 and 20 work for int8 models without those
@@ -176,7 +177,13 @@ def write_onnx(int_model: fx.GraphModule, inputs: tuple, path: str, opset: int =
                dynamic_axes: Mapping[str, Any] | None = None,
                qat_model: fx.GraphModule | None = None) -> str:
     """:func:`export_onnx` of an integer model, with ``qat_model`` (the model it was converted
-    from, if known) for the constants of lookup-table ops."""
+    from, if known) for the constants of lookup-table ops.
+
+    Example::
+
+        >>> write_onnx(qatkit.convert_fx(qat), (x,), "model.onnx", qat_model=qat)
+        'model.onnx'
+    """
     exporter = _Exporter(int_model, qat_model, opset)
     proto = exporter.build(inputs, input_names, output_names, dynamic_axes)
     _write_checked(proto, path)
