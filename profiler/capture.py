@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from qatkit.annotation import NodeAnnotation, get_annotations, has_annotations
 from qatkit.fake_quantize import FakeQuantize, FakeQuantState
-from qatkit.fx import annotate, op_kind
+from qatkit.fx import annotate
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten
 
@@ -220,19 +220,20 @@ class _Snapshots:
     recorded again as the next op's input is kept once, while an in-place change gives a new
     one.  A CPU tensor is kept as it is, no copy, with its version: :meth:`changed` tells
     afterwards whether an in-place op changed one of them (the capture then runs again with
-    ``copy``).  Tensors on other devices are copied to the CPU at once."""
+    ``copy``).  Tensors on other devices, and the model's own parameters and buffers
+    (``copy=True``: the model keeps them after the capture), are copied at once."""
 
     def __init__(self, copy: bool = False) -> None:
         self.copy = copy
         self._cache: dict[int, tuple[weakref.ref, int | None, Tensor]] = {}
         self._held: list[tuple[Tensor, int]] = []
 
-    def __call__(self, t: Tensor) -> Tensor:
+    def __call__(self, t: Tensor, copy: bool = False) -> Tensor:
         version = _version(t)
         hit = self._cache.get(id(t))
         if hit is not None and hit[0]() is t and version is not None and hit[1] == version:
             return hit[2]
-        if self.copy or version is None or t.device.type != "cpu":
+        if self.copy or copy or version is None or t.device.type != "cpu":
             snap = t.detach().to("cpu", copy=True)
         else:
             snap = t.detach()  # shares t's version counter (views share their base's)
@@ -245,7 +246,7 @@ class _Snapshots:
         return any(t._version != v for t, v in self._held)
 
 
-def _matches(node: fx.Node, name: str, mod: nn.Module | None, mtype: str,
+def _matches(node: fx.Node, name: str, mod: nn.Module | None, mtype: str, kind: str,
              prefixes: Sequence[str], types: Sequence[Any]) -> bool:
     if prefixes and not any(name == p or name.startswith(p + ".") or name.startswith(p + "(")
                             for p in prefixes):
@@ -255,7 +256,7 @@ def _matches(node: fx.Node, name: str, mod: nn.Module | None, mtype: str,
     for t in types:
         if isinstance(t, type) and mod is not None and isinstance(mod, t):
             return True
-        if isinstance(t, str) and (t == mtype or (mod is not None and t == op_kind(mod))):
+        if isinstance(t, str) and t in (mtype, kind):
             return True
         if not isinstance(t, (type, str)) and node.target is t:
             return True
@@ -291,7 +292,6 @@ class _Recorder(fx.Interpreter):
         self.cap, self.record_on, self.keep, self.on_output = cap, record, keep, on_output
         self.prefixes, self.types, self.preserve_int = prefixes, types, preserve_int
         self.modules = dict(gm.named_modules())
-        self.nodes = {n.name: n for n in gm.graph.nodes}
         self.qparams = node_qparams(gm) if record else {}
         self.snap = _Snapshots(copy)
 
@@ -299,7 +299,7 @@ class _Recorder(fx.Interpreter):
                 qp: tuple[float | None, str | None], pre: Tensor | None = None,
                 src: NodeAnnotation | None = None) -> None:
         scale, qdtype = qp
-        data = self.snap(t)
+        data = self.snap(t, copy=src is not None and src.role == "attr")  # a parameter: copied
         if self.preserve_int and scale is not None and data.is_floating_point():
             data = _to_int(data, scale)
         dtype = qdtype if qdtype is not None else str(t.dtype).replace("torch.", "")
@@ -326,7 +326,7 @@ class _Recorder(fx.Interpreter):
         keep = False
         if self.record_on:
             mtype = node_type(n, self.modules)
-            keep = _matches(n, ann.name, mod, mtype, self.prefixes, self.types)
+            keep = _matches(n, ann.name, mod, mtype, ann.kind, self.prefixes, self.types)
         if keep:
             in_nodes = [a for a in tree_flatten((n.args, n.kwargs))[0] if isinstance(a, fx.Node)]
             k = 0

@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 from qatkit.annotation import NodeAnnotation, QuantSpec, get_annotations, has_annotations
 from qatkit.fake_quantize import FakeQuantize
-from qatkit.fx import op_kind
 from torch import fx, nn
 
 from .capture import Capture, capture_model, source_annotation
@@ -83,12 +82,13 @@ def _is_compute(ann: NodeAnnotation) -> bool:
     return ann.role in ("quantized", "float") and ann.kind != "dequant_stub"
 
 
-def _matches(name: str, mod: nn.Module | None, prefixes: list[str], types: list[Any]) -> bool:
-    path = qconfig_key(name)
+def _matches(ann: NodeAnnotation, mod: nn.Module | None, prefixes: list[str],
+             types: list[Any]) -> bool:
+    path = qconfig_key(ann.name)
     ok_prefix = not prefixes or any(path == p or path.startswith(p + ".") for p in prefixes)
-    ok_type = not types or mod is not None and any(
-        (isinstance(t, type) and isinstance(mod, t)) or t == op_kind(mod) or t == mod._get_name()
-        for t in types)
+    ok_type = not types or any(
+        (isinstance(t, type) and isinstance(mod, t)) or t == ann.kind
+        or (mod is not None and t == mod._get_name()) for t in types)
     return ok_prefix and ok_type
 
 
@@ -218,7 +218,7 @@ def check_qconfig(model: fx.GraphModule, example_inputs: Any = None,
         if not _is_compute(ann) or not graph.is_tensor(ann):
             continue
         mod = modules[str(node.target)] if node.op == "call_module" else None
-        if not _matches(ann.name, mod, prefixes, types):
+        if not _matches(ann, mod, prefixes, types):
             continue
         rows.append(_row(ann, mod, node, graph, modules))
         texts = _layer_warnings(ann, graph)
