@@ -154,7 +154,8 @@ def measure(name: str, per_op: bool, csv_dir: str | None = None) -> list[dict]:
                     df.to_csv(os.path.join(csv_dir, f"{name}_{level}.csv"), index=False)
                 row["op_exact"] = float((df.exact * df.numel).sum() / df.numel.sum())
                 worst = df.sort_values(["exact", "max_lsb"], ascending=[True, False]).iloc[0]
-                row["worst"] = f"{worst.op} {100 * worst.exact:.4f}%/{worst.max_lsb:g}"
+                row["worst"] = "-" if worst.exact == 1 else \
+                    f"{worst.op} {100 * worst.exact:.4f}%/{worst.max_lsb:g}"
                 row["op_max_lsb"] = float(df.max_lsb.max())
             rows.append(row)
     return rows
