@@ -37,7 +37,8 @@ from torch import Tensor
 
 __all__ = ["Metric", "METRICS", "register_metric", "get_metric", "list_metrics",
            "cosine_similarity", "mse", "l1", "max_abs_error", "sqnr", "kl_divergence",
-           "error_in_scale", "FINAL_SIMILARITY_THRESHOLD", "chunk_pairs", "CHUNK"]
+           "error_in_scale", "FINAL_SIMILARITY_THRESHOLD", "chunk_pairs", "CHUNK",
+           "cosine_and_max_abs"]
 
 MetricFn = Callable[[Tensor, Tensor], float]
 
@@ -196,16 +197,45 @@ _TINY_SQUARES = 1e-20
 _F32_PRODUCTS = 1 << 16
 
 
-def _dot_sums(reference: Tensor, other: Tensor, dtype: torch.dtype | None
-              ) -> tuple[float, float, float]:
-    """``(sum a*a, sum b*b, sum a*b)`` accumulated in float64, chunk by chunk; the products
-    in ``dtype`` (None: ``reference``'s, float32 when both are float32)."""
-    saa = sbb = sab = 0.0
+def _dot_sums(reference: Tensor, other: Tensor, dtype: torch.dtype | None,
+              with_max_abs: bool = False) -> tuple[float, float, float, float]:
+    """``(sum a*a, sum b*b, sum a*b, max |b - a|)`` accumulated in float64, chunk by chunk,
+    the products in ``dtype`` (None: ``reference``'s, float32 when both are float32); the
+    largest difference (in the products' dtype) only ``with_max_abs`` (else 0)."""
+    saa = sbb = sab = worst = 0.0
     for x, y in chunk_pairs(reference, other, dtype):
         saa += float((x * x).sum(dtype=torch.float64))
         sbb += float((y * y).sum(dtype=torch.float64))
         sab += float((x * y).sum(dtype=torch.float64))
-    return saa, sbb, sab
+        if with_max_abs and not math.isnan(worst):  # the chunk is still in the cache
+            err = float((y - x).abs_().max()) if x.numel() else 0.0
+            worst = err if math.isnan(err) else max(worst, err)
+    return saa, sbb, sab, worst
+
+
+def _uses_f32_products(reference: Tensor, other: Tensor) -> bool:
+    """float32 products for large float32 tensors (their rounding errors average out); small
+    ones, where they would not, and other dtypes multiply in float64."""
+    return isinstance(reference, Tensor) and isinstance(other, Tensor) and \
+        reference.dtype == other.dtype == torch.float32 and reference.numel() >= _F32_PRODUCTS
+
+
+def _cosine(reference: Tensor, other: Tensor, sums: tuple[float, float, float] | None = None
+            ) -> float:
+    f32 = _uses_f32_products(reference, other)
+    saa, sbb, sab = sums if sums is not None else _dot_sums(
+        reference, other, None if f32 else torch.float64)[:3]
+    if f32 and not (saa > _TINY_SQUARES and sbb > _TINY_SQUARES and math.isfinite(sab)):
+        saa, sbb, sab = _dot_sums(reference, other, torch.float64)[:3]  # underflow / overflow
+    if math.isnan(saa) or math.isnan(sbb):  # a NaN anywhere makes its squared norm NaN
+        return math.nan
+    if saa == 0 and sbb == 0:
+        return 1.0
+    if saa == 0 or sbb == 0:
+        return 0.0
+    if math.isfinite(saa) and math.isfinite(sbb) and math.isfinite(sab):
+        return min(1.0, max(-1.0, sab / (math.sqrt(saa) * math.sqrt(sbb))))
+    return _cosine_scaled(reference, other)  # inf values, or float64 squares beyond 1e308
 
 
 @register_metric("Cosine", higher_is_better=True)
@@ -222,22 +252,25 @@ def cosine_similarity(reference: Tensor, other: Tensor) -> float:
         >>> cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
         0.7071067811865475
     """
-    # float32 products for large float32 tensors (their rounding errors average out); small
-    # ones, where they would not, and other dtypes multiply in float64
-    f32 = isinstance(reference, Tensor) and isinstance(other, Tensor) and \
-        reference.dtype == other.dtype == torch.float32 and reference.numel() >= _F32_PRODUCTS
-    saa, sbb, sab = _dot_sums(reference, other, None if f32 else torch.float64)
-    if f32 and not (saa > _TINY_SQUARES and sbb > _TINY_SQUARES and math.isfinite(sab)):
-        saa, sbb, sab = _dot_sums(reference, other, torch.float64)  # underflow / overflow
-    if math.isnan(saa) or math.isnan(sbb):  # a NaN anywhere makes its squared norm NaN
-        return math.nan
-    if saa == 0 and sbb == 0:
-        return 1.0
-    if saa == 0 or sbb == 0:
-        return 0.0
-    if math.isfinite(saa) and math.isfinite(sbb) and math.isfinite(sab):
-        return min(1.0, max(-1.0, sab / (math.sqrt(saa) * math.sqrt(sbb))))
-    return _cosine_scaled(reference, other)  # inf values, or float64 squares beyond 1e308
+    return _cosine(reference, other)
+
+
+def cosine_and_max_abs(reference: Tensor, other: Tensor) -> tuple[float, float]:
+    """``(cosine_similarity(reference, other), max |other - reference|)`` from one pass over
+    the two tensors (the difference in ``reference``'s dtype, float64 for integers; NaN if
+    either holds a NaN): what featuremap_similarity computes for every op.
+
+    Example::
+
+        >>> cosine_and_max_abs(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+        (0.7071067811865475, 1.0)
+    """
+    if not _uses_f32_products(reference, other):  # small or not float32: two short passes
+        dtype = reference.dtype if reference.is_floating_point() else torch.float64
+        worst = _dot_sums(reference, other, dtype, with_max_abs=True)[3]
+        return _cosine(reference, other), worst
+    saa, sbb, sab, worst = _dot_sums(reference, other, None, with_max_abs=True)
+    return _cosine(reference, other, (saa, sbb, sab)), worst
 
 
 def _cosine_scaled(reference: Tensor, other: Tensor) -> float:

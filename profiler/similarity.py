@@ -32,7 +32,7 @@ from torch import Tensor, fx, nn
 
 from .alignment import check_inputs, is_prepared, node_type, op_names, reference_names
 from .capture import Capture, node_qparams, run_capture
-from .metrics import Metric, chunk_pairs, get_metric
+from .metrics import Metric, chunk_pairs, cosine_and_max_abs, cosine_similarity, get_metric
 from .running import analysis_model, as_tuple, model_device, to_device
 from .tables import write_table
 
@@ -158,9 +158,12 @@ class _Comparison:
                 f"'{self.names2[n.name]}' outputs {list(out.shape)}: the models do not "
                 "correspond at this layer (was model2 made from model1?)")
         cpu = out.detach().to("cpu")
-        if self.metric is not None:
-            self.sim[n.name] = self.metric(ref, cpu)
-        self.atol[n.name] = _max_abs(ref, cpu)
+        if self.metric is not None and self.metric.fn is cosine_similarity:
+            self.sim[n.name], self.atol[n.name] = cosine_and_max_abs(ref, cpu)  # one pass
+        else:
+            if self.metric is not None:
+                self.sim[n.name] = self.metric(ref, cpu)
+            self.atol[n.name] = _max_abs(ref, cpu)
         if self.substitute:
             out = ref.to(device=out.device, dtype=out.dtype, copy=True)
         if _METER is not None:

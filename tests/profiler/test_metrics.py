@@ -104,3 +104,18 @@ def test_register_metric() -> None:
         assert m(torch.tensor([2.0]), torch.tensor([1.0])) == 0.5
     finally:
         del M.METRICS["TestOnlyMaxRel"]
+
+
+@pytest.mark.parametrize("n", [7, 70_000, 1_500_000])
+def test_cosine_and_max_abs_is_both_metrics_in_one_pass(n: int) -> None:
+    torch.manual_seed(0)
+    a = torch.randn(n) * 3
+    b = a + 0.01 * torch.randn(n)
+    cos, worst = M.cosine_and_max_abs(a, b)
+    assert cos == M.cosine_similarity(a, b)
+    assert worst == float((b - a).abs().max())
+    exact = float(torch.dot(a.double(), b.double()) / (a.double().norm() * b.double().norm()))
+    assert cos == pytest.approx(exact, abs=1e-9)  # float32 products for large tensors
+    nan = a.clone()
+    nan[-1] = math.nan
+    assert all(math.isnan(v) for v in M.cosine_and_max_abs(nan, b))
