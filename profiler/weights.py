@@ -116,12 +116,16 @@ def _quantized_weight(name: str, mod: nn.Module, specs: dict[str, QuantSpec],
     return _dequantized(mod.quantize_weight(), spec, model)
 
 
-def _steps(err: Tensor, scale: Tensor, axis: int) -> float:
-    """max over channels of max |err| / scale of that channel."""
+def _errors(err: Tensor, scale: Tensor, axis: int) -> tuple[float, float]:
+    """(max |err|, max over channels of the channel's max |err| / its scale), from one
+    per-channel reduction."""
+    if not err.numel():
+        return 0.0, 0.0
+    per = err.abs_().movedim(axis, 0).reshape(err.shape[axis], -1).amax(dim=1)
+    worst = float(per.max())
     if scale.numel() == 1:
-        return float(err.abs().max()) / float(scale) if float(scale) > 0 else math.nan
-    per = err.abs().movedim(axis, 0).reshape(err.shape[axis], -1).max(dim=1).values
-    return float((per.double() / scale.double().to(per.device)).max())
+        return worst, worst / float(scale) if float(scale) > 0 else math.nan
+    return worst, float((per.double() / scale.double().to(per.device)).max())
 
 
 def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_func: Any = "Cosine",
@@ -191,11 +195,9 @@ def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_fun
                 raise ValueError(f"compare_weights: layer '{name}' has weight shape "
                                  f"{list(wq.shape)} in qat_model but {list(ref.shape)} in "
                                  "float_model: the models do not correspond")
-            err = wq - ref
-            row.update({"Similarity": metric(ref, wq),
-                        "Max Abs Error": float(err.abs().max()) if err.numel() else 0.0,
-                        "Weight Scale": float(scale.max()),
-                        "Error (N weight scale)": _steps(err, scale, axis)})
+            worst, steps = _errors(wq - ref, scale, axis)
+            row.update({"Similarity": metric(ref, wq), "Max Abs Error": worst,
+                        "Weight Scale": float(scale.max()), "Error (N weight scale)": steps})
         rows.append(row)
     table = pd.DataFrame(rows, columns=WEIGHT_COLUMNS)
     write_table(table, out_dir, "weight_comparison",
