@@ -7,6 +7,9 @@ the quantized model, the weight comparison, call counts, the unfused-pattern che
 qconfig check and the advisor; it writes each table as .csv, ``profiler.html`` (one
 self-contained page: verdict, similarity chart, sortable tables) and ``similarity.mmd`` (the
 graph coloured by similarity), and returns a :class:`ProfilerReport` holding the tables.
+
+One capture per report: each model is recorded once (:mod:`.capture`) and every tool reads
+the captures instead of running the models again.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from .html import Verdict, build_verdict, render_html
 from .mermaid import write_similarity_mermaid
 from .metrics import cosine_similarity, get_metric
 from .qconfig_check import check_qconfig
-from .similarity import _parse_devices, compare_models, featuremap_similarity
+from .running import device_pair, model_device
+from .similarity import compare_models, featuremap_similarity
 from .statistics import outlier_channels, profile_featuremap
 from .weights import check_weight_correspondence, compare_weights
 
@@ -213,8 +217,13 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
                    devices: Any = None) -> ProfilerReport:
     """Run every profiler tool on two models; write the tables, profiler.html, similarity.mmd.
 
-    Neither model is changed. Fake-quant models should be in VALIDATION state (a model in
-    CALIBRATION state is an error whose message gives the fix).
+    Each model is captured once (:class:`~qatkit.profiler.capture.Capture`): model1 runs once,
+    model2 once end to end (compared with model1 and recorded for the statistics) and once
+    with model1's values handed on (the per-layer table); every tool reads those runs, and
+    each model is traced once.  In ``"FvsQ"`` the models must correspond: before anything
+    runs, :func:`~qatkit.profiler.weights.check_weight_correspondence` checks that model2's
+    float weights are model1's.  Neither model is changed. Fake-quant models should be in
+    VALIDATION state (a model in CALIBRATION state is an error whose message gives the fix).
 
     Args:
         model1: the reference: the float model (``"FvsQ"``), the calibrated / QAT model
@@ -234,8 +243,11 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
 
     Raises:
         ValueError: the models do not fit the mode, an unknown kwargs_dict key or argument,
-            or anything the tools reject (inputs that do not fit, models that do not
-            correspond; the message names the model and layer).
+            model2 was not prepared from model1 (``"FvsQ"``: the first layer whose weights
+            differ is named; ``kwargs_dict={"check_weight_correspondence": {"rtol": None}}``
+            skips the check for a QAT-trained model2), or anything the tools reject (inputs
+            that do not fit, models that do not correspond; the message names the model and
+            layer).
 
     Example::
 
@@ -277,9 +289,10 @@ def _model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any, m
     # statistics of the quantized side (its scales are what the NPU will use), recorded by
     # model2's end-to-end run unless they must run on another device
     raw_kw = dict(kw.get("get_raw_features", {}))
-    sim_dev2 = _parse_devices(sim_kw["devices"])[1]
+    sim_dev2 = device_pair(sim_kw["devices"])[1]
     raw_device = raw_kw.pop("device", sim_dev2)
-    shared_run = _same_device(raw_device, sim_dev2)
+    here = model_device(model2)
+    shared_run = _same_device(raw_device or here, sim_dev2 or here)
     # one capture of each model: model1's keeps the outputs model2 is compared with; model2's
     # end-to-end run compares them and records the statistics; every tool below reads them
     cmp = timed("capture_and_similarity", compare_models, model1, model2, inputs, metric,

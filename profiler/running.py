@@ -24,7 +24,8 @@ from torch import Tensor, fx, nn
 
 from .alignment import trace_model
 
-__all__ = ["analysis_model", "to_device", "model_device", "as_tuple", "positional_inputs"]
+__all__ = ["analysis_model", "to_device", "model_device", "as_tuple", "positional_inputs",
+           "device_pair"]
 
 
 def _private_copy(model: nn.Module, label: str) -> nn.Module:
@@ -56,6 +57,28 @@ def model_device(model: nn.Module) -> torch.device | None:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return None
+
+
+def device_pair(devices: Any) -> tuple[Any, Any]:
+    """``(model1's device, model2's device)`` from a ``devices`` argument: None (each model
+    where it is), one device for both, or a pair.
+
+    Raises:
+        ValueError: a sequence that is not a pair.
+
+    Example::
+
+        >>> device_pair("cpu"), device_pair(("cpu", "cuda:0"))
+        (('cpu', 'cpu'), ('cpu', 'cuda:0'))
+    """
+    if devices is None:
+        return None, None
+    if isinstance(devices, (list, tuple)):
+        if len(devices) != 2:
+            raise ValueError(f"devices takes one device or a pair (model1's, model2's), got "
+                             f"{devices!r}")
+        return devices[0], devices[1]
+    return devices, devices
 
 
 def as_tuple(inputs: Any) -> tuple[Any, ...]:

@@ -33,7 +33,7 @@ from torch import Tensor, fx, nn
 from .alignment import check_inputs, is_prepared, node_type, op_names, reference_names
 from .capture import Capture, node_qparams, run_capture
 from .metrics import Metric, chunk_pairs, cosine_and_max_abs, cosine_similarity, get_metric
-from .running import analysis_model, as_tuple, model_device, to_device
+from .running import analysis_model, as_tuple, device_pair, model_device, to_device
 from .tables import write_table
 
 __all__ = ["featuremap_similarity", "similarity_tables", "compare_models", "ModelComparison",
@@ -72,17 +72,6 @@ class _MemoryMeter:
         for v in env.values():
             add(v)
         self.peak = max(self.peak, sum(seen.values()))
-
-
-def _parse_devices(devices: Any) -> tuple[Any, Any]:
-    if devices is None:
-        return None, None
-    if isinstance(devices, (list, tuple)):
-        if len(devices) != 2:
-            raise ValueError(f"devices takes one device or a pair (model1's, model2's), got "
-                             f"{devices!r}")
-        return devices[0], devices[1]
-    return devices, devices
 
 
 def _parse_method(method: str) -> str:
@@ -256,7 +245,7 @@ def compare_models(model1: nn.Module, model2: nn.Module, inputs: Any, metric: Me
     """
     methods = [_parse_method(m) for m in methods]
     inputs = as_tuple(inputs)
-    dev1, dev2 = _parse_devices(devices)
+    dev1, dev2 = device_pair(devices)
     with analysis_model(model1, "model1", dev1) as gm1, \
             analysis_model(model2, "model2", dev2) as gm2:
         check_inputs(gm1, inputs, "model1")
