@@ -467,7 +467,7 @@ def test_preserved_and_32bit_out(digits_float, data, tmp_path):
     assert _initializers(model)["conv2.weight"].dtype == np.int8
     fc_consumers = [n.op_type for n in model.graph.node if "fc" in n.input]
     assert fc_consumers == ["Identity"], fc_consumers  # no Q after the 32-bit head
-    x = data.test_x[:64]
+    x = data.test_x[:32]
     with torch.no_grad():
         ref = int_model(x).numpy()
     for mode in MODES:
