@@ -12,9 +12,11 @@ each over ``search_steps`` candidates in ``search_range`` times the current scal
 current one included, so no layer gets worse on the calibration data).  The output compared is
 the conv / linear's (bias included, before the add and the activation).  An activation scale
 shared by several layers (one tensor read by several convs) is searched for all of them
-together (mean cosine); fixed scales (``QuantStub(scale=...)``) and per-channel activation
-scales are not searched.  The quantized layer sees the already searched quantized model
-upstream; the float output is the original model's.
+together (mean cosine).  Not searched: fixed scales (``QuantStub(scale=...)``), per-channel
+activation scales, and the scale of a tensor that something else than a conv / linear input
+also reads (a residual add, a concat, the model output): its effect there is not measured.
+The quantized layer sees the already searched quantized model upstream; the float output is
+the original model's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, fx, nn
 
+from ..annotation import get_annotations
 from ._common import (
     Layer,
     algorithm_session,
@@ -149,8 +152,11 @@ def _group_cos(datas: list[_LayerData], act_fq: nn.Module | None,
     return sum(cos) / len(cos)
 
 
-def _searchable(model: nn.Module, layer: Layer) -> str | None:
-    """The input fake quant of ``layer`` whose scale can be searched, or None."""
+def _searchable(model: fx.GraphModule, layer: Layer, readers: dict[str, set]) -> str | None:
+    """The input fake quant of ``layer`` whose scale can be searched, or None: a per-tensor,
+    calibrated, not fixed fake quant whose tensor only conv / linear layers read, as their
+    ``input`` (a residual add, a concat or the model output reading it too would be changed
+    without being measured)."""
     paths = layer.input_spec_paths()
     if len(paths) != 1:
         return None
@@ -158,7 +164,26 @@ def _searchable(model: nn.Module, layer: Layer) -> str | None:
     fixed = type(fq.observer).__name__ == "FixedScaleObserver"
     if fixed or fq.is_per_channel or not fq.enabled or not fq.has_scale:
         return None
+    if any(reader != "layer input" for reader in readers.get(paths[0], ())):
+        return None
     return paths[0]
+
+
+def _readers(model: fx.GraphModule, layers: list[Layer]) -> dict[str, set]:
+    """For each activation fake quant (module path): how the ops reading its tensor read it
+    (``"layer input"`` or the op's name); data-moving ops pass the tensor on and are not
+    readers themselves."""
+    calls = {node for layer in layers for node in layer.nodes}
+    out: dict[str, set] = {}
+    for node, ann in get_annotations(model).items():
+        if ann.role == "passthrough":
+            continue
+        for inp in ann.inputs:
+            if inp.spec is None:
+                continue
+            how = "layer input" if node in calls and inp.name == "input" else ann.name
+            out.setdefault(inp.spec.module_path, set()).add(how)
+    return out
 
 
 def easy_quant(model: fx.GraphModule, data: Any, iterations: int = 2,
@@ -202,9 +227,10 @@ def easy_quant(model: fx.GraphModule, data: Any, iterations: int = 2,
     batches, _ = collect_batches(qm, data, num_batches, device, _NAME)
     reference = copy.deepcopy(qm)
     factors = _candidates(search_range, search_steps)
+    readers = _readers(qm, layers)
     groups: dict[str, list[Layer]] = {}
     for layer in layers:
-        key = _searchable(qm, layer) if activations else None
+        key = _searchable(qm, layer, readers) if activations else None
         groups.setdefault(key or f"#{layer.path}", []).append(layer)
     rows: list[dict[str, Any]] = []
     with algorithm_session(qm), algorithm_session(reference):
