@@ -121,7 +121,7 @@ def prepare_qat_fx(
     op_kinds = {n: k for n, k in op_kinds.items() if k is not None}
     resolver = QConfigResolver(qconfig_dict, gm, names, op_kinds, float_overrides=float_islands,
                                root=model)
-    tensors = _float_tensor_nodes(gm, example_inputs)
+    tensors, holders = _float_tensor_nodes(gm, example_inputs)
     for node in gm.graph.nodes:
         node.meta[META_FLOAT_NAME] = names[node]
 
@@ -141,7 +141,7 @@ def prepare_qat_fx(
     nodes = list(gm.graph.nodes)
     set_annotations(gm, annotate(
         gm, float_names={n: n.meta.get(META_FLOAT_NAME, n.name) for n in nodes},
-        non_tensor={n for n in nodes if rewriter.state.get(n) == _OTHER
+        non_tensor={n for n in nodes if not holders.get(n, True)
                     and n.op in ("placeholder", "call_function", "call_method", "call_module")},
         notes=rewriter.notes))
     link_exact_inputs(gm)
@@ -231,12 +231,16 @@ def _node_qconfig(node: fx.Node, names, modules, resolver: QConfigResolver, op_k
                             (node.target, op_kinds.get(node)))
 
 
-def _float_tensor_nodes(gm: fx.GraphModule, example_inputs: tuple | None) -> dict[fx.Node, bool]:
-    """Which nodes produce float tensors: measured with example inputs, else inferred."""
+def _float_tensor_nodes(gm: fx.GraphModule, example_inputs: tuple | None
+                        ) -> tuple[dict[fx.Node, bool], dict[fx.Node, bool]]:
+    """Which nodes produce float tensors (quantizable), and which produce values holding any
+    tensor (a tuple with a None, an expanded parameter...): measured with example inputs, else
+    inferred (then both the same)."""
     if example_inputs is not None:
         if not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)
-        return _run_types(gm, example_inputs)
+        kinds = _run_types(gm, example_inputs)
+        return ({n: k == 2 for n, k in kinds.items()}, {n: k >= 1 for n, k in kinds.items()})
     out: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":  # an argument with a number/str/bool default: not a tensor
@@ -251,16 +255,17 @@ def _float_tensor_nodes(gm: fx.GraphModule, example_inputs: tuple | None) -> dic
         else:
             deps = [a for a in node.all_input_nodes]
             out[node] = any(out.get(a, False) for a in deps)
-    return out
+    return out, out
 
 
-def _run_types(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, bool]:
-    seen: dict[fx.Node, bool] = {}
+def _run_types(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, int]:
+    """Per node: 2 for float tensor(s), 1 for a value holding some tensor, 0 for none."""
+    seen: dict[fx.Node, int] = {}
 
     class _Types(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             value = super().run_node(n)
-            seen[n] = _is_float_tensor(value)
+            seen[n] = 2 if _is_float_tensor(value) else int(_holds_tensor(value))
             return value
 
     was_training = gm.training
@@ -275,6 +280,16 @@ def _run_types(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, bool]
     finally:
         gm.train(was_training)
     return seen
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
 
 
 def _is_float_tensor(value: Any) -> bool:

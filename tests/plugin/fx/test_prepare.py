@@ -759,3 +759,27 @@ def test_resnet18_structure_provenance_and_calibration_numbers(resnet18):
     assert prov["fc"] == "fc" and prov["x_quant"] == "x"
     x = torch.randn(2, 3, 32, 32)
     _assert_close_rel(_calibration_output(gm, x), model(x))
+
+
+def test_tensors_made_from_parameters_are_not_annotated_as_non_tensor():
+    """A class token expanded to the batch (ViT) and a tuple output holding a tensor and a None
+    are tensors for the annotation (role float / passthrough), not sizes or flags."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            tok = self.cls.expand(x.shape[0], -1, -1)
+            pair = (self.fc(x), None)
+            return torch.cat([tok, pair[0]], dim=1)
+
+    x = torch.randn(2, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qatkit.prepare_qat_fx(Tokens(), {"": qatkit.default_qat_8bit_fake_quant_qconfig},
+                                   example_inputs=(x,))
+    roles = {a.name: a.role for a in qatkit.get_annotations(qm).values()}
+    assert roles["expand"] == "passthrough" and roles["getattr"] == "non_tensor", roles
