@@ -7,6 +7,7 @@ None of them modifies the model: forward passes run on a deep copy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import Counter
@@ -29,6 +30,7 @@ from qatkit.fx.tracer import symbolic_trace
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
+from .alignment import trace_model
 from .capture import Capture
 from .running import positional_inputs
 from .tables import op_label, print_table
@@ -386,10 +388,14 @@ def check_unfused_operations(model: nn.Module, example_inputs: Any = None,
         Empty DataFrame ...
     """
     custom = dict(prepare_custom_config_dict or {})
-    gm = symbolic_trace(model, concrete_args=custom.get("concrete_args"),
-                        leaf_modules=custom.get("leaf_module_types", ()),
-                        leaf_module_names=custom.get("leaf_module_names", ()),
-                        wrapped_functions=custom.get("wrapped_functions", ()))
+    traced = None
+    if not custom and not isinstance(model, fx.GraphModule):
+        with contextlib.suppress(ValueError):  # the trace model_profiler's tools share
+            traced = trace_model(model)
+    gm = traced or symbolic_trace(model, concrete_args=custom.get("concrete_args"),
+                                  leaf_modules=custom.get("leaf_module_types", ()),
+                                  leaf_module_names=custom.get("leaf_module_names", ()),
+                                  wrapped_functions=custom.get("wrapped_functions", ()))
     names = float_node_names(gm)
     df = pd.DataFrame(_unfused_rows(gm, names, example_inputs), columns=UNFUSED_COLUMNS)
     if print_tabulate:
