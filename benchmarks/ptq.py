@@ -5,10 +5,11 @@ data first (so the float model is a consistent reference); default int8 calibrat
 activations, per-channel min/max weights) on random images.  For each algorithm: wall time,
 time per layer, peak memory above the calibrated model's (CPU: resident set size, sampled
 every 5 ms; CUDA: ``max_memory_allocated``), and the cosine similarity of the final output
-to the float model's on held-out random images, next to plain calibration's.
+to the float model's, on the calibration images and on held-out random images, next to plain
+calibration's.
 
-    python benchmarks/ptq.py [--models resnet18 mobilenet_v2] [--images 8] [--size 112]
-                             [--steps 100] [--device cpu|cuda] [--threads 2]
+    python benchmarks/ptq.py [--models resnet18 mobilenet_v2] [--images 32] [--held-out 16]
+                             [--size 112] [--steps 100] [--device cpu|cuda] [--threads 2]
 
 ``--steps`` is AdaRound's / BRECQ's ``finetune_epochs`` (500 is the guide's default).
 """
@@ -105,7 +106,8 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randn(4, 3, args.size, args.size, generator=gen).to(device)
              for _ in range(max(1, args.images // 4))]
-    test = torch.randn(4, 3, args.size, args.size, generator=gen).to(device)
+    test = torch.randn(args.held_out, 3, args.size, args.size, generator=gen).to(device)
+    seen = torch.cat(calib)
     settle_batchnorm(float_model, calib)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -113,8 +115,8 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[
                                    example_inputs=(calib[0],)).eval()
         qatkit.calibrate(qm, calib, progress=False)
     with torch.no_grad():
-        ref = float_model(test)
-        plain = cosine(qm(test), ref)
+        ref, ref_seen = float_model(test), float_model(seen)
+        plain, plain_seen = cosine(qm(test), ref), cosine(qm(seen), ref_seen)
     layers = sum(1 for m in qm.modules() if hasattr(m, "weight_fake_quant"))
     rows = []
     for algo, fn in algorithms(args.steps).items():
@@ -127,12 +129,14 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[
                 out = fn(qm, calib)
             seconds = time.perf_counter() - t
         with torch.no_grad():
-            after = cosine(out(test), ref)
+            after, after_seen = cosine(out(test), ref), cosine(out(seen), ref_seen)
         rows.append({"model": name, "algorithm": algo, "layers": layers, "seconds": seconds,
                      "per_layer": seconds / layers, "peak_mb": mem.peak / 2**20,
-                     "cosine_plain": plain, "cosine_after": after})
+                     "cosine_plain": plain, "cosine_after": after,
+                     "cosine_plain_calib": plain_seen, "cosine_after_calib": after_seen})
         print(f"| {name} | {algo} | {layers} | {seconds:.1f} s | {1e3 * seconds / layers:.0f} ms "
-              f"| {mem.peak / 2**20:.0f} MB | {plain:.5f} | {after:.5f} |", flush=True)
+              f"| {mem.peak / 2**20:.0f} MB | {plain_seen:.5f} | {after_seen:.5f} | {plain:.5f} "
+              f"| {after:.5f} |", flush=True)
         del out
     return rows
 
@@ -140,7 +144,8 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
-    ap.add_argument("--images", type=int, default=8, help="calibration images (batches of 4)")
+    ap.add_argument("--images", type=int, default=32, help="calibration images (batches of 4)")
+    ap.add_argument("--held-out", type=int, default=16, help="held-out images")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--only", nargs="*", help="run only these algorithms")
@@ -149,11 +154,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"{args.images} calibration images {args.size}x{args.size}, {args.threads} threads, "
+    print(f"{args.images} calibration / {args.held_out} held-out images {args.size}x{args.size}, "
+          f"{args.threads} threads, "
           f"{device.type}; AdaRound / BRECQ {args.steps} steps, batch 4")
     print("| model | algorithm | layers | time | per layer | peak memory | cosine plain "
-          "| cosine after |")
-    print("|---|---|---|---|---|---|---|---|")
+          "(calibration images) | after | cosine plain (held-out images) | after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         run(name, args, device)
 

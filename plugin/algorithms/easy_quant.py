@@ -5,8 +5,9 @@ is the error of the layer that consumes it.  EasyQuant (Wu et al., 2020) searche
 layer in graph order, the scales maximizing the cosine similarity between the layer's output in
 the quantized model and in the float model, alternating:
 
-* the weight scale of each output channel (the cosine of that output channel), then
-* the scale of the layer's input activation (the cosine of the whole output),
+* the weight scale of each output channel (coordinate ascent over the channels on the cosine
+  of the whole output: a channel's magnitude matters relative to the others), then
+* the scale of the layer's input activation,
 
 each over ``search_steps`` candidates in ``search_range`` times the current scale (the
 current one included, so no layer gets worse on the calibration data).  The output compared is
@@ -83,9 +84,10 @@ class _LayerData:
                     self.targets.append(weighted_op(ref_mod, x_f, w_f, b_f, size))
 
     @torch.no_grad()
-    def cosines(self, weight: Tensor, in_quant: Any, per_channel: bool) -> Tensor:
-        """Cosine of the layer's output with ``weight`` and inputs mapped by ``in_quant``
-        against the float output: per output channel, or one value."""
+    def sums(self, weight: Tensor, in_quant: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Per output channel, over the recorded data: ``sum(y * t)``, ``sum(y * y)`` and
+        ``sum(t * t)`` of the layer's output ``y`` with ``weight`` and inputs mapped by
+        ``in_quant``, and the float output ``t`` (float64)."""
         bias = self.mod.folded_weight_bias()[1]
         axis = _axis(self.layer)
         dot = nq = nf = None
@@ -93,12 +95,15 @@ class _LayerData:
             y = _per_channel(weighted_op(self.mod, in_quant(x), weight, bias, size), axis)
             t = _per_channel(target, axis)
             parts = ((y * t).sum(1), (y * y).sum(1), (t * t).sum(1))
-            if not per_channel:
-                parts = tuple(p.sum().reshape(1) for p in parts)
             dot = parts[0] if dot is None else dot + parts[0]
             nq = parts[1] if nq is None else nq + parts[1]
             nf = parts[2] if nf is None else nf + parts[2]
-        return dot / (nq.sqrt() * nf.sqrt()).clamp_min(1e-30)
+        return dot, nq, nf
+
+    def cosine(self, weight: Tensor, in_quant: Any) -> float:
+        """Cosine similarity of the whole layer output with the float output."""
+        dot, nq, nf = self.sums(weight, in_quant)
+        return float(dot.sum() / (nq.sum().sqrt() * nf.sum().sqrt()).clamp_min(1e-30))
 
 
 def _candidates(search_range: tuple[float, float], steps: int) -> list[float]:
@@ -108,26 +113,41 @@ def _candidates(search_range: tuple[float, float], steps: int) -> list[float]:
     return [1.0] + sorted(set(values) - {1.0})
 
 
-def _weight_search(data: _LayerData, in_quant: Any, factors: list[float]) -> None:
-    """Set each output channel's weight scale to the candidate with the best cosine."""
+def _weight_search(data: _LayerData, in_quant: Any, factors: list[float],
+                   rounds: int = 3) -> None:
+    """Choose each output channel's weight scale among ``factors`` times the current one so
+    that the cosine of the whole layer output is maximal: every candidate's per-channel sums
+    are computed once, then coordinate ascent over the channels (a channel's choice changes
+    the whole output's norm, so channels are not independent)."""
     wfq = data.mod.weight_fake_quant
     w = data.mod.folded_weight_bias()[0].detach().float()
     base = wfq.scale.detach().float().clone()
     shape = [1] * w.dim()
     shape[wfq.ch_axis % w.dim()] = -1
-    best = best_cos = None
+    dots, norms = [], []
     for f in factors:
-        scale = base * f
-        cos = data.cosines(_quant(w, scale.view(shape), wfq.quant_min, wfq.quant_max),
-                           in_quant, per_channel=True)
-        if best is None:
-            best, best_cos = scale.clone(), cos
-        else:
-            better = cos > best_cos
-            best = torch.where(better, scale, best)
-            best_cos = torch.where(better, cos, best_cos)
+        dot, nq, nf = data.sums(_quant(w, (base * f).view(shape), wfq.quant_min, wfq.quant_max),
+                                in_quant)
+        dots.append(dot)
+        norms.append(nq)
+    d, q = torch.stack(dots).cpu(), torch.stack(norms).cpu()  # [factors, channels]
+    pick = [0] * d.shape[1]  # factors[0] == 1: the current scale
+    total_d, total_q = float(d[0].sum()), float(q[0].sum())
+    for _ in range(rounds):
+        moved = False
+        for c in range(d.shape[1]):
+            rest_d, rest_q = total_d - float(d[pick[c], c]), total_q - float(q[pick[c], c])
+            score = (rest_d + d[:, c]) / (rest_q + q[:, c]).clamp_min(1e-30).sqrt()
+            best = int(score.argmax())
+            if score[best] > score[pick[c]]:
+                pick[c] = best
+                total_d, total_q = rest_d + float(d[best, c]), rest_q + float(q[best, c])
+                moved = True
+        if not moved:
+            break
+    chosen = torch.tensor([factors[i] for i in pick], dtype=base.dtype, device=base.device)
     with torch.no_grad():
-        wfq.scale.copy_(best)
+        wfq.scale.copy_(base * chosen)
 
 
 def _quantized_weight(mod: nn.Module) -> Tensor:
@@ -148,7 +168,7 @@ def _act_quant(fq: nn.Module | None, scale: Tensor | None = None) -> Any:
 def _group_cos(datas: list[_LayerData], act_fq: nn.Module | None,
                scale: Tensor | None = None) -> float:
     quant = _act_quant(act_fq, scale)
-    cos = [float(d.cosines(_quantized_weight(d.mod), quant, per_channel=False)) for d in datas]
+    cos = [d.cosine(_quantized_weight(d.mod), quant) for d in datas]
     return sum(cos) / len(cos)
 
 
@@ -239,8 +259,7 @@ def easy_quant(model: fx.GraphModule, data: Any, iterations: int = 2,
             act_fq = qm.get_submodule(act_path) if act_path else None
             disabled = [act_path] if act_path else []
             datas = [_LayerData(qm, reference, layer, batches, disabled) for layer in glayers]
-            before = [float(d.cosines(_quantized_weight(d.mod), _act_quant(act_fq),
-                                      per_channel=False)) for d in datas]
+            before = [d.cosine(_quantized_weight(d.mod), _act_quant(act_fq)) for d in datas]
             a0 = float(act_fq.scale) if act_fq is not None else float("nan")
             for _ in range(iterations):
                 for d in datas:
@@ -252,8 +271,7 @@ def easy_quant(model: fx.GraphModule, data: Any, iterations: int = 2,
                     with torch.no_grad():
                         act_fq.scale.copy_(base * best)
             for d, cos0 in zip(datas, before, strict=True):
-                cos1 = float(d.cosines(_quantized_weight(d.mod), _act_quant(act_fq),
-                                       per_channel=False))
+                cos1 = d.cosine(_quantized_weight(d.mod), _act_quant(act_fq))
                 rows.append({"layer": d.layer.path, "input": act_path or "",
                              "cosine_before": cos0, "cosine_after": cos1,
                              "input_scale_ratio": (float(act_fq.scale) / a0
