@@ -59,8 +59,9 @@ def _imbalance(r1: Tensor, r2: Tensor) -> float:
     return float((r1[live] / r2[live]).log2().abs().max())
 
 
-def cross_layer_equalization(model: fx.GraphModule, data: Any, iterations: int = 20,
-                             tolerance: float = 1e-3, num_batches: int | None = None,
+def cross_layer_equalization(model: fx.GraphModule, data: Any, threshold: float = 2.0,
+                             iterations: int = 20, tolerance: float = 1e-3,
+                             num_batches: int | None = None,
                              device: Any = None, progress: bool = True,
                              inplace: bool = False) -> fx.GraphModule:
     """Equalize the weight ranges of consecutive conv / linear layers (DFQ's CLE).
@@ -69,6 +70,10 @@ def cross_layer_equalization(model: fx.GraphModule, data: Any, iterations: int =
         model: a prepared (:func:`qatkit.prepare_qat_fx`) and calibrated model.
         data: the calibration data: the activation scales are calibrated again on it after
             the weights changed (the equalization itself needs no data).
+        threshold: only pairs whose range imbalance (the largest ``|log2(r1_j / r2_j)|``) is
+            at least this are equalized; 0 equalizes every pair.  Per-channel weight scales
+            already absorb small imbalances: on random-weight resnet18 (imbalances up to 1.8)
+            equalizing them lowered the output cosine slightly.
         iterations: at most this many sweeps over the pairs.
         tolerance: stop when no factor of a sweep is further than this from 1 (relative).
         num_batches: use at most this many batches of ``data``.
@@ -90,8 +95,9 @@ def cross_layer_equalization(model: fx.GraphModule, data: Any, iterations: int =
         >>> qatkit.ptq_log(equalized)[["layer", "producer", "imbalance_before",
         ...                            "imbalance_after"]]
     """
-    if iterations < 1:
-        raise ValueError(f"{_NAME}: iterations must be >= 1, got {iterations}")
+    if iterations < 1 or threshold < 0:
+        raise ValueError(f"{_NAME}: need iterations >= 1 and threshold >= 0, got {iterations}, "
+                         f"{threshold}")
     qm = working_copy(model, inplace)
     layers = prepared_layers(qm, _NAME)
     batches, _ = collect_batches(qm, data, num_batches, device, _NAME)
@@ -105,14 +111,18 @@ def cross_layer_equalization(model: fx.GraphModule, data: Any, iterations: int =
         for g in groups:
             if g.reason is None and g.kind not in _WEIGHTED:
                 g.reason = f"the producer is a {g.kind}, not a conv / linear"
-        valid = [g for g in groups if g.reason is None]
 
         def ranges(g: Any) -> tuple[Tensor, Tensor]:
             r1 = output_channel_max(qm.get_submodule(g.producer_module))
             r2 = torch.stack([input_channel_max(layer).to(r1) for layer, _ in g.consumers])
             return r1, r2.amax(0)
 
-        before = {g.producer: _imbalance(*ranges(g)) for g in valid}
+        before = {g.producer: _imbalance(*ranges(g)) for g in groups if g.reason is None}
+        for g in groups:
+            if g.reason is None and before[g.producer] < threshold:
+                g.reason = (f"range imbalance {before[g.producer]:.2f} < threshold "
+                            f"{threshold}")
+        valid = [g for g in groups if g.reason is None]
         for _ in layer_progress(range(iterations), _NAME, progress and bool(valid)):
             worst = 0.0
             for g in valid:
@@ -129,9 +139,10 @@ def cross_layer_equalization(model: fx.GraphModule, data: Any, iterations: int =
                                    "imbalance_before": float("nan"),
                                    "imbalance_after": float("nan"),
                                    "applied": g.reason is None, "reason": g.reason or ""}
+            if g.producer in before:
+                row["imbalance_before"] = before[g.producer]
             if g.reason is None:
-                row.update(imbalance_before=before[g.producer],
-                           imbalance_after=_imbalance(*ranges(g)))
+                row["imbalance_after"] = _imbalance(*ranges(g))
             rows.append(row)
         if valid:
             recalibrate(qm, batches)

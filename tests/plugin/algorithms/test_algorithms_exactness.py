@@ -16,6 +16,7 @@ from qatkit.export.check import compare_with_onnxruntime
 #: small settings (the defaults run 500 steps per layer)
 FAST = {
     "smooth_quant": {"threshold": 0.0},  # smooth every tensor that can be
+    "cross_layer_equalization": {"threshold": 0.0},
     "refine_weight_range": {"refine_weight_threshold": 5e-3},  # floors some channels
     "easy_quant": {"search_steps": 5, "iterations": 1},
     "adaround": {"finetune_epochs": 20, "finetune_batch_size": 16},
@@ -80,7 +81,7 @@ def test_errors_name_the_fix(name, digits_float, digits_qat, calib, data):
 
 
 def test_ptq_log_keeps_every_run_in_order(digits_qat, calib):
-    qm = qatkit.cross_layer_equalization(digits_qat, calib, progress=False)
+    qm = qatkit.cross_layer_equalization(digits_qat, calib, threshold=0.0, progress=False)
     qm = qatkit.bias_correction(qm, calib, progress=False)
     log = qatkit.ptq_log(qm)
     assert list(log.drop_duplicates("step")["algorithm"]) == ["cross_layer_equalization",

@@ -28,17 +28,28 @@ def test_unequal_depthwise_ranges_recover(separable_float, make_calibrated, cali
     ref = _float_out(qm, x)
     torch.testing.assert_close(_float_out(out, x), ref, rtol=0,
                                atol=1e-5 * float(ref.abs().max()))
-    # every pair, including conv -> depthwise (pw1 -> dw2) and pointwise -> pool -> fc, ends
-    # with equal ranges: r1 = r2 = sqrt(r1 * r2) per channel
-    for producer, consumer in (("stem.0", "dw1.0"), ("dw1.0", "pw1.0"), ("pw1.0", "dw2.0"),
-                               ("dw2.0", "pw2.0"), ("pw2.0", "fc")):
-        r1 = output_channel_max(out.get_submodule(producer))
-        layer = next(lay for lay in qatkit.algorithms._common.prepared_layers(out, "t")
-                     if lay.path == consumer)
-        torch.testing.assert_close(r1, input_channel_max(layer), rtol=2e-2, atol=0)
+    # every equalized pair -- conv -> depthwise (pw1 -> dw2) and pointwise -> pool -> fc
+    # included -- ends with equal ranges: r1 = r2 = sqrt(r1 * r2) per channel
     log = qatkit.ptq_log(out).set_index("producer")
+    assert log.loc[["dw1.0", "pw1.0", "dw2.0"], "applied"].all()
+    layers = {lay.path: lay for lay in qatkit.algorithms._common.prepared_layers(out, "t")}
+    for producer, row in log[log.applied].iterrows():
+        r1 = output_channel_max(out.get_submodule(producer))
+        torch.testing.assert_close(r1, input_channel_max(layers[row["layer"]]), rtol=2e-2,
+                                   atol=0)
     assert log.loc["dw1.0", "imbalance_before"] > 4 and log.loc["dw1.0", "imbalance_after"] < 0.03
     assert "quant_stub" in log.loc["quant", "reason"]
+
+
+def test_threshold_leaves_balanced_pairs_alone(digits_qat, calib):
+    out = qatkit.cross_layer_equalization(digits_qat, calib, progress=False)
+    log = qatkit.ptq_log(out).set_index("layer")
+    assert not log["applied"].any()
+    assert log.loc["conv3", "reason"].startswith("range imbalance 0.")
+    assert log.loc["conv3", "imbalance_before"] < 2 and log["imbalance_after"].isna().all()
+    assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(),
+                                                 digits_qat.state_dict().values(), strict=True)
+               if torch.is_tensor(a))
 
 
 def test_matches_torch_ao_on_one_pair():
@@ -63,6 +74,6 @@ def test_matches_torch_ao_on_one_pair():
     qm = qatkit.prepare_qat_fx(model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
                                example_inputs=(x,)).eval()
     qatkit.calibrate(qm, x, progress=False)
-    out = qatkit.cross_layer_equalization(qm, x, progress=False)
+    out = qatkit.cross_layer_equalization(qm, x, threshold=0.0, progress=False)
     torch.testing.assert_close(out.get_submodule("0").weight, ref[0].weight, rtol=1e-5, atol=0)
     torch.testing.assert_close(out.get_submodule("2").weight, ref[2].weight, rtol=1e-5, atol=0)
