@@ -448,11 +448,12 @@ def recalibrate(model: nn.Module, batches: Sequence[Batch]) -> None:
 
 
 # -- progress and log --------------------------------------------------------------------------
-def layer_progress(items: Sequence[Any], algorithm: str, progress: bool) -> Any:
-    """``items`` behind a tqdm bar over layers (silenced by ``progress=False``)."""
+def layer_progress(items: Sequence[Any], algorithm: str, progress: bool,
+                   unit: str = "layer") -> Any:
+    """``items`` behind a tqdm bar (over layers by default; silenced by ``progress=False``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=algorithm, unit="layer", disable=not progress, leave=False)
+    return tqdm(items, desc=algorithm, unit=unit, disable=not progress, leave=False)
 
 
 def log_table(model: nn.Module, algorithm: str, rows: list[dict[str, Any]]) -> None:

@@ -290,7 +290,8 @@ def reconstruct(model: fx.GraphModule, data: Any, *, algorithm: str, block_size:
         try:
             for p, _ in grads:
                 p.requires_grad_(False)
-            for i, block in enumerate(layer_progress(blocks, algorithm, progress)):
+            for i, block in enumerate(layer_progress(
+                    blocks, algorithm, progress, unit="layer" if block_size is None else "block")):
                 block.layers = [layer for layer in block.layers if layer.path not in done]
                 if not block.layers:
                     continue

@@ -102,7 +102,7 @@ def bn_reestimation(model: fx.GraphModule, data: Any, num_batches: int | None = 
             for fq in weight_fqs:
                 fq.set_state(FakeQuantState.QAT)  # the folded weight of the current statistics
             with torch.no_grad(), exact_evaluation_off(qm):
-                for args, kwargs in layer_progress(batches, _NAME, progress):
+                for args, kwargs in layer_progress(batches, _NAME, progress, unit="batch"):
                     qm(*args, **kwargs)
         finally:
             for bn, momentum in saved:

@@ -123,7 +123,8 @@ def cross_layer_equalization(model: fx.GraphModule, data: Any, threshold: float 
                 g.reason = (f"range imbalance {before[g.producer]:.2f} < threshold "
                             f"{threshold}")
         valid = [g for g in groups if g.reason is None]
-        for _ in layer_progress(range(iterations), _NAME, progress and bool(valid)):
+        for _ in layer_progress(range(iterations), _NAME, progress and bool(valid),
+                                    unit="sweep"):
             worst = 0.0
             for g in valid:
                 r1, r2 = ranges(g)

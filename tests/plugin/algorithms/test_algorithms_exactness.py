@@ -91,3 +91,22 @@ def test_ptq_log_keeps_every_run_in_order(digits_qat, calib):
     # a deep copy keeps the log, and the copy's further runs do not reach the original
     again = qatkit.refine_weight_range(qm, progress=False)
     assert len(qatkit.ptq_log(again)) == len(log) + 5 and len(qatkit.ptq_log(qm)) == len(log)
+
+
+def test_progress_bar_is_shown_and_silenced(digits_qat, capsys):
+    qatkit.refine_weight_range(digits_qat, progress=True)
+    assert "refine_weight_range" in capsys.readouterr().err
+    qatkit.refine_weight_range(digits_qat, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_runs_on_cuda(name, digits_qat, calib):
+    model = copy.deepcopy(digits_qat).cuda()
+    out = ALGORITHMS[name](model, calib, progress=False, **FAST.get(name, {}))
+    assert all(p.device.type == "cuda" for p in out.parameters())
+    with torch.no_grad():
+        x = calib[0][:16].cuda()
+        assert torch.equal(qatkit.convert_fx(out)(x), out(x))
