@@ -119,3 +119,13 @@ def test_cosine_and_max_abs_is_both_metrics_in_one_pass(n: int) -> None:
     nan = a.clone()
     nan[-1] = math.nan
     assert all(math.isnan(v) for v in M.cosine_and_max_abs(nan, b))
+
+
+@pytest.mark.parametrize("noise", [1e-5, 1e-2, 0.3, 30.0])
+def test_cosine_of_large_tensors_is_within_1e9_of_float64(noise: float) -> None:
+    torch.manual_seed(1)
+    a = torch.randn(300_000) * 2 + 0.5
+    b = a + noise * torch.randn(300_000)
+    exact = float(torch.dot(a.double(), b.double()) / (a.double().norm() * b.double().norm()))
+    assert M.cosine_similarity(a, b) == pytest.approx(exact, abs=1e-9)
+    assert M.cosine_similarity(b, b) == 1.0
