@@ -118,8 +118,9 @@ class _Grid:
 
 def _moments(x: Tensor, grid: _Grid | None) -> tuple[float, float, float, float, int] | None:
     """``(min, max, mean, var, values beyond the grid)`` of a flat tensor in one pass over
-    cache-sized chunks (float64 sums of deviations from a pilot mean: no cancellation); None
-    as soon as a chunk holds a NaN or an infinity."""
+    cache-sized chunks (sums of deviations from a pilot mean, no cancellation: per chunk in
+    the tensor's dtype, ~1e-7 relative, over the chunks in float64); None as soon as a chunk
+    holds a NaN or an infinity."""
     m = x.numel()
     center = (x[:_CHUNK].sum(dtype=torch.float64) / min(m, _CHUNK)).to(x.dtype)
     lo, hi, s1, s2, at_ends = math.inf, -math.inf, 0.0, 0.0, 0
@@ -132,8 +133,8 @@ def _moments(x: Tensor, grid: _Grid | None) -> tuple[float, float, float, float,
         if grid is not None:
             at_ends += grid.count(c, a, b)
         d = c - center
-        s1 += float(d.sum(dtype=torch.float64))
-        s2 += float(d.square_().sum(dtype=torch.float64))
+        s1 += float(d.sum())
+        s2 += float(torch.dot(d, d))
     shift = s1 / m
     return lo, hi, float(center) + shift, max(s2 / m - shift * shift, 0.0), at_ends
 
