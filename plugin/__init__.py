@@ -36,6 +36,7 @@ from .fx import convert_fx as convert_fx
 from .fx import get_provenance as get_provenance
 from .fx import prepare_qat_fx as prepare_qat_fx
 from .fx import set_preserve_qat_mode as set_preserve_qat_mode
+from .grid_sample import grid_sample_scale as grid_sample_scale
 from .nn import DeQuantStub as DeQuantStub
 from .nn import QuantStub as QuantStub
 from .nn.qat import freeze_bn_stats as freeze_bn_stats
@@ -88,6 +89,7 @@ __all__ = [
     "calibrate",
     "CalibrationSummary",
     "sync_observers",
+    "grid_sample_scale",
     "set_fake_quant_enabled",
     "fake_quant_enabled",
     "get_annotations",

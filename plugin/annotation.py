@@ -307,6 +307,7 @@ OP_SIGNATURES: dict[str, tuple[str, ...]] = {
     "hardtanh": ("input", "min_val", "max_val", "inplace"),
     "clamp": ("input", "min", "max"),
     "gelu": ("input", "approximate"),
+    "grid_sample": ("input", "grid", "mode", "padding_mode", "align_corners"),
     "conv": ("input", "other", "output_size"), "linear": ("input", "other"),
 }
 #: functions whose positional parameters differ from their kind's

@@ -69,7 +69,7 @@ QUANTIZED_FUNCTIONS: dict[object, str] = {
     F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
     F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
     F.adaptive_avg_pool3d: "adaptive_avg_pool",
-    F.interpolate: "interpolate", F.upsample: "interpolate",
+    F.interpolate: "interpolate", F.upsample: "interpolate", F.grid_sample: "grid_sample",
     F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.gelu: "gelu",
     F.mish: "mish", F.leaky_relu: "leaky_relu",
     F.layer_norm: "layer_norm", F.group_norm: "group_norm", F.batch_norm: "batch_norm",

@@ -1,6 +1,7 @@
 """Float helpers users put in their models, and (in ``qatkit.nn.qat``) the QAT modules."""
 
+from .grid_sample import GridSample as GridSample
 from .stubs import DeQuantStub as DeQuantStub
 from .stubs import QuantStub as QuantStub
 
-__all__ = ["QuantStub", "DeQuantStub"]
+__all__ = ["QuantStub", "DeQuantStub", "GridSample"]

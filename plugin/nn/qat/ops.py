@@ -25,14 +25,17 @@ from ...annotation import (
     signature_names,
 )
 from ...fake_quantize import FakeQuantize, evaluates_exactly
+from ...grid_sample import sample_grid
+from ..grid_sample import GridSample
 
 __all__ = ["QuantStub", "FunctionalOp", "Divide", "output_quantized", "OUTPUT_QUANTIZED_MODULES",
-           "OutputQuantMixin", "EXACT_OPS", "exact_grid", "ExactInputs"]
+           "OutputQuantMixin", "EXACT_OPS", "exact_grid", "ExactInputs", "grid_sample_call"]
 
 #: op kinds whose integer twins are exact integer arithmetic; in VALIDATION they evaluate in
 #: float64 (:func:`~qatkit.fake_quantize.evaluates_exactly`), where grid values add and multiply
 #: exactly, so their output fake quant rounds where the integer model does
 EXACT_OPS: frozenset[str] = frozenset({"add", "sub", "mul", "div", "matmul", "einsum", "mean",
+                                       "grid_sample",
                                        "avg_pool", "adaptive_avg_pool", "layer_norm",
                                        "group_norm", "batch_norm"})
 
@@ -82,12 +85,53 @@ def _call_quantized(mod: nn.Module, op: str, fn: Callable, args: tuple, kwargs: 
     if op not in EXACT_OPS or not evaluates_exactly(fq):
         return _quantize(fq, fn(*args, **kwargs))
     links = mod.exact_links(call_site)
+    if op == "grid_sample":
+        return _exact_grid_sample(mod, args, kwargs, links)
     args, kwargs = map_arguments(mod.qatkit_signature, args, kwargs,
                                  lambda name, t: exact_grid(t, links.get(name)), _is_float32)
     out = _quantize(fq, fn(*args, **kwargs))
     if isinstance(out, Tensor) and out.dtype == torch.float64:
         out = out.float()
     return out
+
+
+def grid_sample_call(mod: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A grid_sample call's ``input``, ``grid``, ``mode``, ``padding_mode``,
+    ``align_corners`` and ``normalized`` (a GridSample module's attributes, else the call's
+    arguments with ``F.grid_sample``'s defaults).
+
+    Example::
+
+        >>> grid_sample_call(qat_gs, (x, grid), {})["mode"]
+        'bilinear'
+    """
+    bound = bind_arguments(mod.qatkit_signature, args, kwargs)
+    if isinstance(mod, GridSample):
+        params = {k: getattr(mod, k) for k in ("mode", "padding_mode", "align_corners",
+                                               "normalized")}
+    else:
+        params = {"mode": bound.get("mode", "bilinear"),
+                  "padding_mode": bound.get("padding_mode", "zeros"),
+                  "align_corners": bool(bound.get("align_corners") or False),
+                  "normalized": True}
+    return {"input": bound["input"], "grid": bound["grid"], **params}
+
+
+def _exact_grid_sample(mod: nn.Module, args: tuple, kwargs: dict,
+                       links: dict[str, nn.Module]) -> Tensor:
+    """Exact evaluation of grid_sample, the integer model's own arithmetic
+    (:mod:`qatkit.grid_sample`): ``fq(fl64(sum_i w_i * q_i) * s_in)``."""
+    p = grid_sample_call(mod, args, kwargs)
+    in_fq, fq = links.get("input"), mod.activation_post_process
+    grid = exact_grid(p["grid"], links.get("grid"))
+    if not isinstance(in_fq, FakeQuantize) or not in_fq.has_scale or in_fq.is_per_channel:
+        values, s_in = exact_grid(p["input"], in_fq), 1.0
+    else:
+        s_in = in_fq.scale.detach().reshape(()).to(torch.float64)
+        values = grid_int(p["input"], in_fq.scale.reshape(())).to(torch.float64)
+    acc = sample_grid(values, grid, p["mode"], p["padding_mode"], p["align_corners"],
+                      p["normalized"])
+    return _quantize(fq, acc * s_in).float()
 
 
 _NORM_KINDS = frozenset({"layer_norm", "group_norm", "batch_norm"})
@@ -302,6 +346,7 @@ OUTPUT_QUANTIZED_MODULES: dict[type[nn.Module], str] = {
     nn.AdaptiveAvgPool1d: "adaptive_avg_pool", nn.AdaptiveAvgPool2d: "adaptive_avg_pool",
     nn.AdaptiveAvgPool3d: "adaptive_avg_pool", nn.Upsample: "interpolate",
     nn.UpsamplingNearest2d: "interpolate", nn.UpsamplingBilinear2d: "interpolate",
+    GridSample: "grid_sample",
 }
 
 _QAT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
