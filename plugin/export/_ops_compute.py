@@ -253,14 +253,69 @@ def _mul(call: OpCall) -> str:
 
 @register_emitter("div")
 def _div(call: OpCall) -> str:
+    """``Div`` by a constant; by an activation, as the NPU divides (qatkit.nn.qat.Divide):
+    ``Reciprocal`` on its own grid (``Q -> DQ`` at the reciprocal's scale), then ``Mul``."""
     if call.const("rounding_mode") is not None:
         raise call.unsupported("division with a rounding_mode")
-    return call.emit("Div", [call.tensor("input"), call.tensor("other")])
+    recip = _reciprocal_scale(call.module)
+    if recip is None or not isinstance(call.value(call.args.get("other")), QValue):
+        return call.emit("Div", [call.tensor("input"), call.tensor("other")])
+    scale, bits = recip
+    r = call.emit("Reciprocal", [call.tensor("other")], "reciprocal")
+    r = call.graph.quantize_dequantize(r, scale, bits, f"{call.name}.reciprocal")
+    return call.emit("Mul", [call.tensor("input"), r])
 
 
-@register_emitter("neg")
-def _neg(call: OpCall) -> str:
-    return call.emit("Neg", [call.tensor("input")])
+def _reciprocal_scale(mod: nn.Module) -> tuple[np.ndarray, int] | None:
+    """The scale and bits of a division's ``1 / other`` (QAT ``Divide`` or integer
+    ``QuantizedDivide``); None for a division by a constant."""
+    fq = getattr(mod, "reciprocal_post_process", None)
+    if fq is not None:
+        return fq.scale.detach().cpu().numpy().astype(np.float32).reshape(-1), fq.bits
+    scale = getattr(mod, "reciprocal_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().cpu().numpy().astype(np.float32).reshape(-1), mod.reciprocal_bits
+    return None
+
+
+@register_emitter("grid_sample")
+def _grid_sample(call: OpCall) -> str:
+    """``GridSample`` (opset 16+, modes renamed ``linear`` at 20); a pixel grid
+    (``qatkit.nn.GridSample(normalized=False)``) is normalized first, in float."""
+    from ..nn.qat.ops import grid_sample_call
+
+    call.require_opset(16, "GridSample")
+    p = grid_sample_call(call.module, tuple(call.node.args), dict(call.node.kwargs)) \
+        if not hasattr(call.module, "params") else {**call.module.params}
+    grid = call.tensor("grid")
+    if not p.get("normalized", True):
+        meta = call.meta("input")
+        h, w = int(meta.shape[-2]), int(meta.shape[-1])
+        size = np.asarray([w, h], np.float32)
+        if p["align_corners"]:
+            scale, shift = 2 / (size - 1), np.float32(-1)
+        else:
+            scale, shift = 2 / size, 1 / size - 1
+        grid = call.emit("Mul", [grid, call.initializer("grid_scale", scale.astype(np.float32))],
+                         "grid_scale")
+        grid = call.emit("Add", [grid, call.initializer("grid_shift",
+                                                        np.asarray(shift, np.float32))],
+                         "grid_shift")
+    mode = p["mode"]
+    if call.graph.opset >= 20:
+        mode = {"bilinear": "linear"}.get(mode, mode)
+    return call.emit("GridSample", [call.tensor("input"), grid], mode=mode,
+                     padding_mode=p["padding_mode"], align_corners=int(bool(p["align_corners"])))
+
+
+#: float elementwise ops of one tensor (they run in float between quantized ops)
+FLOAT_UNARY: dict[str, str] = {"neg": "Neg", "abs": "Abs", "floor": "Floor", "ceil": "Ceil",
+                               "sign": "Sign", "erf": "Erf", "sin": "Sin", "cos": "Cos"}
+
+
+@register_emitter(*FLOAT_UNARY)
+def _float_unary(call: OpCall) -> str:
+    return call.emit(FLOAT_UNARY[call.kind], [call.tensor("input")])
 
 
 @register_emitter("matmul")

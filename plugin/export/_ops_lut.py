@@ -66,6 +66,17 @@ def _silu(call: OpCall, x: str, p: dict[str, Any]) -> str:
     return call.emit("Mul", [x, call.emit("Sigmoid", [x], "sigmoid")])
 
 
+def _on_domain(*ops: str) -> Callable[[OpCall, str, dict[str, Any]], str]:
+    """``ops`` applied to ``max(x, 0)``: a function defined for ``x >= 0`` only (sqrt, log),
+    whose table gives a negative input the value at 0 (qatkit.quantized.lut)."""
+    def emit(call: OpCall, x: str, p: dict[str, Any]) -> str:
+        y = call.emit("Max", [x, call.initializer("domain", _f32(0.0))], "domain")
+        for i, op in enumerate(ops):
+            y = call.emit(op, [y], None if i == len(ops) - 1 else op.lower())
+        return y
+    return emit
+
+
 #: op kind -> how it is written
 LUT_EXPORTS: dict[str, LutExport] = {
     "relu": LutExport(_unary("Relu"), lambda t, p: F.relu(t)),
@@ -88,6 +99,11 @@ LUT_EXPORTS: dict[str, LutExport] = {
     "mish": LutExport(_unary("Mish"), lambda t, p: F.mish(t)),
     "elu": LutExport(lambda c, x, p: c.emit("Elu", [x], alpha=float(p["alpha"])),
                      lambda t, p: F.elu(t, p["alpha"]), {"alpha": 1.0}),
+    "sqrt": LutExport(_on_domain("Sqrt"), lambda t, p: torch.sqrt(t.clamp(min=0))),
+    "rsqrt": LutExport(_on_domain("Sqrt", "Reciprocal"),
+                       lambda t, p: torch.reciprocal(torch.sqrt(t.clamp(min=0)))),
+    "reciprocal": LutExport(_unary("Reciprocal"), lambda t, p: torch.reciprocal(t)),
+    "log": LutExport(_on_domain("Log"), lambda t, p: torch.log(t.clamp(min=0))),
     "leaky_relu": LutExport(lambda c, x, p: c.emit("LeakyRelu", [x],
                                                    alpha=float(p["negative_slope"])),
                             lambda t, p: F.leaky_relu(t, p["negative_slope"]),
