@@ -430,7 +430,8 @@ def refresh_weight_scale(mod: nn.Module) -> None:
     observer (after an algorithm changed the weights or the BatchNorm statistics).  A learned
     (LSQ) or fixed weight scale is kept."""
     wfq = mod.weight_fake_quant
-    if isinstance(wfq, LSQFakeQuantize) or isinstance(wfq.observer, FixedScaleObserver):
+    if wfq is None or isinstance(wfq, LSQFakeQuantize) or isinstance(wfq.observer,
+                                                                     FixedScaleObserver):
         return
     wfq.observer.reset()
     wfq.observer(mod.folded_weight_bias()[0].detach())
