@@ -94,7 +94,7 @@ def smooth_quant(model: fx.GraphModule, data: Any, alpha: float = 0.5, threshold
 
     Example::
 
-        >>> qm = qatkit.calibrate(qat_model, data) and qat_model
+        >>> _ = qatkit.calibrate(qat_model, data)
         >>> smoothed = qatkit.smooth_quant(qat_model, data, alpha=0.5, threshold=2.0)
         >>> qatkit.ptq_log(smoothed)[["layer", "level_before", "level_after", "applied"]]
     """
