@@ -88,11 +88,21 @@ def _as_state(state: FakeQuantState | str) -> FakeQuantState:
 
 
 def _is_tracing() -> bool:
-    """True under torch.jit tracing, ONNX export or torch.compile/export: they need the ATen
-    fake-quant ops (ONNX maps them to QuantizeLinear/DequantizeLinear)."""
+    """True under torch.jit tracing, ONNX export, torch.export or torch.compile: the forward
+    is being recorded, so it evaluates in float32 (no exact evaluation)."""
     compiler = getattr(torch, "compiler", None)  # is_compiling/is_exporting: newer torch only
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or bool(getattr(compiler, "is_compiling", bool)())
+            or bool(getattr(compiler, "is_exporting", bool)()))
+
+
+def _records_aten_op() -> bool:
+    """True under torch.jit tracing, ONNX export and torch.export: they record torch's fused
+    fake-quant ops (which the TorchScript ONNX exporter maps to QuantizeLinear /
+    DequantizeLinear).  torch.compile traces the division rule itself (elementwise ops that
+    Inductor fuses), so a compiled model computes what the eager one does."""
+    compiler = getattr(torch, "compiler", None)
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or bool(getattr(compiler, "is_exporting", bool)()))
 
 
@@ -287,8 +297,10 @@ class FakeQuantize(ResizeBuffersOnLoad):
         if orig_dtype != torch.float32 and not exact64:
             x = x.float()
         # torch's fused kernel (x * float32(1/s)) only to trace / export and to train on GPUs
-        fused = tracing or (x.device.type != "cpu" and not exact64
-                            and self._state is not FakeQuantState.VALIDATION)
+        # in eager mode (torch.compile fuses the division rule's elementwise ops itself)
+        fused = _records_aten_op() or (
+            x.device.type != "cpu" and not exact64 and not tracing
+            and self._state is not FakeQuantState.VALIDATION)
         if not fused:
             if self.ch_axis is None:
                 scale = self.scale.view(())  # 0-d: the output keeps the shape of x

@@ -58,6 +58,11 @@ _DTYPES = {"qint8": 8, "qint16": 16, torch.qint8: 8, "int8": 8, "int16": 16}
 _MIN_SCALE = torch.finfo(torch.float32).eps
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(getattr(compiler, "is_compiling", bool)())
+
+
 def dtype_to_bits(dtype: Any) -> int:
     """Return 8 or 16 for a quantized dtype given as ``"qint8"``/``"qint16"``/``torch.qint8``.
 
@@ -203,6 +208,8 @@ class ObserverBase(ResizeBuffersOnLoad):
             # a full reduction: much faster than aminmax(dim=1) of a [1, N] view on CPU
             bmin, bmax = torch.aminmax(data)
             bmin, bmax = bmin.reshape(1), bmax.reshape(1)
+        if _compiling():  # torch.compile: no data-dependent branch (no graph break)
+            return self._compiled_stats(data, bmin, bmax)
         finite = bool(torch.isfinite(torch.cat([bmin, bmax])).all())
         if self.ch_axis is None and (self.is_histogram or not finite):
             data = data.reshape(1, -1)  # [1, N]: only the histogram (or the NaN path) needs it
@@ -210,6 +217,19 @@ class ObserverBase(ResizeBuffersOnLoad):
         if not finite:
             data, bmin, bmax, valid = self._drop_nonfinite(data)
         return data, bmin, bmax, valid
+
+    def _compiled_stats(self, data: Tensor, bmin: Tensor, bmax: Tensor) -> tuple:
+        """The statistics in branch-free tensor ops (under torch.compile): non-finite values
+        are ignored and counted without a warning."""
+        finite = torch.isfinite(data)
+        big = torch.finfo(data.dtype).max
+        if self.ch_axis is None:
+            data = data.reshape(1, -1)
+            finite = finite.reshape(1, -1)
+        bmin = torch.where(finite, data, torch.full_like(data, big)).amin(dim=1)
+        bmax = torch.where(finite, data, torch.full_like(data, -big)).amax(dim=1)
+        self.nonfinite_count += (~finite).sum()
+        return data, bmin, bmax, None
 
     def _drop_nonfinite(self, data: Tensor):
         finite = torch.isfinite(data)
