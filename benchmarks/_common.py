@@ -12,9 +12,13 @@ import qatkit
 import torch
 
 
-def parse_args(doc: str) -> tuple[argparse.Namespace, torch.device]:
-    """``--iters --warmup --device --threads``; sets the threads and the seed."""
+def parse_args(doc: str, extra: list[tuple[str, dict]] | None = None
+               ) -> tuple[argparse.Namespace, torch.device]:
+    """``--iters --warmup --device --threads`` (and ``extra`` ``(flag, add_argument
+    keywords)``); sets the threads and the seed."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for flag, kwargs in extra or []:
+        ap.add_argument(flag, **kwargs)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
