@@ -17,11 +17,11 @@ The models and how the problem is built:
   and 2^5 and the next pointwise conv's input channel divided by it: same float function,
   depthwise outputs whose channel ranges differ by 1000x (what DFQ observed in MobileNetV2).
   For cross-layer equalization, next to torch.ao's ``_equalize.equalize`` on the float model.
-* weights on a coarse grid (:func:`emulate_weight_bits`): qatkit has no int4 yet, so the
-  weight fake quants of a calibrated int8 model get a 4- or 3-bit integer range (their
-  ``quant_min`` / ``quant_max`` and their observer's bits): int4 values in int8 storage, as the
-  integer model will hold them; ``convert_fx`` and the exporter keep them exactly.  For
-  AdaRound, BRECQ, EasyQuant, bias correction and BN re-estimation.
+* low-bit weights: int4 with qatkit's ``qint4`` weight qconfig
+  (``default_calib_4bit_weight_8bit_act_fake_quant_qconfig``: int4 values in int8 storage,
+  INT4 in ONNX); 3 bits by :func:`emulate_weight_bits` (the weight fake quants of a calibrated
+  model get a 3-bit integer range).  For AdaRound, BRECQ, EasyQuant, bias correction and BN
+  re-estimation.
 * ``DigitsNet`` + :func:`with_dead_channel` -- one output channel of a conv has all-zero
   weights and a large BatchNorm beta (a pruned channel, the head's bias compensating its
   constant): its weight scale is ``float32.eps`` and its bias saturates int32.  For
@@ -174,8 +174,8 @@ def emulate_weight_bits(qat_model: nn.Module, bits: int) -> nn.Module:
     """Put every weight of a calibrated int8 model on a ``bits``-bit grid, in place: each
     weight fake quant gets the integer range ``[-2**(bits-1), 2**(bits-1) - 1]`` and its
     observer ``bits``, and its scale is recomputed (``max|w| / 2**(bits-1)``).  The integers
-    stay in int8 storage (what the integer model will do for int4); the bias keeps its int32
-    grid.  Until qatkit has a ``qint4`` dtype, this is how 4-bit weights are measured.
+    stay in int8 storage; the bias keeps its int32 grid.  For widths qatkit has no dtype for
+    (3 bits); 4 bits is the ``qint4`` weight qconfig.
 
     Example::
 
@@ -196,13 +196,18 @@ def calibrated(float_model: nn.Module, data: DigitsData,
                weight_bits: int = 8, batches: list[Tensor] | None = None
                ) -> torch.fx.GraphModule:
     """``float_model`` prepared with ``qconfig``, calibrated on ``batches`` (default: the
-    first :data:`CALIBRATION_IMAGES` training images), weights emulated at ``weight_bits``."""
+    first :data:`CALIBRATION_IMAGES` training images), weights at ``weight_bits`` (4: qint4;
+    other widths below 8 emulated)."""
+    if weight_bits == 4:
+        qconfig = qatkit.QConfig(
+            activation=qconfig.activation,
+            weight=qatkit.default_calib_4bit_weight_8bit_act_fake_quant_qconfig.weight)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = qatkit.prepare_qat_fx(float_model, {"": qconfig},
                                    example_inputs=(data.train_x[:8],)).eval()
     qatkit.calibrate(qm, batches or calibration_batches(data), progress=False)
-    if weight_bits != 8:
+    if weight_bits not in (4, 8):
         emulate_weight_bits(qm, weight_bits)
     return qm
 
@@ -297,7 +302,8 @@ def main(quick: bool = False, print_table: bool = True) -> list[Row]:
         for name, fmodel, bits in (("SeparableNet", separable, 8), ("SeparableNet", separable, 4),
                                    ("DigitsNet", digitsnet, 3)):
             qm = calibrated(fmodel, data, weight_bits=bits)
-            problem = "W8A8 (nothing to fix)" if bits == 8 else f"W{bits}A8 (emulated)"
+            problem = ("W8A8 (nothing to fix)" if bits == 8 else "W4A8 (qint4)" if bits == 4
+                       else f"W{bits}A8 (emulated)")
             run(name, problem, fmodel, qm, [
                 ("adaround", lambda qm=qm: qatkit.adaround(qm, calib, **recon)),
                 ("brecq", lambda qm=qm: qatkit.brecq(qm, calib, **recon)),

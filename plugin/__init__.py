@@ -48,6 +48,9 @@ from .observers import MovingAverageMinMaxObserver as MovingAverageMinMaxObserve
 from .observers import MSEObserver as MSEObserver
 from .observers import PercentileObserver as PercentileObserver
 from .qconfig import QConfig as QConfig
+from .qconfig import (
+    default_calib_4bit_weight_8bit_act_fake_quant_qconfig as default_calib_4bit_weight_8bit_act_fake_quant_qconfig,  # noqa: E501
+)
 from .qconfig import default_calib_8bit_fake_quant_qconfig as default_calib_8bit_fake_quant_qconfig
 from .qconfig import (
     default_calib_8bit_weight_16bit_act_fake_quant_qconfig as default_calib_8bit_weight_16bit_act_fake_quant_qconfig,  # noqa: E501
@@ -60,6 +63,9 @@ from .qconfig import (
 )
 from .qconfig import (
     default_calib_out_8bit_fake_quant_qconfig as default_calib_out_8bit_fake_quant_qconfig,
+)
+from .qconfig import (
+    default_qat_4bit_weight_8bit_act_fake_quant_qconfig as default_qat_4bit_weight_8bit_act_fake_quant_qconfig,  # noqa: E501
 )
 from .qconfig import default_qat_8bit_fake_quant_qconfig as default_qat_8bit_fake_quant_qconfig
 from .qconfig import default_qat_8bit_lsq_quant_qconfig as default_qat_8bit_lsq_quant_qconfig
@@ -123,6 +129,8 @@ __all__ = [
     "default_calib_8bit_weight_16bit_act_fake_quant_qconfig",
     "default_qat_16bit_fake_quant_qconfig",
     "default_calib_16bit_fake_quant_qconfig",
+    "default_qat_4bit_weight_8bit_act_fake_quant_qconfig",
+    "default_calib_4bit_weight_8bit_act_fake_quant_qconfig",
     "smooth_quant",
     "cross_layer_equalization",
     "bias_correction",

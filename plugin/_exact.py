@@ -85,7 +85,7 @@ def accumulation_plan(w_q: Tensor, groups: int, kind: str, in_bits: int, w_bits:
     bound = int(acc_bound(w_q, groups, kind, in_bits).max()) + extra
     if bound < F32_EXACT:
         return "f32"
-    if w_bits == 8 and max(int(acc_bound(t, groups, kind, in_bits).max())
+    if w_bits <= 8 and max(int(acc_bound(t, groups, kind, in_bits).max())
                            for t in split_weight(w_q)) < F32_EXACT:
         return "f32x2"
     return "f64"

@@ -53,7 +53,8 @@ __all__ = [
 #: buffers only some observer kinds keep; load_state_dict tolerates them missing or extra
 PRIVATE_STATISTICS = ("histogram", "bin_width")
 
-_DTYPES = {"qint8": 8, "qint16": 16, torch.qint8: 8, "int8": 8, "int16": 16}
+_DTYPES = {"qint4": 4, "qint8": 8, "qint16": 16, torch.qint8: 8, "int4": 4, "int8": 8,
+           "int16": 16}
 # Smallest scale ever returned: an all-zero tensor must not divide by zero.
 _MIN_SCALE = torch.finfo(torch.float32).eps
 
@@ -64,20 +65,21 @@ def _compiling() -> bool:
 
 
 def dtype_to_bits(dtype: Any) -> int:
-    """Return 8 or 16 for a quantized dtype given as ``"qint8"``/``"qint16"``/``torch.qint8``.
+    """Return 4, 8 or 16 for a quantized dtype given as ``"qint4"``/``"qint8"``/``"qint16"``/
+    ``torch.qint8``.  ``qint4`` is meant for weights (per channel, [-8, 7]).
 
     Example::
 
         >>> dtype_to_bits("qint16")
         16
     """
-    if isinstance(dtype, int) and dtype in (8, 16):
+    if isinstance(dtype, int) and dtype in (4, 8, 16):
         return dtype
     if dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(
-        f"unsupported quantized dtype {dtype!r}: choose 'qint8' or 'qint16' "
-        "(8 or 16 bits, symmetric)"
+        f"unsupported quantized dtype {dtype!r}: choose 'qint8' or 'qint16' (or 'qint4' for "
+        "weights): 4, 8 or 16 bits, symmetric"
     )
 
 

@@ -16,6 +16,8 @@ default_qat_8bit_weight_16bit_act_fake_quant_qconfig           qint16, moving av
 default_calib_8bit_weight_16bit_act_fake_quant_qconfig         qint16, MSE         qint8/ch
 default_qat_16bit_fake_quant_qconfig                           qint16, moving avg  qint16/ch
 default_calib_16bit_fake_quant_qconfig                         qint16, MSE         qint16/ch
+default_qat_4bit_weight_8bit_act_fake_quant_qconfig            qint8, moving avg   qint4/ch
+default_calib_4bit_weight_8bit_act_fake_quant_qconfig          qint8, MSE          qint4/ch
 =============================================================  ==================  ==========
 
 Weights are always per output channel (``ch_axis=0``; prepare switches ConvTranspose to
@@ -45,6 +47,8 @@ __all__ = [
     "default_calib_8bit_weight_16bit_act_fake_quant_qconfig",
     "default_qat_16bit_fake_quant_qconfig",
     "default_calib_16bit_fake_quant_qconfig",
+    "default_qat_4bit_weight_8bit_act_fake_quant_qconfig",
+    "default_calib_4bit_weight_8bit_act_fake_quant_qconfig",
 ]
 
 FakeQuantFactory = Callable[[], FakeQuantize]
@@ -176,3 +180,7 @@ default_qat_16bit_fake_quant_qconfig = get_default_qconfig(
 default_calib_16bit_fake_quant_qconfig = get_default_qconfig(
     activation_observer="mse",
     activation_qkwargs={"dtype": "qint16"}, weight_qkwargs={"dtype": "qint16"})
+default_qat_4bit_weight_8bit_act_fake_quant_qconfig = get_default_qconfig(
+    activation_observer="moving_average", weight_qkwargs={"dtype": "qint4"})
+default_calib_4bit_weight_8bit_act_fake_quant_qconfig = get_default_qconfig(
+    activation_observer="mse", weight_qkwargs={"dtype": "qint4"})

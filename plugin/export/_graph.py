@@ -75,6 +75,9 @@ class TensorMeta:
 
 
 def _np_scalar_type(bits: int) -> type:
+    if bits not in (8, 16):
+        raise ValueError(f"export_onnx: {bits}-bit activations have no QDQ form here (int4 is "
+                         "for weights): use int8 or int16 activations")
     return {8: np.int8, 16: np.int16}[bits]
 
 
@@ -116,6 +119,16 @@ class OnnxGraph:
         self.initializers[name] = numpy_helper.from_array(np.asarray(array), name)
         return name
 
+    def int4_initializer(self, name: str, values: np.ndarray) -> str:
+        """An INT4 constant (values in [-8, 7], packed two per byte by onnx)."""
+        name = self.tensor_name(name)
+        values = np.asarray(values)
+        if values.size and (values.min() < -8 or values.max() > 7):
+            raise ValueError(f"export_onnx: '{name}' holds values outside int4's [-8, 7]")
+        self.initializers[name] = onnx.helper.make_tensor(
+            name, onnx.TensorProto.INT4, list(values.shape), values.astype(np.int8).reshape(-1))
+        return name
+
     def node(self, op_type: str, inputs: Sequence[str], name: str, outputs: int | Sequence[str]
              = 1, **attrs: Any) -> list[str]:
         """Add a node named ``name`` (made unique); returns its output tensor names (fresh
@@ -152,9 +165,10 @@ class OnnxGraph:
                          f"{value.producer}.output_dequantize{tag}", outputs)[0]
 
     def dequantize_constant(self, name: str, q: np.ndarray, scale: np.ndarray,
-                            axis: int | None) -> str:
-        """``DequantizeLinear`` of integer initializer ``name`` (int8 / int16 / int32) with
-        ``scale`` per tensor (``axis`` None) or per ``axis``; zero points are typed zeros.
+                            axis: int | None, bits: int | None = None) -> str:
+        """``DequantizeLinear`` of integer initializer ``name`` (int8 / int16 / int32, or INT4
+        when ``bits`` is 4: int4 weights, opset 21) with ``scale`` per tensor (``axis`` None)
+        or per ``axis``; zero points are typed zeros.
 
         Raises:
             ValueError: a per-axis scale whose length is not ``q.shape[axis]`` (onnx's checker
@@ -171,9 +185,16 @@ class OnnxGraph:
             if q.ndim <= axis or scale.size != q.shape[axis]:
                 raise ValueError(f"export_onnx: '{name}': {scale.size} scales for axis {axis} "
                                  f"of a {list(q.shape)} tensor")
-        q_name = self.initializer(name, q)
         s_name = self.initializer(f"{name}_scale", scale)
-        z_name = self.initializer(f"{name}_zero_point", np.zeros(scale.shape, q.dtype))
+        if bits == 4:
+            if self.opset < 21:
+                raise ValueError(f"export_onnx: int4 weights ('{name}') need opset_version >= 21 "
+                                 "(the default)")
+            q_name = self.int4_initializer(name, q)
+            z_name = self.int4_initializer(f"{name}_zero_point", np.zeros(scale.shape, np.int8))
+        else:
+            q_name = self.initializer(name, q)
+            z_name = self.initializer(f"{name}_zero_point", np.zeros(scale.shape, q.dtype))
         return self.node1("DequantizeLinear", [q_name, s_name, z_name], f"{name}_dequantize",
                           axis=axis)
 

@@ -48,6 +48,7 @@ class _Layer:
     bias_scale: np.ndarray | None  # float32 fl32(s_in * s_w[o]) per output channel
     act: str | None = None
     with_add: bool = False
+    weight_bits: int | None = None  # 4: INT4 initializer
 
 
 def _layer_kind(mod: nn.Module) -> str:
@@ -86,14 +87,14 @@ def _integer_layer(call: OpCall, mod: nn.Module) -> _Layer:
         with torch.no_grad():
             w = mod.quantize_weight()
             b, _ = mod.quantize_bias(mod.folded_weight_bias()[1], s_in_t, in_spec.bits)
-        weight = _np(w).astype(np.int8 if w_spec.bits == 8 else np.int16)
+        weight = _np(w).astype(np.int8 if w_spec.bits <= 8 else np.int16)
         bias = _np(b).astype(np.int64)
     out = bias.size
     s_in = np.float64(_np(s_in_t).reshape(()))
     bias_scale = (s_in * _out_channel_scales(s_w, kind, mod, out)).astype(np.float32)
     axis = None if w_spec.ch_axis is None else w_spec.ch_axis % weight.ndim
     return _Layer(kind, weight, s_w, axis, bias, bias_scale, getattr(mod, "act", None),
-                  bool(getattr(mod, "with_add", False)))
+                  bool(getattr(mod, "with_add", False)), w_spec.bits)
 
 
 def _float_layer(call: OpCall, mod: nn.Module) -> _Layer:
@@ -137,7 +138,7 @@ def _weight_inputs(call: OpCall, layer: _Layer) -> tuple[list[str], str | None]:
         b = [] if layer.bias is None else [g.initializer(f"{call.name}.bias", layer.bias)]
         return [w] + b, None
     w = g.dequantize_constant(f"{call.name}.weight", layer.weight, layer.weight_scale,
-                              layer.weight_axis)
+                              layer.weight_axis, layer.weight_bits)
     bias = layer.bias
     if np.abs(bias).max(initial=0) < 2**31:
         b = g.dequantize_constant(f"{call.name}.bias", bias.astype(np.int32), layer.bias_scale, 0)

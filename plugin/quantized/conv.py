@@ -107,9 +107,10 @@ class QuantizedConv(QuantizedModule):
         bias_q, acc_scale = qat_module.quantize_bias(b_fold, input_qparams.scale, self.in_bits)
         bias_q, acc_scale = bias_q.cpu(), acc_scale.cpu()  # acc_scale: exact s_in * s_w
         # int32; with int16 on either side s_in * s_w is ~2**16 finer: a 48-bit bias
-        bias_q = bias_q.to(torch.int32 if self.in_bits == 8 and w_bits == 8 else torch.int64)
+        bias_q = bias_q.to(torch.int32 if self.in_bits <= 8 and w_bits <= 8 else torch.int64)
         self.w_bits = w_bits
-        self.register_buffer("weight", w_q.to(torch.int8 if w_bits == 8 else torch.int16))
+        # int4 weights are held in int8 storage (values in [-8, 7])
+        self.register_buffer("weight", w_q.to(torch.int8 if w_bits <= 8 else torch.int16))
         self.register_buffer("weight_scale", _weight_scale(qat_module).cpu())
         self.register_buffer("bias", bias_q)
         self.register_buffer("acc_scale", acc_scale)
@@ -206,7 +207,7 @@ class QuantizedConv(QuantizedModule):
         self._plan = "f64"  # how to accumulate exactly on CPU (see _accumulate)
         if acc_max < _F32_EXACT:
             self._plan = "f32"
-        elif self.w_bits == 8:
+        elif self.w_bits <= 8:
             if max(int(_acc_bound(t, self.groups, self._kind, self.in_bits).max())
                    for t in split_weight(self.weight)) < _F32_EXACT:
                 self._plan = "f32x2"

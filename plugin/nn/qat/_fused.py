@@ -310,7 +310,7 @@ class FusedMixin(ExactInputs, AnnotatedOp):
         else:
             b = bias.detach().to(torch.float64)
             acc_scale = acc_scale.to(b.device)
-        limit = 2**31 if (in_bits == 8 and self.weight_fake_quant.bits == 8) else 2**47
+        limit = 2**31 if (in_bits <= 8 and self.weight_fake_quant.bits <= 8) else 2**47
         q = torch.nan_to_num(torch.round(b / acc_scale), nan=0.0).clamp(-limit, limit - 1)
         return q, acc_scale
 

@@ -47,13 +47,13 @@ def test_cross_layer_equalization_matches_torch_ao(table):
 
 
 def test_adaround_recovers_4_bit_weights(table):
-    row = table[("SeparableNet", "W4A8 (emulated)", "adaround")]
+    row = table[("SeparableNet", "W4A8 (qint4)", "adaround")]
     assert row.calibrated / row.float_acc < 0.98, "nearest rounding should lose > 2%"
     assert row.of_float >= 0.98, row
 
 
 def test_every_low_bit_algorithm_beats_nearest(table):
-    rows = [row for (_, problem, _), row in table.items() if problem.endswith("(emulated)")]
+    rows = [row for (_, problem, _), row in table.items() if problem.endswith(("(emulated)", "(qint4)"))]
     assert len(rows) == 12
     for row in rows:
         assert row.after > row.calibrated, row
