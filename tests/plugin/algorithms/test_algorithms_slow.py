@@ -53,7 +53,8 @@ def test_adaround_recovers_4_bit_weights(table):
 
 
 def test_every_low_bit_algorithm_beats_nearest(table):
-    rows = [row for (_, problem, _), row in table.items() if problem.endswith(("(emulated)", "(qint4)"))]
+    low_bit = ("(emulated)", "(qint4)")
+    rows = [row for (_, problem, _), row in table.items() if problem.endswith(low_bit)]
     assert len(rows) == 12
     for row in rows:
         assert row.after > row.calibrated, row
