@@ -142,7 +142,8 @@ def _layer_warnings(ann: NodeAnnotation, graph: _Graph) -> list[str]:
 
 def _row(ann: NodeAnnotation, mod: nn.Module | None, node: fx.Node, graph: _Graph,
          modules: Mapping[str, nn.Module]) -> tuple:
-    ins = sorted({d for _, d in graph.inputs(ann)}, key=_DTYPE_ORDER.index)
+    ins = sorted({d for _, d in graph.inputs(ann)}, key=lambda d: (
+        _DTYPE_ORDER.index(d) if d in _DTYPE_ORDER else len(_DTYPE_ORDER), d))
     weighted = ann.kind in _WEIGHTED_KINDS and ann.is_quantized
     spec = ann.output
     return (ann.name, mod._get_name() if mod is not None else op_label(node, modules),
