@@ -367,7 +367,7 @@ def test_new_fake_quant_is_in_qat_and_knows_its_settings():
     assert "state=QAT" in repr(fq)
 
 
-@pytest.mark.parametrize("bad, match", [({"dtype": "qint4"}, "qint8"),
+@pytest.mark.parametrize("bad, match", [({"dtype": "qint3"}, "qint8"),
                                         ({"observer": "min_max"}, "observer class"),
                                         ({"observer": nn.Identity}, "observer class")])
 def test_bad_constructor_arguments(bad, match):

@@ -50,12 +50,13 @@ def _quant_mse(x: torch.Tensor, amax: float, bits: int = 8) -> float:
 
 # -- helpers and arguments ----------------------------------------------------------------------
 @pytest.mark.parametrize("dtype, bits", [("qint8", 8), ("qint16", 16), ("int8", 8), ("int16", 16),
-                                         (torch.qint8, 8), (8, 8), (16, 16)])
+                                         (torch.qint8, 8), (8, 8), (16, 16), ("qint4", 4),
+                                         (4, 4)])
 def test_dtype_to_bits(dtype, bits):
     assert dtype_to_bits(dtype) == bits
 
 
-@pytest.mark.parametrize("dtype", ["qint4", "qint32", 4, 32, torch.quint8, None, True])
+@pytest.mark.parametrize("dtype", ["qint3", "qint32", 3, 32, torch.quint8, None, True])
 def test_dtype_to_bits_rejects_other_widths_naming_the_choices(dtype):
     with pytest.raises(ValueError, match="choose 'qint8' or 'qint16'"):
         dtype_to_bits(dtype)
@@ -64,6 +65,7 @@ def test_dtype_to_bits_rejects_other_widths_naming_the_choices(dtype):
 def test_qrange_and_scale_from_amax():
     assert qrange(8) == (-128, 127)
     assert qrange(16) == (-32768, 32767)
+    assert qrange(4) == (-8, 7)
     amax = torch.tensor([1.0, 3.0, 0.0, 1e-30])
     scale = scale_from_amax(amax, 8)
     eps = torch.finfo(torch.float32).eps
@@ -73,7 +75,7 @@ def test_qrange_and_scale_from_amax():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: MinMaxObserver(dtype="qint4"), "qint8"),
+    (lambda: MinMaxObserver(dtype="qint3"), "qint8"),
     (lambda: MinMaxObserver(ch_axis="0"), "ch_axis"),
     (lambda: MovingAverageMinMaxObserver(averaging_constant=1.5), r"\[0, 1\]"),
     (lambda: MovingAverageMinMaxObserver(averaging_constant=-0.1), r"\[0, 1\]"),

@@ -45,6 +45,10 @@ NAMED = {
     "default_qat_16bit_fake_quant_qconfig": (FakeQuantize, "qint16", MA, FakeQuantize, "qint16"),
     "default_calib_16bit_fake_quant_qconfig": (FakeQuantize, "qint16", MSEObserver, FakeQuantize,
                                                "qint16"),
+    "default_qat_4bit_weight_8bit_act_fake_quant_qconfig": (FakeQuantize, "qint8", MA,
+                                                            FakeQuantize, "qint4"),
+    "default_calib_4bit_weight_8bit_act_fake_quant_qconfig": (FakeQuantize, "qint8",
+                                                              MSEObserver, FakeQuantize, "qint4"),
 }
 
 
@@ -129,7 +133,7 @@ def test_observer_arguments_reach_the_observer():
     ({"weight_observer": "histogram"}, "unknown weight_observer 'histogram': choose one of"),
     ({"activation_fake_quant": "pact"}, r"unknown activation_fake_quant 'pact'.*'fake_quant', "
                                         r"'lsq'"),
-    ({"activation_qkwargs": {"dtype": "qint4"}}, "choose 'qint8' or 'qint16'"),
+    ({"activation_qkwargs": {"dtype": "qint3"}}, "choose 'qint8' or 'qint16'"),
     ({"weight_qkwargs": {"dtype": 32}}, "choose 'qint8' or 'qint16'"),
     ({"activation_observer": "percentile", "activation_qkwargs": {"percentile": -1.0}},
      r"percentile must be in \(0, 100\]"),

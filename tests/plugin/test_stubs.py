@@ -40,7 +40,7 @@ def test_quant_stub_rejects_a_bad_scale(scale):
 
 def test_quant_stub_rejects_a_bad_dtype():
     with pytest.raises(ValueError, match="choose 'qint8' or 'qint16'"):
-        QuantStub(dtype="qint4")
+        QuantStub(dtype="qint3")
 
 
 def test_stubs_leave_a_float_model_unchanged():
