@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..annotation import NodeAnnotation, get_annotations
-from ..nn.qat._fused import FusedMixin
+from ..nn.qat import FusedMixin
 from ._common import Layer
 
 __all__ = ["ScalingGroup", "find_scaling_groups", "scale_group", "input_channel_max",

@@ -8,8 +8,9 @@
 * :func:`collect_batches` -- the calibration data, once, as ``(args, kwargs)`` on the device;
 * :func:`record` -- the values of chosen graph nodes, with the model quantized or float,
   stopping each forward at the last node needed;
-* the layer math (:func:`weighted_op`, :func:`finish`, :func:`fold_factor`), written on
-  folded weights, and the two ways results become ordinary weights and scales:
+* the layer math on folded weights (the QAT layer's own ``weighted_op``, ``finish`` and
+  ``fold_factor``; :func:`call_inputs`), and the two ways results become ordinary weights and
+  scales:
   :func:`set_integer_weights` and :func:`refresh_weight_scale` / :func:`recalibrate`;
 * the PTQ log: each algorithm appends a table to the model (:func:`ptq_log`).
 """
@@ -38,11 +39,11 @@ from ..fake_quantize import (
     exact_evaluation,
     fake_quant_enabled,
 )
-from ..nn.qat._fused import ACTIVATIONS, FusedMixin
+from ..nn.qat import FusedMixin
 from ..observers import FixedScaleObserver
 
 __all__ = ["Layer", "prepared_layers", "working_copy", "algorithm_session", "collect_batches",
-           "Batch", "record", "weighted_op", "finish", "fold_factor", "set_integer_weights",
+           "Batch", "record", "set_integer_weights",
            "refresh_weight_scale", "recalibrate", "exact_evaluation_off", "log_table",
            "ptq_log", "layer_progress", "PTQ_LOG_KEY", "call_inputs", "channel_view",
            "placeholder_args", "samples_in", "check_prepared"]
@@ -339,21 +340,6 @@ def record(model: fx.GraphModule, batches: Sequence[Batch], nodes: Sequence[str]
 
 
 # -- the layer math ----------------------------------------------------------------------------
-def weighted_op(mod: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None,
-                output_size: Any = None) -> Tensor:
-    """The layer's conv / linear on ``x`` with the given (folded) weight and bias: no
-    BatchNorm, add, activation or fake quant.  The same op the QAT module runs."""
-    return mod._op(x, weight, bias, output_size)
-
-
-def finish(mod: nn.Module, y: Tensor, other: Tensor | None) -> Tensor:
-    """The fused add and activation of ``mod`` on the op's output ``y`` (no fake quant)."""
-    if other is not None:
-        y = y + other
-    act = ACTIVATIONS[mod.act]
-    return y if act is None else act(y)
-
-
 def call_inputs(node: fx.Node, ann: NodeAnnotation, values: dict[str, Any]
                 ) -> tuple[Tensor, Tensor | None, Any]:
     """``(input, other, output_size)`` of a layer call, from recorded node values (arguments
@@ -363,18 +349,6 @@ def call_inputs(node: fx.Node, ann: NodeAnnotation, values: dict[str, Any]
     other = values.get(other_in.node) if other_in is not None else None
     output_size = node.kwargs.get("output_size", node.args[2] if len(node.args) > 2 else None)
     return x, other, output_size
-
-
-@torch.no_grad()
-def fold_factor(mod: nn.Module) -> Tensor:
-    """The factor the BatchNorm fold multiplies the weight by, in the weight's shape
-    (``folded_weight = weight * factor``; ones without a BatchNorm)."""
-    weight = mod._parameters["weight"]
-    try:
-        mod._parameters["weight"] = nn.Parameter(torch.ones_like(weight), requires_grad=False)
-        return mod.folded_weight_bias()[0].detach().clone()
-    finally:
-        mod._parameters["weight"] = weight
 
 
 def channel_view(fq: FakeQuantize, like: Tensor) -> Tensor:
@@ -416,7 +390,7 @@ def set_integer_weights(mod: nn.Module, q: Tensor) -> int:
     w_fold = mod.folded_weight_bias()[0].detach().float()
     s = channel_view(wfq, w_fold)
     target = (q + (w_fold / s - q).clamp(-0.4, 0.4)) * s
-    factor = fold_factor(mod)
+    factor = mod.fold_factor()
     ok = change & (factor != 0)
     new = torch.where(ok, target / torch.where(ok, factor, torch.ones_like(factor)), mod.weight)
     mod.weight.copy_(new.to(mod.weight.dtype))

@@ -43,14 +43,12 @@ from ._common import (
     channel_view,
     collect_batches,
     exact_evaluation_off,
-    finish,
     layer_progress,
     log_table,
     prepared_layers,
     record,
     samples_in,
     set_integer_weights,
-    weighted_op,
     working_copy,
 )
 
@@ -185,8 +183,8 @@ def _run_block(model: fx.GraphModule, block: Block, env: dict[str, Any],
             r = roundings[layer.path]
             weight = r.soft_weight() if soft else r.hard_weight()
             bias = mod.folded_weight_bias()[1]
-            y = finish(mod, weighted_op(mod, x, weight, None if bias is None else
-                                        bias.detach(), size), other)
+            y = mod.finish(mod.weighted_op(x, weight, None if bias is None else bias.detach(),
+                                           size), other, fake_quant=False)
             raw[n.name] = y
             apq = mod.activation_post_process
             out = apq(y) if apq is not None else y

@@ -27,7 +27,6 @@ from ._common import (
     log_table,
     prepared_layers,
     record,
-    weighted_op,
     working_copy,
 )
 
@@ -62,7 +61,7 @@ def _mean_outputs(model: fx.GraphModule, layer: Layer, batches: list,
     for vals in values:
         for node, ann in zip(layer.nodes, layer.annotations, strict=True):
             x, _, output_size = call_inputs(node, ann, vals)
-            y = weighted_op(mod, x, weight, bias, output_size)
+            y = mod.weighted_op(x, weight, bias, output_size)
             s, n = _channel_mean(y, _output_axis(layer))
             total = s if total is None else total + s
             count += n

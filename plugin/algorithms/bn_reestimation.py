@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from ..fake_quantize import FakeQuantState
-from ..nn.qat._fused import FusedMixin
+from ..nn.qat import FusedMixin
 from ._common import (
     algorithm_session,
     collect_batches,

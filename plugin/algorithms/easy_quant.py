@@ -38,7 +38,6 @@ from ._common import (
     log_table,
     prepared_layers,
     record,
-    weighted_op,
     working_copy,
 )
 
@@ -81,7 +80,7 @@ class _LayerData:
                     x, _, size = call_inputs(node, ann, vals_q)
                     x_f, _, _ = call_inputs(node, ann, vals_f)
                     self.inputs.append((x, size))
-                    self.targets.append(weighted_op(ref_mod, x_f, w_f, b_f, size))
+                    self.targets.append(ref_mod.weighted_op(x_f, w_f, b_f, size))
 
     @torch.no_grad()
     def sums(self, weight: Tensor, in_quant: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -92,7 +91,7 @@ class _LayerData:
         axis = _axis(self.layer)
         dot = nq = nf = None
         for (x, size), target in zip(self.inputs, self.targets, strict=True):
-            y = _per_channel(weighted_op(self.mod, in_quant(x), weight, bias, size), axis)
+            y = _per_channel(self.mod.weighted_op(in_quant(x), weight, bias, size), axis)
             t = _per_channel(target, axis)
             parts = ((y * t).sum(1), (y * y).sum(1), (t * t).sum(1))
             dot = parts[0] if dot is None else dot + parts[0]

@@ -2,7 +2,7 @@
 
 :class:`QuantizedConv` is what :func:`qatkit.convert_fx` puts in place of a QAT
 ``Conv1d/2d/3d``, ``ConvTranspose1d/2d`` or ``Linear`` (any fused variant, see
-:mod:`qatkit.nn.qat._fused`): the BatchNorm folded into int8 (or int16) weights per output
+:class:`qatkit.nn.qat.FusedMixin`): the BatchNorm folded into int8 (or int16) weights per output
 channel, an int32 bias at scale ``s_in * s_w`` (48-bit with int16 activations or weights),
 and per-channel fixed-point requantization.
 Numerics (docs/npu_numerics.md, "Conv and linear")::

@@ -1,5 +1,7 @@
 """QAT modules: fused conv/linear with weight fake quant, and ops owning output fake quants."""
 
+from ._fused import ACTIVATIONS as ACTIVATIONS
+from ._fused import FusedMixin as FusedMixin
 from ._fused import freeze_bn_stats as freeze_bn_stats
 from ._fused import unfreeze_bn_stats as unfreeze_bn_stats
 from .conv import FLOAT_TO_QAT as FLOAT_TO_QAT
@@ -20,7 +22,8 @@ from .ops import output_quantized as output_quantized
 
 __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Linear",
-    "from_float", "FLOAT_TO_QAT", "freeze_bn_stats", "unfreeze_bn_stats",
+    "FusedMixin", "ACTIVATIONS", "from_float", "FLOAT_TO_QAT",
+    "freeze_bn_stats", "unfreeze_bn_stats",
     "QuantStub", "FunctionalOp", "Divide", "OutputQuantMixin", "output_quantized",
     "OUTPUT_QUANTIZED_MODULES", "exact_grid",
 ]

@@ -49,7 +49,7 @@ class FusedMixin(ExactInputs, AnnotatedOp):
     A concrete class sets ``_FLOAT_MODULE`` (the float class it replaces), ``_BN_MODULE``
     (the BatchNorm class it fuses), ``_KIND`` ("Conv", "ConvTranspose", "Linear"),
     ``_SUFFIX`` ("2d"...) and ``_OUT_AXIS`` (the weight's output-channel axis), and implements
-    ``_op(x, weight, bias, output_size)``.
+    ``weighted_op(x, weight, bias, output_size)``.
     """
 
     _FLOAT_MODULE: type[nn.Module]
@@ -330,9 +330,36 @@ class FusedMixin(ExactInputs, AnnotatedOp):
         bias = bias.to(dtype)
         return bias + (on_grid - bias).detach()
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
-            output_size: list[int] | None) -> Tensor:
+    def weighted_op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                    output_size: list[int] | None = None) -> Tensor:
+        """The layer's conv / linear on ``x`` with the given (folded) weight and bias: no
+        BatchNorm, add, activation or fake quant (``output_size``: a transposed conv's).
+
+        Post-training algorithms run the layer on candidate weights with it::
+
+            >>> w, b = qconv.folded_weight_bias()
+            >>> y = qconv.finish(qconv.weighted_op(x, w, b), None, fake_quant=False)
+        """
         raise NotImplementedError
+
+    @torch.no_grad()
+    def fold_factor(self) -> Tensor:
+        """What the BatchNorm fold multiplies the weight by, in the weight's shape
+        (``folded_weight = weight * fold_factor()``; ones without a BatchNorm)."""
+        ones = torch.ones_like(self.weight)
+        return ones if self.bn is None else self._scale_weight(ones, self._bn_scale())
+
+    def finish(self, y: Tensor, other: Tensor | None, fake_quant: bool = True) -> Tensor:
+        """The fused add (``other``, None without) and activation on the op's output ``y``,
+        then the output fake quant (``fake_quant=False``: without it)."""
+        if other is not None:
+            y = y + other
+        act = ACTIVATIONS[self.act]
+        if act is not None:
+            y = act(y)
+        if fake_quant and self.activation_post_process is not None:
+            y = self.activation_post_process(y)
+        return y
 
     def _fused_forward(self, x: Tensor, other: Tensor | None,
                        output_size: list[int] | None = None,
@@ -354,7 +381,7 @@ class FusedMixin(ExactInputs, AnnotatedOp):
             if wfq is not None:
                 with torch.no_grad():
                     wfq(self.folded_weight_bias()[0])
-            y = self._op(x, self.weight, self.bias, output_size)
+            y = self.weighted_op(x, self.weight, self.bias, output_size)
             if self.freeze_bn and self.training:  # running statistics, no update
                 y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                  False, 0.0, bn.eps)
@@ -370,7 +397,7 @@ class FusedMixin(ExactInputs, AnnotatedOp):
             weight = self._scale_weight(self.weight, sf)
             if wfq is not None:
                 weight = wfq(weight)
-            y = self._op(x, weight, None, output_size)
+            y = self.weighted_op(x, weight, None, output_size)
             shape = self._channel_shape
             inv = sf.masked_fill(sf == 0, 1.0).reciprocal().reshape(shape)
             if self.bias is not None:
@@ -381,14 +408,14 @@ class FusedMixin(ExactInputs, AnnotatedOp):
         elif wfq is not None and evaluates_exactly(self.activation_post_process):
             if other is not None:
                 other = exact_grid(other, self.exact_links(call_site).get("other"))
-            return self._finish(self._exact_op(x, output_size, call_site), other).to(x.dtype)
+            return self.finish(self._exact_op(x, output_size, call_site), other).to(x.dtype)
         else:
             weight, bias = self.folded_weight_bias()
             if wfq is not None:
                 weight = wfq(weight)
                 bias = self._fake_quant_bias(bias, call_site=call_site)
-            y = self._op(x, weight, bias, output_size)
-        return self._finish(y, other)
+            y = self.weighted_op(x, weight, bias, output_size)
+        return self.finish(y, other)
 
     def _exact_op(self, x: Tensor, output_size: list[int] | None,
                   call_site: int | None = None) -> Tensor:
@@ -403,17 +430,17 @@ class FusedMixin(ExactInputs, AnnotatedOp):
         wfq = self.weight_fake_quant
         if in_fq is None or not in_fq.has_scale or in_fq.is_per_channel:
             weight, bias = self.folded_weight_bias()
-            return self._op(exact_grid(x, in_fq), exact_grid(wfq(weight), wfq),
+            return self.weighted_op(exact_grid(x, in_fq), exact_grid(wfq(weight), wfq),
                             self._fake_quant_bias(bias, torch.float64, call_site), output_size)
         plan, weights, q_b, acc_scale = self._exact_weights(in_fq, x.device, call_site)
         q_x = grid_int(x, in_fq.scale.reshape(()))
         if plan == "f32":
-            acc = self._op(q_x, weights[0], None, output_size).double()
+            acc = self.weighted_op(q_x, weights[0], None, output_size).double()
         elif plan == "f32x2":
-            acc = self._op(q_x, weights[0], None, output_size).double().mul_(16)
-            acc.add_(self._op(q_x, weights[1], None, output_size).double())
+            acc = self.weighted_op(q_x, weights[0], None, output_size).double().mul_(16)
+            acc.add_(self.weighted_op(q_x, weights[1], None, output_size).double())
         else:
-            acc = torch.round(self._op(q_x.double(), weights[0], None, output_size))
+            acc = torch.round(self.weighted_op(q_x.double(), weights[0], None, output_size))
         shape = self._channel_shape
         return acc.add_(q_b.view(shape)).mul_(acc_scale.view(shape))
 
@@ -456,17 +483,6 @@ class FusedMixin(ExactInputs, AnnotatedOp):
         q_b, acc_scale = self.quantize_bias(self.folded_weight_bias()[1], in_fq.scale,
                                             in_fq.bits)
         return plan, weights, q_b.to(device), acc_scale.to(device)
-
-    def _finish(self, y: Tensor, other: Tensor | None) -> Tensor:
-        """The fused add and activation, then the output fake quant."""
-        if other is not None:
-            y = y + other
-        act = ACTIVATIONS[self.act]
-        if act is not None:
-            y = act(y)
-        if self.activation_post_process is not None:
-            y = self.activation_post_process(y)
-        return y
 
 
 def _make_fq(factory: Any, device: torch.device | None) -> nn.Module | None:

@@ -3,7 +3,7 @@
 Each class subclasses its float ``torch.nn`` class, so ``weight``/``bias`` keep their
 state_dict names and padding modes work; what is fused is configuration (``bn``,
 ``with_add``, ``act``), shown by the module's repr (``ConvBnAddReLU2d``...).  The numerics
-are in :mod:`qatkit.nn.qat._fused`.  :func:`from_float` builds the QAT module of any float
+are in :class:`qatkit.nn.qat.FusedMixin`.  :func:`from_float` builds the QAT module of any float
 module listed in :data:`FLOAT_TO_QAT`.
 """
 
@@ -38,8 +38,8 @@ class _ConvNd(FusedMixin):
                     kernel_size=mod.kernel_size, stride=mod.stride, padding=mod.padding,
                     dilation=mod.dilation, groups=mod.groups, padding_mode=mod.padding_mode)
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
-            output_size: list[int] | None) -> Tensor:
+    def weighted_op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                    output_size: list[int] | None = None) -> Tensor:
         return self._conv_forward(x, weight, bias)
 
     def forward(self, input: Tensor, other: Tensor | None = None, *,
@@ -69,8 +69,8 @@ class _ConvTransposeNd(FusedMixin):
         scaled = grouped * sf.reshape((g, 1, opg) + (1,) * len(k))
         return scaled.reshape((self.in_channels, opg) + k)
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
-            output_size: list[int] | None) -> Tensor:
+    def weighted_op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                    output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(
             x, output_size, self.stride, self.padding, self.kernel_size,
             len(self.kernel_size), self.dilation)

@@ -1,7 +1,7 @@
 """QAT ``nn.Linear`` that fuses, by configuration, a BatchNorm1d, an add and ReLU/ReLU6.
 
 The numerics (BN folding, fake quantization) are shared with the convolutions, in
-:mod:`qatkit.nn.qat._fused`.
+:class:`qatkit.nn.qat.FusedMixin`.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class Linear(FusedMixin, nn.Linear):
     def _init_kwargs(cls, mod: nn.Module) -> dict[str, Any]:
         return dict(in_features=mod.in_features, out_features=mod.out_features)
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
-            output_size: list[int] | None) -> Tensor:
+    def weighted_op(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                    output_size: list[int] | None = None) -> Tensor:
         return F.linear(x, weight, bias)
 
     def forward(self, input: Tensor, other: Tensor | None = None, *,

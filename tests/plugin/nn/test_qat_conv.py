@@ -8,7 +8,7 @@ import pytest
 import qatkit
 import torch
 import torch.nn.functional as F
-from qatkit.nn.qat._fused import freeze_bn_stats, unfreeze_bn_stats
+from qatkit.nn.qat import freeze_bn_stats, unfreeze_bn_stats
 from qatkit.nn.qat.conv import FLOAT_TO_QAT, ConvTranspose2d, from_float
 from torch import nn
 

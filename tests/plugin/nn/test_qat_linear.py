@@ -8,7 +8,7 @@ import pytest
 import qatkit
 import torch
 import torch.nn.functional as F
-from qatkit.nn.qat._fused import freeze_bn_stats
+from qatkit.nn.qat import freeze_bn_stats
 from qatkit.nn.qat.conv import from_float
 from qatkit.nn.qat.linear import Linear
 from torch import nn
