@@ -43,7 +43,7 @@ test: venv browser
 # the slow model-zoo sweeps, then every benchmark script (each prints its ratios)
 bench: venv
 	$(PY) -m pytest -q -m slow
-	for b in fake_quant qat_step simulator exact_eval profiler model_profiler; do \
+	for b in fake_quant qat_step simulator exact_eval profiler model_profiler export_onnx ptq; do \
 	  echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 
 lint: venv
