@@ -82,7 +82,7 @@ def _build(case: str, qconfig, bits: int, seed: int = 0):
     add_qp = TensorQParams(torch.tensor([2.0 / 2 ** (bits - 1)]), bits)
     std = 2 ** (bits - 1) / 3
     with torch.no_grad():
-        out_shape = F.relu(qat.eval()._op(torch.zeros(shape), qat.weight, None, None)).shape
+        out_shape = F.relu(qat.eval().weighted_op(torch.zeros(shape), qat.weight, None)).shape
 
     def sample():
         x = _grid(shape, in_qp, std, gen)
