@@ -45,7 +45,8 @@ __all__ = ["QuantSpec", "InputSpec", "NodeAnnotation", "ROLES", "OUTPUT_MODES",
            "ANNOTATIONS_ATTR", "get_annotations", "set_annotations", "has_annotations",
            "annotation_by_name", "fake_quant_spec", "tensor_at", "OP_SIGNATURES",
            "FUNCTION_SIGNATURES", "bind_arguments", "signature_names", "flat_tensor_args",
-           "map_arguments", "AnnotatedOp", "module_signature"]
+           "map_arguments", "AnnotatedOp", "module_signature", "MODULE_CONSTANTS",
+           "module_constants"]
 
 ANNOTATIONS_ATTR = "qatkit_annotations"
 
@@ -310,6 +311,44 @@ OP_SIGNATURES: dict[str, tuple[str, ...]] = {
     "grid_sample": ("input", "grid", "mode", "padding_mode", "align_corners"),
     "conv": ("input", "other", "output_size"), "linear": ("input", "other"),
 }
+#: module attributes that are arguments of the op kind the module computes (a float module, its
+#: QAT module): the constants an integer module keeps and the exporter writes.  A module
+#: class without one of them (``AvgPool1d`` has no ``divisor_override``) simply lacks it.
+MODULE_CONSTANTS: dict[str, tuple[str, ...]] = {
+    "softmax": ("dim",), "log_softmax": ("dim",),
+    "layer_norm": ("normalized_shape", "weight", "bias", "eps"),
+    "group_norm": ("num_groups", "weight", "bias", "eps"),
+    "batch_norm": ("running_mean", "running_var", "weight", "bias", "eps"),
+    "avg_pool": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override"),
+    "adaptive_avg_pool": ("output_size",),
+    "interpolate": ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor"),
+    "leaky_relu": ("negative_slope",), "elu": ("alpha",), "hardtanh": ("min_val", "max_val"),
+    "gelu": ("approximate",),
+    "maxpool1d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "adaptivemaxpool1d": ("output_size", "return_indices"),
+    "flatten": ("start_dim", "end_dim"), "unflatten": ("dim", "unflattened_size"),
+    "zeropad1d": ("padding",), "pixelshuffle": ("upscale_factor",),
+}
+for _d in ("2d", "3d"):
+    MODULE_CONSTANTS[f"maxpool{_d}"] = MODULE_CONSTANTS["maxpool1d"]
+    MODULE_CONSTANTS[f"adaptivemaxpool{_d}"] = MODULE_CONSTANTS["adaptivemaxpool1d"]
+MODULE_CONSTANTS["zeropad2d"] = MODULE_CONSTANTS["zeropad1d"]
+
+
+def module_constants(module: nn.Module, kind: str) -> dict[str, Any]:
+    """The attributes of ``module`` that are arguments of op ``kind``
+    (:data:`MODULE_CONSTANTS`), by name; those the module's class lacks are left out.
+
+    Example::
+
+        >>> module_constants(nn.LeakyReLU(0.2), "leaky_relu")
+        {'negative_slope': 0.2}
+    """
+    return {name: getattr(module, name) for name in MODULE_CONSTANTS.get(kind, ())
+            if hasattr(module, name)}
+
+
 #: functions whose positional parameters differ from their kind's
 FUNCTION_SIGNATURES: dict[Any, tuple[str, ...]] = {
     torch.softmax: ("input", "dim", "dtype"), torch.Tensor.softmax: ("input", "dim", "dtype"),

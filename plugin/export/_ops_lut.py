@@ -147,6 +147,6 @@ def _check_table(call: OpCall, mod: QuantizedLookupTable, spec: LutExport,
         ok = bool((q - table.float()).abs().max() <= 1)
     if not ok:
         raise call.unsupported(
-            f"its lookup table does not match {call.kind}({params}); an integer model does not "
-            "keep a module's constants (a slope, bounds...): export the calibrated / QAT model "
-            "itself, qatkit.export_onnx(qat_model, ...), rather than its convert_fx model")
+            f"its lookup table does not match {call.kind}({params}) (a table built from other "
+            "constants than the module keeps, e.g. an integer model saved by an older qatkit): "
+            "export the calibrated / QAT model itself, qatkit.export_onnx(qat_model, ...)")

@@ -44,6 +44,7 @@ from ..annotation import (
     bind_arguments,
     get_annotations,
     has_annotations,
+    module_constants,
     module_signature,
     signature_names,
 )
@@ -56,7 +57,7 @@ from . import _ops_lut as _ops_lut  # noqa: F401
 from ._graph import EMITTERS, ExportError, FValue, OnnxGraph, OpCall, QValue, TensorMeta
 from ._passes import guard_float_layers, live_nodes
 
-__all__ = ["export_onnx", "write_onnx", "DEFAULT_OPSET", "SUPPORTED_OPSETS", "MODULE_PARAMS",
+__all__ = ["export_onnx", "write_onnx", "DEFAULT_OPSET", "SUPPORTED_OPSETS",
            "GLUE_SIGNATURES"]
 
 #: opset 21: the first with int16 QuantizeLinear / DequantizeLinear (and GroupNormalization
@@ -64,29 +65,6 @@ __all__ = ["export_onnx", "write_onnx", "DEFAULT_OPSET", "SUPPORTED_OPSETS", "MO
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = (19, 20, 21)
 _IR_VERSION = {19: 9, 20: 9, 21: 10}
-
-#: module attributes that are arguments of the op they compute (a float module, a QAT module,
-#: a lookup table's QAT twin), by op kind
-MODULE_PARAMS: dict[str, tuple[str, ...]] = {
-    "softmax": ("dim",), "log_softmax": ("dim",),
-    "layer_norm": ("normalized_shape", "weight", "bias", "eps"),
-    "group_norm": ("num_groups", "weight", "bias", "eps"),
-    "batch_norm": ("running_mean", "running_var", "weight", "bias", "eps"),
-    "avg_pool": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                 "divisor_override"),
-    "adaptive_avg_pool": ("output_size",),
-    "interpolate": ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor"),
-    "leaky_relu": ("negative_slope",), "elu": ("alpha",), "hardtanh": ("min_val", "max_val"),
-    "gelu": ("approximate",),
-    "maxpool1d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-    "adaptivemaxpool1d": ("output_size", "return_indices"),
-    "flatten": ("start_dim", "end_dim"), "unflatten": ("dim", "unflattened_size"),
-    "zeropad1d": ("padding",), "pixelshuffle": ("upscale_factor",),
-}
-for _d in ("2d", "3d"):
-    MODULE_PARAMS[f"maxpool{_d}"] = MODULE_PARAMS["maxpool1d"]
-    MODULE_PARAMS[f"adaptivemaxpool{_d}"] = MODULE_PARAMS["adaptivemaxpool1d"]
-MODULE_PARAMS["zeropad2d"] = MODULE_PARAMS["zeropad1d"]
 
 #: positional parameters of the data-moving functions / methods (by op base name), where
 #: torch's own signature cannot be read (builtins) or names them differently
@@ -450,11 +428,7 @@ class _Exporter:
             out.update(fixed)
             out.update({name: getattr(module, name) for name in getattr(module, "owned", ())})
             return out
-        source = self._params_module(module) or module
-        for name in MODULE_PARAMS.get(kind, ()):
-            if hasattr(source, name):
-                out[name] = getattr(source, name)
-        return out
+        return module_constants(self._params_module(module) or module, kind)
 
     def _params_module(self, module: nn.Module | None) -> nn.Module | None:
         """A lookup table's QAT twin (the integer table does not keep the float op's

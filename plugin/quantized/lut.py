@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._state import module_device
-from ..annotation import bind_arguments
+from ..annotation import bind_arguments, module_constants
 from .base import BoundCall, QuantizedModule, TensorQParams, from_int, register_converter, to_int
 
 __all__ = ["LUT_OPS", "QuantizedLookupTable", "convert_lut", "lookup_table"]
@@ -51,6 +51,9 @@ class QuantizedLookupTable(QuantizedModule):
         input_name: the name of the tensor argument (``"input"``).
         op: the op kind (``"sigmoid"``...).
         signature: the call's positional parameter names (default ``("input",)``).
+        fixed: the constants of a module-form op baked into the table (a LeakyReLU's
+            ``negative_slope``...), kept for the exporter and ``repr``; a functional call keeps
+            them in its call instead.
 
     Example::
 
@@ -63,7 +66,8 @@ class QuantizedLookupTable(QuantizedModule):
 
     def __init__(self, table: Tensor, input_qparams: TensorQParams,
                  output_qparams: TensorQParams | None, input_name: str = "input",
-                 op: str = "lut", signature: Sequence[str] = ("input",)) -> None:
+                 op: str = "lut", signature: Sequence[str] = ("input",),
+                 fixed: dict[str, Any] | None = None) -> None:
         super().__init__()
         if table.numel() != 2**input_qparams.bits:
             raise ValueError(f"a lookup table for int{input_qparams.bits} inputs has "
@@ -72,6 +76,7 @@ class QuantizedLookupTable(QuantizedModule):
         self.qatkit_op_kind = op
         self.qatkit_signature = tuple(signature)
         self.input_name = input_name
+        self.fixed = dict(fixed or {})
         self.in_bits = input_qparams.bits
         self.out_bits = None if output_qparams is None else output_qparams.bits
         self.register_buffer("table", table.detach().reshape(-1).clone())
@@ -91,7 +96,9 @@ class QuantizedLookupTable(QuantizedModule):
 
     def extra_repr(self) -> str:
         out = "float32" if self.out_bits is None else f"int{self.out_bits}"
-        return f"op={self.op}, in=int{self.in_bits}, out={out}, entries={self.table.numel()}"
+        consts = "".join(f", {k}={v}" for k, v in self.fixed.items())
+        return (f"op={self.op}{consts}, in=int{self.in_bits}, out={out}, "
+                f"entries={self.table.numel()}")
 
 
 @register_converter(*LUT_OPS)
@@ -130,8 +137,12 @@ def convert_lut(qat_module: nn.Module, call: BoundCall,
     table = lookup_table(lambda grid: call.evaluate(qat_module.float_forward,
                                                     lambda name, a: grid),
                          in_qp, out_qparams, device, where)
-    return QuantizedLookupTable(table, in_qp, out_qparams, input_name,
-                                op=qat_module.qatkit_op_kind, signature=call.names)
+    from ..nn.qat.ops import FunctionalOp
+
+    kind = qat_module.qatkit_op_kind
+    fixed = {} if isinstance(qat_module, FunctionalOp) else module_constants(qat_module, kind)
+    return QuantizedLookupTable(table, in_qp, out_qparams, input_name, op=kind,
+                                signature=call.names, fixed=fixed)
 
 
 def lookup_table(fn: Any, in_qparams: TensorQParams, out_qparams: TensorQParams | None,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..annotation import bind_arguments
+from ..annotation import bind_arguments, module_constants
 from .base import BoundCall, TensorArg, TensorQParams, register_converter
 from .ops import QuantizedOp, arg_qparams, resolve_call, unsupported
 
@@ -222,12 +222,12 @@ class QuantizedBatchNorm(_Norm):
         return self._finish((q.to(torch.float64) * mult + c.reshape(shape)) / self._s_out())
 
 
-_NORMS: dict[str, tuple[type[_Norm], tuple[str, ...], tuple[str, ...]]] = {
-    # kind: (class, module attributes passed as constants, module tensors owned as buffers)
-    "layer_norm": (QuantizedLayerNorm, ("normalized_shape", "eps"), ("weight", "bias")),
-    "group_norm": (QuantizedGroupNorm, ("num_groups", "eps"), ("weight", "bias")),
-    "batch_norm": (QuantizedBatchNorm, ("eps",),
-                   ("running_mean", "running_var", "weight", "bias")),
+_NORMS: dict[str, tuple[type[_Norm], tuple[str, ...]]] = {
+    # kind: (class, module tensors owned as buffers); the module's other attributes of
+    # MODULE_CONSTANTS[kind] are passed as constants
+    "layer_norm": (QuantizedLayerNorm, ("weight", "bias")),
+    "group_norm": (QuantizedGroupNorm, ("weight", "bias")),
+    "batch_norm": (QuantizedBatchNorm, ("running_mean", "running_var", "weight", "bias")),
 }
 _NORM_FUNCTIONS = {"layer_norm": F.layer_norm, "group_norm": F.group_norm,
                    "batch_norm": F.batch_norm}
@@ -239,7 +239,7 @@ def _convert_norm(qat_module: nn.Module, call: BoundCall,
     from ..nn.qat.ops import FunctionalOp
 
     kind = qat_module.qatkit_op_kind
-    cls, attrs, owned = _NORMS[kind]
+    cls, owned = _NORMS[kind]
     if isinstance(qat_module, FunctionalOp):
         kind, fn, fixed, _, _ = resolve_call(qat_module, call)
         p = {**cls._DEFAULTS, **call}
@@ -252,7 +252,8 @@ def _convert_norm(qat_module: nn.Module, call: BoundCall,
         if len(call.tensors()) != 1:
             raise ValueError(f"convert failed at a {kind!r} module: one input expected, got "
                              f"{call!r}")
-        fn, fixed = _NORM_FUNCTIONS[kind], {a: getattr(qat_module, a) for a in attrs}
+        fn = _NORM_FUNCTIONS[kind]
+        fixed = {a: v for a, v in module_constants(qat_module, kind).items() if a not in owned}
         tensors = {name: getattr(qat_module, name) for name in owned}
         p = {"input": call["input"], "training": False}
         if kind == "batch_norm" and tensors["running_mean"] is None:

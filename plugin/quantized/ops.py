@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..annotation import bind_arguments
+from ..annotation import bind_arguments, module_constants
 from .base import (
     BoundCall,
     QuantizedModule,
@@ -44,21 +44,13 @@ __all__ = ["QuantizedAdd", "QuantizedMul", "QuantizedDivide", "QuantizedCat", "Q
            "QuantizedAverage", "QuantizedInterpolate", "MODULE_FUNCTIONS", "QuantizedOp",
            "resolve_call", "arg_qparams", "unsupported"]
 
-#: float module class -> (the function its forward calls, the attributes passed as keywords)
-MODULE_FUNCTIONS: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
-    nn.AvgPool1d: (F.avg_pool1d, ("kernel_size", "stride", "padding", "ceil_mode",
-                                  "count_include_pad")),
-    nn.AvgPool2d: (F.avg_pool2d, ("kernel_size", "stride", "padding", "ceil_mode",
-                                  "count_include_pad", "divisor_override")),
-    nn.AvgPool3d: (F.avg_pool3d, ("kernel_size", "stride", "padding", "ceil_mode",
-                                  "count_include_pad", "divisor_override")),
-    nn.AdaptiveAvgPool1d: (F.adaptive_avg_pool1d, ("output_size",)),
-    nn.AdaptiveAvgPool2d: (F.adaptive_avg_pool2d, ("output_size",)),
-    nn.AdaptiveAvgPool3d: (F.adaptive_avg_pool3d, ("output_size",)),
-    nn.Upsample: (F.interpolate, ("size", "scale_factor", "mode", "align_corners",
-                                  "recompute_scale_factor")),
-    nn.Softmax: (F.softmax, ("dim",)),
-    nn.LogSoftmax: (F.log_softmax, ("dim",)),
+#: float module class -> the function its forward calls (with the module's attributes of
+#: :data:`~qatkit.annotation.MODULE_CONSTANTS` as keywords)
+MODULE_FUNCTIONS: dict[type[nn.Module], Callable] = {
+    nn.AvgPool1d: F.avg_pool1d, nn.AvgPool2d: F.avg_pool2d, nn.AvgPool3d: F.avg_pool3d,
+    nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d, nn.AdaptiveAvgPool2d: F.adaptive_avg_pool2d,
+    nn.AdaptiveAvgPool3d: F.adaptive_avg_pool3d, nn.Upsample: F.interpolate,
+    nn.Softmax: F.softmax, nn.LogSoftmax: F.log_softmax,
 }
 
 _EXACT = 2**53  # float64 holds every integer below this exactly
@@ -118,12 +110,11 @@ def resolve_call(qat_module: nn.Module, call: BoundCall) -> tuple[str, Callable,
         return kind, qat_module.fn, {}, call.args, call.kwargs
     for cls in type(qat_module).__mro__:
         if cls in MODULE_FUNCTIONS:
-            fn, attrs = MODULE_FUNCTIONS[cls]
+            fn = MODULE_FUNCTIONS[cls]
             if len(call.tensors()) != 1:
                 raise ValueError(f"convert failed at a {kind!r} module: a module call takes "
                                  f"one input, got {call!r}")
-            fixed = {a: getattr(qat_module, a) for a in attrs}
-            return kind, fn, fixed, (call["input"],), {}
+            return kind, fn, module_constants(qat_module, kind), (call["input"],), {}
     raise unsupported(type(qat_module).__name__, kind,
                        f"no integer implementation of {type(qat_module).__name__}")
 

@@ -530,20 +530,31 @@ def test_unsupported_op_names_it_and_leaves_path_untouched(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["roll.onnx"], "no temporary file left"
 
 
-def test_lookup_table_constants_come_from_the_qat_model(tmp_path):
-    """A LeakyReLU(0.2) exports from the QAT model; its convert_fx integer model does not keep
-    the slope, and the exporter refuses a table it would not reproduce."""
+@pytest.mark.parametrize("act, onnx_op, attr, value", [
+    (nn.LeakyReLU(0.2), "LeakyRelu", "alpha", 0.2),
+    (nn.ELU(0.5), "Elu", "alpha", 0.5),
+    (nn.Hardtanh(-0.5, 0.75), "Clip", None, None),
+    (nn.GELU(approximate="tanh"), None, None, None),
+])
+def test_lookup_table_constants_survive_convert(tmp_path, act, onnx_op, attr, value):
+    """A module's constants (a LeakyReLU's slope, Hardtanh's bounds, GELU's approximation)
+    reach the ONNX op from the QAT model and from its convert_fx integer model alike."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), act).eval()
     x = torch.randn(2, 3, 8, 8)
     qm = _calibrated(model, [x])
-    path = qatkit.export_onnx(qm, (x,), tmp_path / "l.onnx")
-    lrelu = [n for n in onnx.load(path).graph.node if n.op_type == "LeakyRelu"]
-    assert len(lrelu) == 1 and math.isclose(lrelu[0].attribute[0].f, 0.2, rel_tol=1e-6)
-    for mode in MODES:
-        assert compare_with_onnxruntime(qm, path, (x,), mode)[0].exact == 1.0
-    with pytest.raises(NotImplementedError, match="export the calibrated / QAT model"):
-        qatkit.export_onnx(qatkit.convert_fx(qm), (x,), tmp_path / "i.onnx")
+    int_model = qatkit.convert_fx(qm)
+    for name, source in (("qat", qm), ("int", int_model)):
+        path = qatkit.export_onnx(source, (x,), tmp_path / f"{name}.onnx")
+        nodes = onnx.load(path).graph.node
+        if onnx_op is not None:
+            found = [n for n in nodes if n.op_type == onnx_op]
+            assert len(found) == 1, (name, [n.op_type for n in nodes])
+            if attr is not None:
+                got = {a.name: a.f for a in found[0].attribute}[attr]
+                assert math.isclose(got, value, rel_tol=1e-6), (name, got)
+        for mode in MODES:
+            assert compare_with_onnxruntime(qm, path, (x,), mode)[0].exact == 1.0, (name, mode)
 
 
 # -- docs and example -----------------------------------------------------------------------------
