@@ -24,15 +24,25 @@ def module_device(mod: nn.Module, default: torch.device | None = None) -> torch.
     return default
 
 
-def set_module(root: nn.Module, target: str, mod: nn.Module) -> None:
+def set_module(root: nn.Module, target: str, mod: nn.Module, create: bool = False) -> None:
     """Replace (or add) the submodule at dotted path ``target`` of ``root``.
+
+    Args:
+        create: add an empty ``nn.Module`` for each missing parent on the path (building a
+            model from parts) instead of raising ``AttributeError``.
 
     Example::
 
         >>> set_module(model, "layer1.0.conv1", qat_conv)
+        >>> set_module(nn.Module(), "a.b.conv", conv, create=True)
     """
-    parent, _, leaf = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, mod)
+    parent = root
+    *heads, leaf = target.split(".")
+    for head in heads:
+        if create and not hasattr(parent, head):
+            parent.add_module(head, nn.Module())
+        parent = parent.get_submodule(head)
+    setattr(parent, leaf, mod)
 
 
 class ResizeBuffersOnLoad(nn.Module):

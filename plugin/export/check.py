@@ -27,6 +27,7 @@ import onnx
 import torch
 from torch import fx, nn
 
+from .._state import set_module
 from ..annotation import get_annotations
 
 __all__ = ["OPTIMIZATION_LEVELS", "onnxruntime_session", "run_onnxruntime", "optimized_ops",
@@ -252,16 +253,6 @@ class _Capture(fx.Interpreter):
         return out
 
 
-def _put(root: nn.Module, path: str, mod: nn.Module) -> None:
-    parent = root
-    *heads, leaf = path.split(".")
-    for h in heads:
-        if not hasattr(parent, h):
-            parent.add_module(h, nn.Module())
-        parent = getattr(parent, h)
-    parent.add_module(leaf, mod)
-
-
 def _single_op_model(int_model: fx.GraphModule, node: fx.Node,
                      values: dict[fx.Node, Any]) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     """A model of the one op ``node``: its tensor inputs are graph inputs, quantized as in
@@ -296,7 +287,7 @@ def _single_op_model(int_model: fx.GraphModule, node: fx.Node,
     args = fx.node.map_arg(node.args, arg)
     kwargs = fx.node.map_arg(node.kwargs, arg)
     name = anns[node].name
-    _put(root, name, int_model.get_submodule(str(node.target)))
+    set_module(root, name, int_model.get_submodule(str(node.target)), create=True)
     graph.output(graph.call_module(name, args, kwargs))
     gm = fx.GraphModule(root, graph)
     set_annotations(gm, annotate(gm))
