@@ -22,6 +22,9 @@ from .annotation import get_annotations as get_annotations
 from .calibration import CalibrationSummary as CalibrationSummary
 from .calibration import calibrate as calibrate
 from .distributed import sync_observers as sync_observers
+from .eager import convert as convert
+from .eager import fuse_modules as fuse_modules
+from .eager import prepare_qat as prepare_qat
 from .export import export_onnx as export_onnx
 from .fake_quantize import FakeQuantize as FakeQuantize
 from .fake_quantize import FakeQuantState as FakeQuantState
@@ -104,6 +107,9 @@ __all__ = [
     "prepare_qat_fx",
     "convert_fx",
     "set_preserve_qat_mode",
+    "prepare_qat",
+    "convert",
+    "fuse_modules",
     "export_onnx",
     "get_provenance",
     "freeze_bn_stats",

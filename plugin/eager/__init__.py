@@ -1,0 +1,23 @@
+"""Eager mode: prepare and convert a model by swapping its modules (names and forward kept).
+
+``prepare_qat`` swaps modules for the QAT modules of :mod:`qatkit.nn.qat` (``.qconfig``
+attributes and ``qconfig_dict`` decide where), ``fuse_modules`` names the conv+bn+relu chains
+to fuse, ``convert`` puts the integer modules of :mod:`qatkit.quantized` in their place, and
+``eager_graph`` gives the annotated trace the profiler and the exporter read.  See
+docs/eager.md.
+"""
+
+from . import export as export  # noqa: F401  (registers ONNX emitters)
+from .convert import convert as convert
+from .functional import QATFloatFunctional as QATFloatFunctional
+from .functional import QuantizedAddReLU as QuantizedAddReLU
+from .fuse import fuse_modules as fuse_modules
+from .graph import eager_graph as eager_graph
+from .graph import link_eager_model as link_eager_model
+from .prepare import EagerInfo as EagerInfo
+from .prepare import eager_info as eager_info
+from .prepare import is_eager_model as is_eager_model
+from .prepare import prepare_qat as prepare_qat
+
+__all__ = ["prepare_qat", "convert", "fuse_modules", "eager_graph", "link_eager_model",
+           "is_eager_model", "eager_info", "EagerInfo", "QATFloatFunctional", "QuantizedAddReLU"]
