@@ -84,3 +84,29 @@ from .report import model_profiler as model_profiler  # noqa: E402
 
 __all__ += ["model_profiler", "ProfilerReport", "MODES", "model_kind"]
 # --- end model_profiler ---
+
+# --- sensitivity, partial un-quantization, distributions, bad cases, mixed precision ---
+from .bad_cases import BadCases as BadCases  # noqa: E402
+from .bad_cases import find_bad_cases as find_bad_cases  # noqa: E402
+from .distribution import DistributionResult as DistributionResult  # noqa: E402
+from .distribution import plot_distribution as plot_distribution  # noqa: E402
+from .incremental import IncrementalRunner as IncrementalRunner  # noqa: E402
+from .metrics import BatchMetric as BatchMetric  # noqa: E402
+from .metrics import chebyshev as chebyshev  # noqa: E402
+from .metrics import mre as mre  # noqa: E402
+from .mixed_precision import MixedPrecisionResult as MixedPrecisionResult  # noqa: E402
+from .mixed_precision import MixedPrecisionStep as MixedPrecisionStep  # noqa: E402
+from .mixed_precision import suggest_mixed_precision as suggest_mixed_precision  # noqa: E402
+from .plots import AccErrorResult as AccErrorResult  # noqa: E402
+from .plots import plot_acc_error as plot_acc_error  # noqa: E402
+from .quantizers import Quantizer as Quantizer  # noqa: E402
+from .quantizers import list_quantizers as list_quantizers  # noqa: E402
+from .sensitivity import NodeSensitivity as NodeSensitivity  # noqa: E402
+from .sensitivity import get_sensitivity_of_nodes as get_sensitivity_of_nodes  # noqa: E402
+
+__all__ += ["get_sensitivity_of_nodes", "NodeSensitivity", "plot_acc_error", "AccErrorResult",
+            "plot_distribution", "DistributionResult", "find_bad_cases", "BadCases",
+            "suggest_mixed_precision", "MixedPrecisionResult", "MixedPrecisionStep",
+            "list_quantizers", "Quantizer", "IncrementalRunner", "BatchMetric", "mre",
+            "chebyshev"]
+# --- end sensitivity ---

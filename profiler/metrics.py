@@ -12,6 +12,8 @@ metric          identical    both all-zero           one all-zero          NaN i
 Cosine          1.0          1.0                     0.0                   NaN
 MSE / L1        0.0          0.0                     > 0                   NaN
 MaxAbs          0.0          0.0                     max |x|               NaN
+Chebyshev       0.0          0.0                     max |x|               NaN
+MRE             0.0          0.0                     1.0 (other 0) / inf   NaN
 SQNR (dB)       inf          inf                     -inf (ref 0) / 0.0    NaN
 KL              0.0          0.0                     >= 0                  NaN
 ==============  ===========  ======================  ====================  ==========
@@ -21,8 +23,10 @@ tensor makes the metric NaN: it is *reported* in the tables, never raised.  Infi
 follow IEEE arithmetic.  Tensors of different shapes raise ``ValueError``.
 
 :data:`METRICS` maps the names accepted by ``similarity_func`` arguments (``"Cosine"``,
-``"MSE"``, ``"L1"``, ``"KL"``, ``"SQNR"``, ``"MaxAbs"``; case-insensitive) to :class:`Metric`
-objects that know whether higher is better; :func:`get_metric` looks names up and turns a
+``"MSE"``, ``"L1"``, ``"KL"``, ``"SQNR"``, ``"MaxAbs"``, ``"MRE"``, ``"Chebyshev"``;
+case-insensitive) to :class:`Metric` objects that know whether higher is better;
+:func:`get_metric` looks names up (also the spellings of the NPU debug guides,
+:data:`METRIC_ALIASES`: ``"cosine-similarity"``, ``"mre"``, ``"chebyshev"``...) and turns a
 plain callable into a metric.
 """
 
@@ -38,7 +42,7 @@ from torch import Tensor
 __all__ = ["Metric", "METRICS", "register_metric", "get_metric", "list_metrics",
            "cosine_similarity", "mse", "l1", "max_abs_error", "sqnr", "kl_divergence",
            "error_in_scale", "FINAL_SIMILARITY_THRESHOLD", "chunk_pairs", "CHUNK",
-           "cosine_and_max_abs"]
+           "cosine_and_max_abs", "mre", "chebyshev", "METRIC_ALIASES", "BatchMetric"]
 
 MetricFn = Callable[[Tensor, Tensor], float]
 
@@ -90,6 +94,13 @@ class Metric:
 #: name -> metric; filled by :func:`register_metric`
 METRICS: dict[str, Metric] = {}
 
+#: other spellings of registered names (lower case, as the NPU debug guides write them)
+METRIC_ALIASES: dict[str, str] = {
+    "cosine-similarity": "Cosine", "cosine_similarity": "Cosine", "cos": "Cosine",
+    "max-abs": "MaxAbs", "max_abs": "MaxAbs", "mean-relative-error": "MRE",
+    "mean_relative_error": "MRE", "kl-divergence": "KL",
+}
+
 
 def register_metric(name: str, higher_is_better: bool = True) -> Callable[[MetricFn], MetricFn]:
     """Register ``fn(reference, other) -> float`` under ``name`` (a decorator).
@@ -135,8 +146,9 @@ def get_metric(metric: Union[str, Metric, MetricFn]) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
+        wanted = METRIC_ALIASES.get(metric.lower(), metric).lower()
         for name, m in METRICS.items():
-            if name.lower() == metric.lower():
+            if name.lower() == wanted:
                 return m
         raise ValueError(f"unknown similarity_func {metric!r}: choose one of {list_metrics()} "
                          "or pass a callable fn(reference, other) -> float")
@@ -373,6 +385,43 @@ def max_abs_error(reference: Tensor, other: Tensor) -> float:
     return worst
 
 
+@register_metric("Chebyshev", higher_is_better=False)
+def chebyshev(reference: Tensor, other: Tensor) -> float:
+    """Chebyshev distance: the largest absolute difference (the NPU guides' name for
+    :func:`max_abs_error`; 0.0 for empty tensors, NaN if either has a NaN).
+
+    Example::
+
+        >>> chebyshev(torch.zeros(3), torch.tensor([0.5, -2.0, 1.0]))
+        2.0
+    """
+    return max_abs_error(reference, other)
+
+
+@register_metric("MRE", higher_is_better=False)
+def mre(reference: Tensor, other: Tensor) -> float:
+    """Mean relative error: ``sum |ref - other| / sum |ref|`` (the L1 error relative to the
+    reference's mean magnitude; elementwise ratios would blow up where ``ref`` is near 0).
+
+    Identical tensors: 0.0; an all-zero reference with a nonzero ``other``: ``inf``; an
+    all-zero ``other``: 1.0.
+
+    Example::
+
+        >>> mre(torch.tensor([1.0, -2.0, 1.0]), torch.tensor([1.0, -1.0, 1.0]))
+        0.25
+    """
+    err = mag = 0.0
+    for x, y in chunk_pairs(reference, other):
+        err += float((x - y).abs_().sum())
+        mag += float(x.abs().sum())
+    if math.isnan(err) or math.isnan(mag):
+        return math.nan
+    if err == 0:
+        return 0.0
+    return err / mag if mag else math.inf
+
+
 @register_metric("SQNR", higher_is_better=True)
 def sqnr(reference: Tensor, other: Tensor) -> float:
     """Signal to quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - other|^2)``.
@@ -435,3 +484,94 @@ def error_in_scale(reference: Tensor, other: Tensor, scale: float | None) -> flo
     if scale == 0:
         return 0.0 if err == 0 else math.inf
     return err / scale
+
+
+#: metrics :class:`BatchMetric` accumulates from sums (others keep the batches)
+_STREAMED = {"Cosine", "MSE", "L1", "MaxAbs", "Chebyshev", "SQNR", "MRE"}
+
+
+class BatchMetric:
+    """One metric over several batches of ``(reference, other)`` pairs, as if the batches
+    were concatenated, without keeping them: Cosine, MSE, L1, MaxAbs, Chebyshev, SQNR and MRE
+    add float64 sums batch by batch; other metrics (KL, callables) keep the flattened batches
+    on the CPU and compute once at the end.  One batch gives exactly ``metric(ref, other)``.
+
+    Example::
+
+        >>> acc = BatchMetric(get_metric("mse"))
+        >>> acc.add(torch.zeros(2), torch.ones(2)); acc.add(torch.zeros(2), torch.zeros(2))
+        >>> acc.value()
+        0.5
+    """
+
+    def __init__(self, metric: Union[str, Metric, MetricFn]) -> None:
+        self.metric = get_metric(metric)
+        self._first: tuple[Tensor, Tensor] | None = None
+        self._kept: list[tuple[Tensor, Tensor]] = []
+        self._sums = [0.0] * 6  # saa, sbb, sab, sdd, sum|d|, sum|a|
+        self._max = 0.0
+        self._n = 0
+        self.batches = 0
+
+    def _accumulate(self, a: Tensor, b: Tensor) -> None:
+        for x, y in chunk_pairs(a, b):
+            d = x - y
+            ad = d.abs()
+            for i, v in enumerate((torch.dot(x, x), torch.dot(y, y), torch.dot(x, y),
+                                   torch.dot(d, d), ad.sum(), x.abs().sum())):
+                self._sums[i] += float(v)
+            if d.numel():
+                err = float(ad.max())
+                self._max = math.nan if math.isnan(err) or math.isnan(self._max) else max(
+                    self._max, err)
+            self._n += d.numel()
+
+    def add(self, reference: Tensor, other: Tensor) -> None:
+        """Add one batch's pair (flattened; shapes must match)."""
+        a, b = reference.detach().reshape(-1), other.detach().reshape(-1).to(reference.device)
+        if a.shape != b.shape:
+            raise ValueError(f"cannot compare tensors of shapes {list(reference.shape)} and "
+                             f"{list(other.shape)}")
+        self.batches += 1
+        if self.batches == 1:
+            self._first = (a, b)
+            return
+        if self._first is not None:
+            first, self._first = self._first, None
+            self._add_kept(*first)
+        self._add_kept(a, b)
+
+    def _add_kept(self, a: Tensor, b: Tensor) -> None:
+        if self.metric.name in _STREAMED and METRICS.get(self.metric.name) is self.metric:
+            self._accumulate(a, b)
+        else:
+            self._kept.append((a.cpu(), b.cpu()))
+
+    def value(self) -> float:
+        """The metric over every batch added (NaN before any)."""
+        if self.batches == 0:
+            return math.nan
+        if self._first is not None:
+            return self.metric(*self._first)
+        if self._kept:
+            return self.metric(torch.cat([a for a, _ in self._kept]),
+                               torch.cat([b for _, b in self._kept]))
+        saa, sbb, sab, sdd, sad, sa = self._sums
+        name = self.metric.name
+        if name == "Cosine":
+            cos = _cosine_of(saa, sbb, sab)
+            return math.nan if cos is None else cos
+        if name == "MSE":
+            return sdd / self._n if self._n else 0.0
+        if name == "L1":
+            return sad / self._n if self._n else 0.0
+        if name in ("MaxAbs", "Chebyshev"):
+            return self._max
+        if name == "SQNR":
+            if math.isnan(saa) or math.isnan(sdd):
+                return math.nan
+            return math.inf if sdd == 0 else (-math.inf if saa == 0 else
+                                              10.0 * math.log10(saa / sdd))
+        if math.isnan(sad) or math.isnan(sa):  # MRE
+            return math.nan
+        return 0.0 if sad == 0 else (sad / sa if sa else math.inf)
