@@ -9,6 +9,7 @@ docs/eager.md.
 
 from . import export as export  # noqa: F401  (registers ONNX emitters)
 from .convert import convert as convert
+from .functional import FloatFunctionalReuseError as FloatFunctionalReuseError
 from .functional import QATFloatFunctional as QATFloatFunctional
 from .functional import QuantizedAddReLU as QuantizedAddReLU
 from .fuse import fuse_modules as fuse_modules
@@ -20,4 +21,5 @@ from .prepare import is_eager_model as is_eager_model
 from .prepare import prepare_qat as prepare_qat
 
 __all__ = ["prepare_qat", "convert", "fuse_modules", "eager_graph", "link_eager_model",
-           "is_eager_model", "eager_info", "EagerInfo", "QATFloatFunctional", "QuantizedAddReLU"]
+           "is_eager_model", "eager_info", "EagerInfo", "QATFloatFunctional",
+           "FloatFunctionalReuseError", "QuantizedAddReLU"]

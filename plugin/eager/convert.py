@@ -71,14 +71,18 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     if info.converted:
         raise ValueError(f"{type(model).__name__} is already an integer model (qatkit.convert)")
     model = model if inplace else copy.deepcopy(model)
-    gm = eager_graph(model)
+    gm = eager_graph(model, split_boundaries=True)
+    stubs = gm.qatkit_boundary_stubs
     targets = list(dict.fromkeys(
         ann.module for node, ann in get_annotations(gm).items()
-        if ann.is_quantized and ann.module is not None and node.op == "call_module"))
+        if ann.is_quantized and ann.module is not None and node.op == "call_module"
+        and str(node.target) not in stubs))
     try:
         convert_fx(gm, inplace=True)
     except (ValueError, NotImplementedError) as e:
         raise type(e)(f"qatkit.convert (eager mode): {e}") from e
+    for alias, path in stubs.items():  # the integer Quantize of each boundary stub
+        set_module(model, path, gm.get_submodule(alias))
     names = {n for n, _ in gm.named_modules()}
     for target in targets:
         split = sorted(n for n in names if n.startswith(f"{target}("))

@@ -26,14 +26,24 @@ from ..quantized import CONVERTERS, BoundCall, TensorQParams, register_converter
 from ..quantized.ops import QuantizedAdd
 from .boundaries import MixedModule, mixed_class
 
-__all__ = ["QATFloatFunctional", "QuantizedAddReLU", "IntegerFunctional", "functional_class",
-           "FLOAT_BASE_NAMES"]
+__all__ = ["QATFloatFunctional", "FloatFunctionalReuseError", "QuantizedAddReLU",
+           "IntegerFunctional", "functional_class", "FLOAT_BASE_NAMES"]
 
 #: the op kind that decides whether the QAT op evaluates exactly (``EXACT_OPS``)
 _EXACT_KIND = {"add_relu": "add"}
 #: op kind -> the base name of the float op whose output the quantized op reproduces
 #: (``add_relu`` reproduces the float model's ``relu``, as named by :mod:`qatkit.fx.naming`)
 FLOAT_BASE_NAMES = {"add_relu": "relu"}
+
+
+class FloatFunctionalReuseError(ValueError):
+    """One FloatFunctional called for two different ops (they would share one output scale).
+
+    Example::
+
+        >>> ff.add(a, b); ff.mul(a, b)
+        FloatFunctionalReuseError: 'ff' is used for 'add' and 'mul': one FloatFunctional per op...
+    """
 
 
 class QATFloatFunctional(FunctionalMethods, FunctionalOp):
@@ -72,7 +82,7 @@ class QATFloatFunctional(FunctionalMethods, FunctionalOp):
         kind, fn = FUNCTIONAL_OPS[method]
         if self.kind and (kind != self.kind or fn is not self.fn):
             where = getattr(self, "qatkit_path", "") or "FloatFunctional"
-            raise ValueError(
+            raise FloatFunctionalReuseError(
                 f"'{where}' is used for {self.method!r} and {method!r}: one FloatFunctional "
                 "per op (each quantized op owns its output scale). Fix: give the model one "
                 "qatkit.nn.FloatFunctional() per op")

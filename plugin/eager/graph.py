@@ -29,25 +29,31 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
+from .._state import set_module
 from ..annotation import NodeAnnotation, get_annotations, set_annotations
 from ..fake_quantize import FakeQuantize
 from ..fx.annotate import annotate, op_kind
 from ..fx.naming import node_scope
 from ..fx.tracer import symbolic_trace
 from ..nn.functional_modules import FunctionalMethods
-from .boundaries import insert_boundaries, twin_boundary_leaves
-from .functional import FLOAT_BASE_NAMES
+from .boundaries import MixedModule, insert_boundaries, twin_boundary_leaves
+from .functional import FLOAT_BASE_NAMES, FloatFunctionalReuseError
 from .prepare import FLOAT_NOTE_ATTR, eager_info
 
 __all__ = ["eager_graph", "link_eager_model", "float_inputs", "float_functional_ops"]
 
 
-def eager_graph(model: nn.Module) -> fx.GraphModule:
+def eager_graph(model: nn.Module, split_boundaries: bool = False) -> fx.GraphModule:
     """The annotated trace of an eager-prepared or converted model (see the module
     docstring); it shares the model's modules and parameters.
 
     Args:
         model: made by :func:`qatkit.prepare_qat` or :func:`qatkit.convert`.
+        split_boundaries: call each boundary stub (``conv.input_quant.x``,
+            ``conv.output_quant``) under a top-level alias of the trace, and give its owner a
+            twin without those children, so that converting the owner leaves the stub's node
+            valid (:func:`qatkit.convert`); the trace's ``qatkit_boundary_stubs`` maps each
+            alias to the stub's path in ``model``.
 
     Returns:
         a GraphModule with the quantization annotation (:func:`qatkit.get_annotations`),
@@ -98,8 +104,41 @@ def eager_graph(model: nn.Module) -> fx.GraphModule:
         if note:
             notes[node] = note
     gm.training = model.training
+    if split_boundaries:
+        gm.qatkit_boundary_stubs = _split_boundary_stubs(gm, model)
     set_annotations(gm, annotate(gm, float_names=float_names, notes=notes))
     return gm
+
+
+def _split_boundary_stubs(gm: fx.GraphModule, model: nn.Module) -> dict[str, str]:
+    """See ``split_boundaries`` of :func:`eager_graph`; returns ``{alias: stub path}``."""
+    out: dict[str, str] = {}
+    owners: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        target = str(node.target)
+        parts = target.split(".")
+        owner = next((".".join(parts[:i]) for i in range(1, len(parts))
+                      if isinstance(model.get_submodule(".".join(parts[:i])), MixedModule)),
+                     None)
+        if owner is None:
+            continue
+        alias = "_qatkit_stub_" + target.replace(".", "__")
+        if alias not in out:
+            gm.add_submodule(alias, model.get_submodule(target))
+            out[alias] = target
+        node.target = alias
+        owners.add(owner)
+    for owner in owners:
+        twin = gm.get_submodule(owner)
+        bare = type(twin).__new__(type(twin))
+        bare.__dict__.update(twin.__dict__)
+        bare.__dict__["_modules"] = {k: v for k, v in twin._modules.items()
+                                     if k not in ("input_quant", "output_quant")}
+        set_module(gm, owner, bare)
+    gm.recompile()
+    return out
 
 
 def float_inputs(gm: fx.GraphModule, anns: dict[fx.Node, NodeAnnotation]) -> list[str]:
@@ -147,6 +186,8 @@ def link_eager_model(model: nn.Module,
                                                         qconfig_of):
             gm = eager_graph(model)
     except TraceFailure as e:
+        if isinstance(e.__cause__, FloatFunctionalReuseError):  # a model error, not tracing's
+            raise e.__cause__ from None
         warnings.warn(
             f"prepare_qat: the prepared {type(model).__name__} cannot be traced, so float "
             "tensors entering quantized ops are not quantized and QAT modules do not know "

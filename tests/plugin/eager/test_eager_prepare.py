@@ -9,7 +9,7 @@ import warnings
 import pytest
 import qatkit
 import torch
-from conftest import (
+from eager_models import (
     CAT_GROUPS,
     DIGITS_GROUPS,
     QCONFIG,
@@ -176,7 +176,7 @@ def test_torch_ao_eager_models_prepare_unchanged():
     qm = qatkit.prepare_qat(model)
     assert isinstance(qm.conv1, qatkit.nn.qat.Conv2d) and qm.conv1._get_name() == "ConvBnReLU2d"
     assert isinstance(qm.layer1[0].add_relu, QATFloatFunctional)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     qatkit.calibrate(qm, x, progress=False)
     im = qatkit.convert(qm)
     with torch.no_grad():
