@@ -13,7 +13,10 @@ copy, as ``prepare_qat_fx`` + calibration would build it:
 * a float island (``hybrid_dict``): its weight fake quants and its ``1 / divisor`` fake quant
   are off; its output stays float unless a quantized op uses it, where prepare re-quantizes it
   with a QuantStub of that op's qconfig -- emulated by the island's own output fake quant (the
-  same tensor, the same calibration statistics) at that op's activation dtype.
+  same tensor, the same calibration statistics) at that op's activation dtype.  A shared
+  module made an island is re-quantized per call (each call its own QuantStub and scale),
+  which one fake quant cannot emulate: its outputs are left float (each call's own scale
+  loses little; the score of such a step is close, not exact).
 
 Example::
 
@@ -149,8 +152,10 @@ class PrecisionSpace:
             for p in self.acts[name]:
                 if not st.island:
                     out[p] = (True, st.act_bits or self.orig[p])
-                elif p == self.outputs.get(name):
+                elif p == self.outputs.get(name) and not self.layers[name].shared:
                     out[p] = self._follow(p, config, initial)
+                elif p == self.outputs.get(name):  # a shared island: see the module docstring
+                    out[p] = (False, self.orig[p])
                 else:  # the 1 / divisor of a float division
                     out[p] = (False, self.orig[p])
         for q in self.inserted:

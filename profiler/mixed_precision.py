@@ -262,8 +262,8 @@ def suggest_mixed_precision(model: Any, calibrated_data: Any, target: float,
     ev = Evaluator(work, batches, mets, output_node, eval_fn, incremental, "model")
     key = ev.eval_key or mets[0].name
     higher = ev.better(key)
+    float_scores = ev.set_reference()  # checks that the data fits first
     sizes = _activation_sizes(work, batches, space)
-    float_scores = ev.set_reference()
     float_scores.update({m.name: m(ev.reference, ev.reference) for m in ev.metrics})
     current = ev.set_base({})
     initial_score = current[key]

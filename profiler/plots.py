@@ -110,7 +110,8 @@ def plot_acc_error(save_dir: str | os.PathLike, calibrated_data: Any, model_or_f
                    output_node: Any = None, metric: Any = "cosine-similarity",
                    average_mode: bool = False, data_num: int | None = None, device: Any = None,
                    verbose: bool = True, incremental: bool = True,
-                   input_fn: Callable[[Any], Any] | None = None) -> AccErrorResult:
+                   input_fn: Callable[[Any], Any] | None = None,
+                   node_type: str = "node") -> AccErrorResult:
     """Draw the cumulative error curve and / or the partial un-quantization sweep.
 
     Args:
@@ -121,8 +122,8 @@ def plot_acc_error(save_dir: str | os.PathLike, calibrated_data: Any, model_or_f
         quantize_node: curves to draw, each ``"weight"``, ``"activation"``, ``"node"`` (all)
             or a list of names quantized alone.  Default ``["weight", "activation"]`` when
             ``non_quantize_node`` is not given either.
-        non_quantize_node: sets of names left float (each an op name -- all its quantizers
-            -- or a fake quant path), e.g. ``[nodes[:1], nodes[:2], nodes[:3]]``.
+        non_quantize_node: sets of names left float (op names, or fake quant paths), e.g.
+            ``[nodes[:1], nodes[:2], nodes[:3]]`` of a sensitivity ranking.
         output_node: what the sweep scores (None: every output; an int; an op name).
         metric: the comparison metric (``"cosine-similarity"``, ``"mse"``, ...).
         average_mode: the mean of the per-batch metrics instead of the metric over all the
@@ -132,6 +133,9 @@ def plot_acc_error(save_dir: str | os.PathLike, calibrated_data: Any, model_or_f
         verbose: progress bars.
         incremental: run only what follows each change in the sweep.
         input_fn: ``batch -> model input`` when batches hold more than the inputs.
+        node_type: which quantizers of an op named in ``non_quantize_node`` are left float:
+            ``"node"`` (all of them), ``"weight"`` or ``"activation"`` -- pass the
+            ``node_type`` of the ranking the names come from.
 
     Returns:
         an :class:`AccErrorResult` (tables, figure paths).
@@ -165,8 +169,11 @@ def plot_acc_error(save_dir: str | os.PathLike, calibrated_data: Any, model_or_f
         figures["quantize"] = _plot_curves(table, [c[0] for c in curves], mets[0], save_dir)
     if non_quantize_node:
         sets = [[s] if isinstance(s, str) else list(s) for s in non_quantize_node]
+        if node_type not in NODE_TYPES:
+            raise ValueError(f"node_type={node_type!r}: choose one of {list(NODE_TYPES)}")
         every = list_quantizers(work, "node")
-        resolved = [resolve_quantizers(every, s, every, "non_quantize_node entry") for s in sets]
+        kind = list_quantizers(work, node_type)
+        resolved = [resolve_quantizers(kind, s, every, "non_quantize_node entry") for s in sets]
         ev = Evaluator(work, batches, mets, output_node, None, incremental)
         ev.set_reference()
         baseline = ev.set_base(ev.all(True))
