@@ -83,6 +83,9 @@ def settle_batchnorm(model: nn.Module, x: Tensor) -> nn.Module:
     model.train()
     with torch.no_grad():
         model(x)
+    for bn in model.modules():  # (momentum None reads a tensor as a number: a graph break)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.momentum = 0.1
     return model.eval()
 
 

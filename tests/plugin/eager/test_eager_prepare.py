@@ -167,7 +167,8 @@ def test_cat_add_relu_mul_are_quantized_ops_with_their_own_scales():
     assert anns["cat"].output.dtype == "qint8"
 
 
-def test_torch_ao_eager_models_prepare_unchanged():
+@pytest.mark.parametrize("check_convert", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_torch_ao_eager_models_prepare_unchanged(check_convert):
     """torchvision's quantizable models (torch.ao QuantStub, fused modules, FloatFunctional)."""
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.quantization.resnet18(weights=None, quantize=False).eval()
@@ -176,11 +177,15 @@ def test_torch_ao_eager_models_prepare_unchanged():
     qm = qatkit.prepare_qat(model)
     assert isinstance(qm.conv1, qatkit.nn.qat.Conv2d) and qm.conv1._get_name() == "ConvBnReLU2d"
     assert isinstance(qm.layer1[0].add_relu, QATFloatFunctional)
+    assert isinstance(qm.quant, qatkit.nn.qat.QuantStub)
     x = torch.randn(2, 3, 32, 32)
-    qatkit.calibrate(qm, x, progress=False)
-    im = qatkit.convert(qm)
-    with torch.no_grad():
-        torch.testing.assert_close(im(x), qm(x), rtol=0, atol=0)
+    qatkit.calibrate(qm, x, progress=False, state="qat")
+    assert qm.layer1[0].add_relu.qatkit_op_kind == "add_relu"
+    if check_convert:
+        qatkit.set_fake_quantize(qm, "validation")
+        im = qatkit.convert(qm)
+        with torch.no_grad():
+            torch.testing.assert_close(im(x), qm(x), rtol=0, atol=0)
 
 
 def test_float_functional_is_the_torch_op_in_a_float_model():

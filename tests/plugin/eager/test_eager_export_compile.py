@@ -1,0 +1,75 @@
+"""An eager-prepared model exports to ONNX (QDQ) through its annotated trace, and trains and
+evaluates under torch.compile in one graph, as a prepare_qat_fx model does."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import qatkit
+import torch
+from eager_models import CAT_GROUPS, CatNet, calibrated_eager, settle_batchnorm
+from qatkit.eager import eager_graph
+
+
+def _calibrated_cat(n: int = 16) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, 12, 12)
+    return calibrated_eager(settle_batchnorm(CatNet(), x), CAT_GROUPS, x), x
+
+
+@pytest.mark.parametrize("optimization", ["disable", "all"])
+def test_onnx_export_agrees_with_the_integer_model(tmp_path, optimization):
+    pytest.importorskip("onnxruntime")
+    from qatkit.export.check import run_onnxruntime
+
+    qm, x = _calibrated_cat()
+    path = qatkit.export_onnx(eager_graph(qm), (x,), tmp_path / "cat.onnx")
+    [got] = run_onnxruntime(str(path), (x,), optimization)
+    with torch.no_grad():
+        ref = qatkit.convert(qm)(x).double().numpy()
+    scale = float(qm.fc.activation_post_process.scale)
+    lsb = np.abs(np.asarray(got, np.float64).reshape(ref.shape) - ref) / scale
+    # onnxruntime's float32 requantization may land a .5 tie on the other side (docs/export.md)
+    assert float(np.mean(lsb.round() == 0)) >= 0.99 and float(lsb.max()) <= 1 + 1e-6, lsb.max()
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",  # Dynamo and AOT autograd: what eager mode adds (mixins, FloatFunctional)
+    pytest.param("inductor", marks=pytest.mark.slow),  # + code generation (~1 min on 2 cores)
+])
+def test_compiled_eager_model_trains_and_evaluates_in_one_graph(backend):
+    qm, x = _calibrated_cat(8)
+    qatkit.set_fake_quantize(qm, "qat")
+    qm.train()
+    eager = copy.deepcopy(qm)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(qm, backend=backend)
+    out = compiled(x)
+    out.sum().backward()
+    ref = eager(x)
+    ref.sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "no recompile"
+    assert not torch._dynamo.utils.counters["graph_break"], "no graph break"
+    step = float(qm.fc.activation_post_process.scale)
+    lsb = ((out - ref).abs() / step).round().detach()
+    assert float(lsb.max()) <= 1 and float((lsb == 0).float().mean()) >= 0.98, lsb
+    largest = max(float(q.grad.norm()) for q in eager.parameters() if q.grad is not None)
+    for (name, p), q in zip(qm.named_parameters(), eager.parameters(), strict=True):
+        # (a conv bias before a training BatchNorm has a zero gradient up to rounding)
+        if q.grad is not None and float(q.grad.norm()) > 1e-4 * largest:
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), 0)
+            assert cos > 0.9999, (name, float(cos))
+    # evaluation (frozen scales) compiles once more, then runs without recompiling
+    for m in (qm, eager):
+        qatkit.set_fake_quantize(m, "validation")
+        m.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            got, want = compiled(x), eager(x)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == 2, graphs
+    lsb = ((got - want).abs() / step).round()
+    assert float(lsb.max()) <= 1 and float((lsb == 0).float().mean()) >= 0.98, lsb
