@@ -44,7 +44,13 @@ def _rebuild(base: type, mixins: tuple[type, ...]) -> nn.Module:
 class MixedModule:
     """Base of the mixins applied to a module's class at run time: instances pickle and
     deep-copy by the recipe (base class, mixins), so no generated class needs a global
-    name."""
+    name.
+
+    Example::
+
+        >>> isinstance(qat_model.conv2, MixedModule)   # a float island with an output_quant
+        True
+    """
 
     _qatkit_base: type
     _qatkit_mixins: tuple[type, ...] = ()
@@ -89,7 +95,13 @@ def unmixed_class(cls: type) -> type:
 
 class OutputQuantExit(MixedModule):
     """The module's output goes through its child ``output_quant`` (a QAT ``QuantStub``; an
-    integer ``Quantize`` after convert)."""
+    integer ``Quantize`` after convert).
+
+    Example::
+
+        >>> qat_model.conv2.output_quant          # conv2 has qconfig None
+        QuantStub(...)
+    """
 
     output_quant: nn.Module
 
@@ -114,7 +126,13 @@ def _is_value(v: Any) -> bool:
 
 class InputQuantEntry(MixedModule):
     """The arguments named in the child ``input_quant`` (an ``nn.ModuleDict`` of QAT
-    ``QuantStub`` by :func:`entry_key`) are quantized before the module runs."""
+    ``QuantStub`` by :func:`entry_key`) are quantized before the module runs.
+
+    Example::
+
+        >>> qat_model.conv2.input_quant["input"]  # conv2 takes the float sum ``x + y``
+        QuantStub(...)
+    """
 
     input_quant: nn.ModuleDict
 

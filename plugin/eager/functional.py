@@ -129,7 +129,13 @@ def _convert_add_relu(qat_module: nn.Module, call: BoundCall,
 class IntegerFunctional(FunctionalMethods, MixedModule):
     """The FloatFunctional methods on an integer module (mixed into its class by
     :func:`functional_class`): each checks that the method is the module's op and calls the
-    module."""
+    module.
+
+    Example::
+
+        >>> int_model = qatkit.convert(qat_model)
+        >>> y = int_model.skip.add(a, b)          # the integer add
+    """
 
     def _functional(self, method: str, *args: Any, **kwargs: Any) -> Any:
         kind = FUNCTIONAL_OPS.get(method, ("?",))[0]

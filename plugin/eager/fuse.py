@@ -47,6 +47,12 @@ class FusedFloat:
         act: ``None``, ``"relu"`` or ``"relu6"``.
         qatkit_float_name: the name of the last module of the group (the float model's op
             whose output the fused module reproduces).
+
+    Example::
+
+        >>> fused = qatkit.fuse_modules(model, [["conv1", "bn1", "relu1"]])
+        >>> isinstance(fused.conv1, FusedFloat), fused.conv1.act
+        (True, 'relu')
     """
 
     _qatkit_leaf = True

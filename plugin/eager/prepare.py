@@ -76,6 +76,11 @@ class EagerInfo:
             ``wrapped_functions``), from ``prepare_custom_config_dict``.
         hybrid: prepared with ``hybrid=True``.
         converted: made by :func:`qatkit.convert` (an integer model).
+
+    Example::
+
+        >>> qatkit.eager.eager_info(qat_model)
+        EagerInfo(trace_args={...}, hybrid=True, converted=False)
     """
 
     trace_args: dict[str, Any]

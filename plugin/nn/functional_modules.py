@@ -53,7 +53,16 @@ FUNCTIONAL_OPS: dict[str, tuple[str, Callable[..., Any]]] = {
 
 class FunctionalMethods:
     """The methods of a float-functional module (float, QAT and integer versions share
-    them): each calls :meth:`_functional` with its name."""
+    them): each calls :meth:`_functional` with its name.
+
+    Example::
+
+        >>> class Twice(FunctionalMethods):
+        ...     def _functional(self, method, *args, **kwargs):
+        ...         return FUNCTIONAL_OPS[method][1](*args, **kwargs) * 2
+        >>> Twice().add(torch.ones(1), torch.ones(1))
+        tensor([4.])
+    """
 
     def _functional(self, method: str, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError

@@ -118,3 +118,57 @@ def test_convert_errors_name_the_fix():
         qatkit.convert(qm)
     qatkit.calibrate(qm, x, progress=False)
     qatkit.convert(qm)
+
+
+class EveryOp(nn.Module):
+    """Each FloatFunctional op of the methods table not used by the other models."""
+
+    OPS = ("add_scalar", "mul_scalar", "sub", "stack", "matmul")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant_x, self.quant_y = qatkit.QuantStub(), qatkit.QuantStub()
+        for op in self.OPS:
+            setattr(self, op, qatkit.nn.FloatFunctional())
+        self.dequant = qatkit.DeQuantStub()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = self.quant_x(x), self.quant_y(y)
+        a = self.mul_scalar.mul_scalar(self.add_scalar.add_scalar(x, 0.5), 3.0)
+        d = self.stack.stack([self.sub.sub(a, y), y], dim=0)
+        return self.dequant(self.matmul.matmul(d, d.transpose(-1, -2)))
+
+
+def test_every_float_functional_op_converts_exactly():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    qm = qatkit.prepare_qat(EveryOp(), {"": qatkit.default_qat_8bit_fake_quant_qconfig})
+    qatkit.calibrate(qm, [(x, y)], progress=False)
+    im = qatkit.convert(qm)
+    for op in EveryOp.OPS:
+        assert im.get_submodule(op).qatkit_op_kind == op.replace("_scalar", ""), op
+    with torch.no_grad():
+        torch.testing.assert_close(im(x, y), qm(x, y), rtol=0, atol=0)
+
+
+class SharedReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = qatkit.QuantStub()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        self.relu = nn.ReLU()
+        self.dequant = qatkit.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv1(self.quant(x)))
+        return self.dequant(self.relu(self.conv2(y)))  # relu's 2nd call: another scale
+
+
+def test_module_called_at_two_places_with_different_scales_names_the_fix():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    with pytest.warns(UserWarning, match=r"\['relu'\] are called at several places"):
+        qm = qatkit.prepare_qat(SharedReLU(), {"": qatkit.default_qat_8bit_fake_quant_qconfig})
+    qatkit.calibrate(qm, x, progress=False)
+    with pytest.raises(ValueError, match=r"'relu' is called at 2 places.*own module"):
+        qatkit.convert(qm)
