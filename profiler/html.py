@@ -40,8 +40,8 @@ from .mermaid import GOOD_SIMILARITY, OK_SIMILARITY
 from .metrics import FINAL_SIMILARITY_THRESHOLD
 
 __all__ = [
-    "FINAL_SIMILARITY_THRESHOLD", "REPORT_SECTIONS", "Finding", "LayerScore", "Verdict",
-    "build_verdict", "render_html",
+    "FINAL_SIMILARITY_THRESHOLD", "REPORT_SECTIONS", "OPTIONAL_SECTIONS", "Finding",
+    "LayerScore", "Verdict", "build_verdict", "render_html",
 ]
 
 #: table key -> (section title, one-line help), in page order; other keys follow, titled by key
@@ -80,6 +80,24 @@ REPORT_SECTIONS: dict[str, tuple[str, str]] = {
     "findings": (
         "Findings",
         "Everything the advisor found, most severe first, with evidence and advice."),
+}
+
+#: sections a report has only when asked for (model_profiler's sensitivity section), placed
+#: after :data:`REPORT_SECTIONS`, in this order
+OPTIONAL_SECTIONS: dict[str, tuple[str, str]] = {
+    "sensitivity": (
+        "Sensitivity: which quantizer hurts",
+        "A causal test: each quantizer switched on alone (or off alone), the output compared "
+        "with the float data flow. Most sensitive first: leave these float or raise them to "
+        "int16 (suggest_mixed_precision returns the qconfig)."),
+    "acc_error_quantize": (
+        "Cumulative error: weights vs activations",
+        "Each quantized op's output vs float with only the weights, or only the activations, "
+        "quantized: which kind of quantizer dominates, and where the error appears."),
+    "acc_error_non_quantize": (
+        "Partial un-quantization",
+        "The output vs float with the most sensitive nodes left float (row 0: everything "
+        "quantized): how much accuracy comes back."),
 }
 
 _TEMPLATE = "profiler.html.j2"
@@ -510,12 +528,12 @@ def render_html(tables: Mapping[str, pd.DataFrame | None], path: str | os.PathLi
     shared_set = frozenset(str(s) for s in shared) if shared is not None \
         else _shared_from_counts(present.get("called_count"))
     verdict = verdict or build_verdict(present)
-    order = [k for k in REPORT_SECTIONS if k in present] + \
-        [k for k in present if k not in REPORT_SECTIONS]
+    known = {**REPORT_SECTIONS, **OPTIONAL_SECTIONS}
+    order = [k for k in known if k in present] + [k for k in present if k not in known]
     specs = [_table_spec(k, present[k], shared_set) for k in order]
     sections = [{"id": s["id"], "key": s["key"],
-                 "title": REPORT_SECTIONS.get(s["key"], (s["key"], ""))[0],
-                 "help": REPORT_SECTIONS.get(s["key"], ("", ""))[1],
+                 "title": known.get(s["key"], (s["key"], ""))[0],
+                 "help": known.get(s["key"], ("", ""))[1],
                  "columns": list(zip(s["columns"], s["kinds"], strict=True)),
                  "n_rows": len(s["rows"]), "n_shared": len(s["shared"])} for s in specs]
     data = {"tables": specs, "pageSize": page_size, "good": GOOD_SIMILARITY,

@@ -34,8 +34,10 @@ from .checks import check_unfused_operations, get_module_called_count
 from .html import Verdict, build_verdict, render_html
 from .mermaid import write_similarity_mermaid
 from .metrics import cosine_similarity, get_metric
+from .plots import plot_acc_error
 from .qconfig_check import check_qconfig
 from .running import device_pair, model_device
+from .sensitivity import get_sensitivity_of_nodes
 from .similarity import compare_models, featuremap_similarity
 from .statistics import outlier_channels, profile_featuremap
 from .weights import check_weight_correspondence, compare_weights
@@ -66,13 +68,22 @@ TOOLS: dict[str, Callable[..., Any]] = {
     "check_weight_correspondence": check_weight_correspondence,
     "advise": advise,
     "render_html": render_html,
+    # the optional sensitivity section: runs only when kwargs_dict names one of them
+    "get_sensitivity_of_nodes": get_sensitivity_of_nodes,
+    "plot_acc_error": plot_acc_error,
 }
+
+#: the tools of the optional sensitivity section (see :func:`model_profiler`)
+SENSITIVITY_TOOLS = ("get_sensitivity_of_nodes", "plot_acc_error")
+#: how many of the most sensitive nodes the section's partial un-quantization sweep leaves
+#: float (1, 2, ... this many)
+SENSITIVITY_SWEEP = 3
 
 #: arguments model_profiler sets itself (a kwargs_dict entry cannot override them)
 _OWN_ARGS = {"model", "model1", "model2", "float_model", "qat_model", "inputs", "example_inputs",
              "features", "out_dir", "method", "print_tabulate", "tables", "path", "verdict",
              "statistics", "similarity", "per_layer_similarity", "outliers", "called_count",
-             "unfused", "qconfig_warnings", "shared", "capture"}
+             "unfused", "qconfig_warnings", "shared", "capture", "model_or_file", "save_dir"}
 
 
 def model_kind(model: nn.Module) -> str:
@@ -102,7 +113,9 @@ class ProfilerReport:
         tables: the DataFrames by report key (``similarity_end_to_end``,
             ``similarity_per_layer``, ``statistics``, ``statistics_by_range``, ``outliers``,
             ``weights``, ``called_count``, ``unfused``, ``qconfig``, ``qconfig_warnings``,
-            ``findings``); a tool that does not apply to the mode is absent.
+            ``findings``; with the sensitivity section: ``sensitivity``,
+            ``acc_error_quantize``, ``acc_error_non_quantize``); a tool that does not apply
+            to the mode is absent.
         paths: what was written, by key (the tables' .csv, ``"html"``, ``"mermaid"``).
         verdict: the page's verdict (final-output cosine similarity, worst layers, findings).
         seconds: time per tool.
@@ -235,7 +248,14 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
         out_dir: the folder to write (created; existing report files are overwritten, other
             files are left alone).
         kwargs_dict: extra arguments per tool, by tool name (:data:`TOOLS`), e.g.
-            ``{"featuremap_similarity": {"similarity_func": "SQNR"}}``.
+            ``{"featuremap_similarity": {"similarity_func": "SQNR"}}``.  The sensitivity
+            section is off by default; a ``"get_sensitivity_of_nodes"`` or
+            ``"plot_acc_error"`` entry (``{}`` for the defaults) turns it on: the quantizers
+            of the calibrated / QAT model ranked on ``example_inputs`` (or the entry's
+            ``calibrated_data``; ``node_type`` ``"node"`` unless given), the cumulative
+            error curves of weights vs activations and the output with the top 1, 2, 3
+            nodes left float -- tables in the page, figures inline and in
+            ``out_dir/sensitivity/``.
         devices: as in :func:`featuremap_similarity` (one device or a pair).
 
     Returns:
@@ -268,6 +288,15 @@ def _model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any, m
                     devices: Any) -> ProfilerReport:
     kinds = _check_mode(mode, model1, model2)
     kw = _check_kwargs(kwargs_dict)
+    sensitivity_model = None
+    if any(t in kw for t in SENSITIVITY_TOOLS):  # the section analyses the fake-quant model
+        sensitivity_model = next((m for m, k in ((model2, kinds[1]), (model1, kinds[0]))
+                                  if k == "fake_quant"), None)
+        if sensitivity_model is None:
+            raise ValueError("kwargs_dict asks for the sensitivity section, which switches the "
+                             "quantizers of a calibrated / QAT model, but neither model is one "
+                             f"(model1 is {_KIND_TEXT[kinds[0]]}, model2 {_KIND_TEXT[kinds[1]]})"
+                             ". Profile the calibrated / QAT model (mode 'FvsQ' or 'QvsQ')")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     tables: dict[str, pd.DataFrame] = {}
     seconds: dict[str, float] = {}
@@ -339,6 +368,10 @@ def _model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any, m
         per_layer_similarity=tables["similarity_per_layer"], outliers=tables["outliers"],
         called_count=tables["called_count"], unfused=tables.get("unfused"),
         qconfig_warnings=tables.get("qconfig_warnings"), **kw.get("advise", {}))
+    images: dict[str, Path] = {}
+    if sensitivity_model is not None:
+        images = timed("sensitivity", _sensitivity_section, sensitivity_model, inputs, kw,
+                       out / "sensitivity", tables)
     outputs = (cap1.output, cap2.output)
     final = _final_similarity(*outputs)
     verdict = build_verdict(tables, final_similarity=final)
@@ -357,8 +390,45 @@ def _model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any, m
             "inputs": ", ".join(str(tuple(t.shape)) for t in inputs
                                 if isinstance(t, torch.Tensor))}
     page = {k: v for k, v in tables.items() if k != "statistics_by_range"}
+    html_kw = dict(kw.get("render_html", {}))
+    html_kw["images"] = {**images, **(html_kw.get("images") or {})}
+    for caption, png in images.items():
+        paths[f"figure: {caption}"] = png
     paths["html"] = timed("render_html", render_html, page, out / "profiler.html",
                           title=f"qatkit profiler — {mode}", verdict=verdict, shared=shared,
-                          meta=meta, **kw.get("render_html", {}))
+                          meta=meta, **html_kw)
     return ProfilerReport(mode=mode, out_dir=out, tables=tables, paths=paths, verdict=verdict,
                           seconds=seconds)
+
+
+def _sensitivity_section(model: nn.Module, inputs: tuple, kw: Mapping[str, dict], folder: Path,
+                         tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    """Rank the quantizers of ``model``, draw the error curves and the partial
+    un-quantization of the top nodes; add the tables, return ``{caption: png}``."""
+    sens_kw = {"calibrated_data": inputs, "metrics": "cosine-similarity", "node_type": "node",
+               "verbose": False, **kw.get("get_sensitivity_of_nodes", {})}
+    ranking = get_sensitivity_of_nodes(model, save_dir=folder, **sens_kw)
+    nodes = list(ranking)
+    metric = sens_kw["metrics"]
+    if isinstance(metric, (list, tuple)):
+        metric = metric[0] if metric else "cosine-similarity"
+    acc_kw = {"calibrated_data": sens_kw["calibrated_data"],
+              "quantize_node": ["weight", "activation"],
+              "non_quantize_node": [nodes[:k] for k in range(1, min(SENSITIVITY_SWEEP,
+                                                                     len(nodes)) + 1)],
+              "metric": metric or "cosine-similarity", "node_type": ranking.node_type,
+              "verbose": False, **kw.get("plot_acc_error", {})}
+    for key in ("output_node", "data_num", "device", "input_fn"):
+        if key in sens_kw and key in inspect.signature(plot_acc_error).parameters:
+            acc_kw.setdefault(key, sens_kw[key])
+    curves = plot_acc_error(save_dir=folder, model_or_file=model, **acc_kw)
+    tables["sensitivity"] = ranking.table
+    captions = {"quantize": f"Cumulative error along the model ({curves.metric}): only weights "
+                            "vs only activations quantized",
+                "non_quantize": f"Output {curves.metric} with the most sensitive nodes left "
+                                "float"}
+    images = {}
+    for key, table in curves.tables.items():
+        tables[f"acc_error_{key}"] = table
+        images[captions[key]] = curves.figures[key][0]
+    return images

@@ -1,0 +1,85 @@
+"""model_profiler's optional sensitivity section: off by default, on through kwargs_dict; its
+tables in the report, its figures inline in profiler.html (one self-contained file)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import qatkit
+import qatkit.profiler as qp
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+dw = importlib.import_module("debug_walkthrough")
+digits = importlib.import_module("digits")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data, float_model = dw.trained()
+    faulty = dw.with_fault(float_model, "cat_ranges")
+    with digits.torch_threads(1):
+        calib = dw.calibrated(faulty, data)
+    return faulty, calib, data.train_x[:32]
+
+
+def test_off_by_default(setup, tmp_path):
+    faulty, calib, x = setup
+    with digits.torch_threads(1):
+        report = qp.model_profiler(faulty, calib, x, out_dir=tmp_path)
+    assert "sensitivity" not in report.tables and not (tmp_path / "sensitivity").exists()
+    assert "Sensitivity: which quantizer hurts" not in report.html.read_text()
+
+
+def test_on_through_kwargs_dict(setup, tmp_path):
+    faulty, calib, x = setup
+    with digits.torch_threads(1):
+        report = qp.model_profiler(faulty, calib, x, out_dir=tmp_path,
+                                   kwargs_dict={"get_sensitivity_of_nodes": {}})
+    ranking = report.tables["sensitivity"]
+    assert list(ranking["Node"][:2]) == ["cat", "conv_h"], ranking.head()
+    sweep = report.tables["acc_error_non_quantize"]
+    assert list(sweep["Count"]) == [0, 1, 2, 3]
+    assert sweep["Cosine"].iloc[2] > 0.99 > 0.5 > sweep["Cosine"].iloc[0]
+    assert {"only weights quantized", "only activations quantized"} <= set(
+        report.tables["acc_error_quantize"].columns)
+    html = report.html.read_text()
+    assert "Sensitivity: which quantizer hurts" in html and "Partial un-quantization" in html
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 2, "inline figures"
+    assert "src=\"http" not in html and "sensitivity/" not in html, "one self-contained file"
+    folder = tmp_path / "sensitivity"
+    assert {p.name for p in folder.iterdir()} >= {
+        "sensitivity_node.csv", "acc_error_quantize.png", "acc_error_quantize.svg",
+        "acc_error_non_quantize.png", "acc_error_non_quantize.svg"}
+    assert (tmp_path / "sensitivity.csv").exists()
+
+
+def test_section_arguments_and_modes(setup, tmp_path):
+    faulty, calib, x = setup
+    with digits.torch_threads(1):
+        report = qp.model_profiler(
+            faulty, calib, x, out_dir=tmp_path / "a",
+            kwargs_dict={"get_sensitivity_of_nodes": {"node_type": "activation",
+                                                      "metrics": ["mse", "cosine"]},
+                         "plot_acc_error": {"quantize_node": ["node"]}})
+        assert set(report.tables["sensitivity"]["Type"]) == {"activation"}
+        assert report.tables["sensitivity"]["Node"].iloc[0] == "cat"
+        assert "MSE" in report.tables["acc_error_non_quantize"]
+        assert "everything quantized" in report.tables["acc_error_quantize"]
+        # calibrated vs integer: the section analyses model1
+        integer = qatkit.convert_fx(copy.deepcopy(calib))
+        qvsq = qp.model_profiler(calib, integer, x, mode="QvsQ", out_dir=tmp_path / "b",
+                                 kwargs_dict={"plot_acc_error": {}})
+        assert qvsq.tables["sensitivity"]["Node"].iloc[0] == "cat"
+        with pytest.raises(ValueError, match="neither model is one"):
+            qp.model_profiler(faulty, integer, x, out_dir=tmp_path / "c",
+                              kwargs_dict={"get_sensitivity_of_nodes": {}})
+        with pytest.raises(ValueError, match="model_profiler sets 'save_dir' itself"):
+            qp.model_profiler(faulty, calib, x, out_dir=tmp_path / "d",
+                              kwargs_dict={"get_sensitivity_of_nodes": {"save_dir": "x"}})
