@@ -24,13 +24,15 @@ F32_EXACT = 2**24  # integers below this add exactly in float32
 F64_EXACT = 2**53
 
 
+@torch.compiler.assume_constant_result  # read once per compiled graph, not a graph break
 def cpu_fp32_is_ieee(kind: str) -> bool:
     """True when torch's CPU float32 ``kind`` ("conv" / "matmul") is plain IEEE float32
     arithmetic with a direct / GEMM algorithm, so integer sums below 2**24 are exact.
 
     Without oneDNN, torch may pick NNPACK (Winograd, inexact) for big conv batches; a reduced
     fp32 precision (bf16 / tf32, e.g. ``torch.set_float32_matmul_precision("medium")``) is
-    inexact too.  Then the accumulation runs in float64.
+    inexact too.  Then the accumulation runs in float64.  Under ``torch.compile`` the answer
+    is fixed when a graph compiles (change these backend settings before compiling).
     """
     mkldnn = torch.backends.mkldnn
     if kind == "conv" and not (mkldnn.is_available() and mkldnn.enabled):

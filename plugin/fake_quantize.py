@@ -96,6 +96,25 @@ def _is_tracing() -> bool:
             or bool(getattr(compiler, "is_exporting", bool)()))
 
 
+_WARNED_COMPILED_HISTOGRAM: set[str] = set()
+
+
+@torch.compiler.disable(reason="data-dependent histogram update")
+def _observe_eagerly(observer: nn.Module, x: Tensor) -> None:
+    """A histogram observer's update under torch.compile: it is data dependent (its range
+    grows by a data-dependent number of steps), so it runs eagerly, one graph split per fake
+    quant; the scales are those of an eager run.  Warns once per observer class."""
+    name = type(observer).__name__
+    if name not in _WARNED_COMPILED_HISTOGRAM:
+        _WARNED_COMPILED_HISTOGRAM.add(name)
+        warnings.warn(
+            f"{name} is calibrated under torch.compile: its histogram update runs eagerly and "
+            "splits the compiled graph at every fake quant (the scales are the same). Fix: "
+            "calibrate the model itself, qatkit.calibrate(model, data), and compile it for "
+            "QAT", UserWarning, stacklevel=2)
+    observer(x)
+
+
 def _records_aten_op() -> bool:
     """True under torch.jit tracing, ONNX export and torch.export: they record torch's fused
     fake-quant ops (which the TorchScript ONNX exporter maps to QuantizeLinear /
@@ -266,7 +285,10 @@ class FakeQuantize(ResizeBuffersOnLoad):
         if not self.enabled:
             return x
         if state is FakeQuantState.CALIBRATION:
-            self.observer(x)
+            if getattr(self.observer, "is_histogram", False) and torch.compiler.is_compiling():
+                _observe_eagerly(self.observer, x)
+            else:
+                self.observer(x)
             return x
         if state is FakeQuantState.QAT:
             if not self.observer.keeps_scale_in_qat or not self.has_scale:
