@@ -35,9 +35,9 @@ from ..fake_quantize import FakeQuantize
 from ..fx.annotate import annotate, op_kind
 from ..fx.naming import node_scope
 from ..fx.tracer import symbolic_trace
-from ..nn.functional_modules import FunctionalMethods
+from ..nn.functional_modules import FloatFunctional, FunctionalMethods
 from .boundaries import MixedModule, insert_boundaries, twin_boundary_leaves
-from .functional import FLOAT_BASE_NAMES, FloatFunctionalReuseError
+from .functional import FLOAT_BASE_NAMES, FloatFunctionalReuseError, QATFloatFunctional
 from .prepare import FLOAT_NOTE_ATTR, eager_info
 
 __all__ = ["eager_graph", "link_eager_model", "float_inputs", "float_functional_ops"]
@@ -141,6 +141,16 @@ def _split_boundary_stubs(gm: fx.GraphModule, model: nn.Module) -> dict[str, str
     return out
 
 
+def _unprepare_unused_functionals(model: nn.Module) -> None:
+    """A prepared FloatFunctional the forward never calls (torchvision's
+    ``InvertedResidual.skip_add`` of a block without residual) has no op, so no output to
+    quantize: it becomes a float ``FloatFunctional`` again (no scale to calibrate)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QATFloatFunctional) and not mod.kind:
+            float_ff = FloatFunctional().train(mod.training)
+            set_module(model, name, float_ff)
+
+
 def float_inputs(gm: fx.GraphModule, anns: dict[fx.Node, NodeAnnotation]) -> list[str]:
     """``"'op' <- 'producer'"`` for every input of a quantized op (a QuantStub aside) that is
     a float tensor computed by the model (a parameter or buffer aside).
@@ -182,6 +192,8 @@ def link_eager_model(model: nn.Module,
 
     try:
         gm = eager_graph(model)
+        if qconfig_of is not None:
+            _unprepare_unused_functionals(model)
         if qconfig_of is not None and insert_boundaries(model, gm, get_annotations(gm),
                                                         qconfig_of):
             gm = eager_graph(model)

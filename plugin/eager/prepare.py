@@ -304,6 +304,8 @@ class _Swapper:
             fq = qc.activation() if qc.activation is not None else None
             self._set(path, child, qat.output_quantized(child, fq), qc)
             return True
+        if isinstance(child, (nn.Sequential,) + _CONTAINERS):  # (an empty one: identity)
+            return False
         if _is_torch_leaf(child) or not any(True for _ in child.children()):
             # no quantized implementation (a torch.nn composite such as nn.MultiheadAttention
             # is one op for the tracer, as for prepare_qat_fx): it computes in float, unless

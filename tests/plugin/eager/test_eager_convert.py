@@ -53,7 +53,7 @@ def _lsb(qm: nn.Module, im: nn.Module, x: torch.Tensor) -> dict[str, float]:
 def test_integer_model_equals_fake_quant_to_the_bit(which):
     torch.manual_seed(0)
     if which == "digits":
-        x = torch.rand(64, 1, 16, 16) * 2 - 1
+        x = torch.rand(32, 1, 16, 16) * 2 - 1
         model, groups = settle_batchnorm(EagerDigitsNet(), x), DIGITS_GROUPS
     else:
         x = torch.randn(16, 3, 12, 12)

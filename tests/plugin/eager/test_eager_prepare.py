@@ -202,3 +202,32 @@ def test_float_functional_is_the_torch_op_in_a_float_model():
     # prepare_qat_fx traces through it: the op is named inside the FloatFunctional
     names = float_node_names(qatkit.fx.symbolic_trace(CatNet())).values()
     assert {"cat.cat", "add_relu.add", "add_relu.relu", "mul.mul"} <= set(names)
+
+
+class Optional(nn.Module):
+    """torchvision's pattern: a FloatFunctional and an empty Sequential a block may not use."""
+
+    def __init__(self, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.quant = qatkit.QuantStub()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.skip_add = qatkit.nn.FloatFunctional()
+        self.branch = nn.Sequential()
+        self.dequant = qatkit.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        y = self.conv(self.branch(x))
+        return self.dequant(self.skip_add.add(x, y) if self.residual else y)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_unused_float_functional_and_empty_sequential_stay_plain(residual):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing listed as float, nothing idle at calibration
+        qm = qatkit.prepare_qat(Optional(residual), {"": QCONFIG})
+        qatkit.calibrate(qm, torch.randn(2, 3, 4, 4), progress=False)
+        qatkit.convert(qm)
+    assert isinstance(qm.skip_add, QATFloatFunctional) == residual
+    assert type(qm.branch) is nn.Sequential
