@@ -95,6 +95,9 @@ class Evaluator:
         self.eval_key = eval_name(eval_fn) if eval_fn is not None else None
         self.eval_higher = bool(getattr(eval_fn, "higher_is_better", True))
         self.fqs = {n: m for n, m in work.named_modules() if isinstance(m, FakeQuantize)}
+        #: the flags as given: a fake quant the caller switched off stays off when "every
+        #: fake quant" is switched on
+        self.given = {n: bool(m.enabled) for n, m in self.fqs.items()}
         self.leaf = output_node if isinstance(output_node, int) and not isinstance(
             output_node, bool) else None
         target = None
@@ -111,8 +114,13 @@ class Evaluator:
 
     # -- switches ----------------------------------------------------------------------------
     def all(self, enabled: bool) -> dict[str, bool]:
-        """``{path: enabled}`` for every fake quant."""
-        return dict.fromkeys(self.fqs, enabled)
+        """``{path: flag}`` for every fake quant: off, or on as given (the quantized model
+        as it was passed in)."""
+        return dict(self.given) if enabled else dict.fromkeys(self.fqs, False)
+
+    def active(self, paths: Sequence[str]) -> tuple[str, ...]:
+        """The fake quants of ``paths`` that are on in the model as given."""
+        return tuple(p for p in paths if self.given[p])
 
     @contextlib.contextmanager
     def flags(self, enabled: Mapping[str, bool]) -> Iterator[None]:

@@ -286,16 +286,23 @@ def _summarize(name: str, path: str, c: _Collector, fq: FakeQuantize) -> tuple[d
            "Modes": modes, "Unimodal": modes <= 1, "Channels": channels,
            "Channel Spread (log2)": spread, "Median Channel Levels": levels,
            "Per-Tensor Risk": risk, "Verdict": "; ".join(parts)}
-    return row, _figure(name, path, values, lo, hi, modes, c.channels(), c.ch_absmax, spread,
+    return row, _figure(name, path, hist, lo, hi, modes, c.channels(), c.ch_absmax, spread,
                         risk)
 
 
-def _figure(name: str, path: str, values: Tensor, lo: float, hi: float, modes: int,
+def _figure(name: str, path: str, hist: Tensor, lo: float, hi: float, modes: int,
             channels: Tensor | None, absmax: Tensor | None, spread: float, risk: bool) -> Any:
+    from matplotlib.ticker import LogFormatter, NullFormatter
+
     fig, axes = new_figure(12, 4, cols=2)
     ax = axes[0]
-    ax.hist(values.numpy(), bins=_BINS, range=(lo, hi if hi > lo else lo + 1e-12),
-            color="#2563eb", log=True)
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-12, hist.numel() + 1)
+    ax.stairs(hist.numpy(), edges.numpy(), fill=True, baseline=0.8, color="#2563eb")
+    ax.set_yscale("log")
+    ax.set_ylim(0.8, max(float(hist.max()), 1.0) * 1.5)
+    # plain-text log labels: mathtext ones take seconds to draw
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title(f"{name}: {'unimodal' if modes <= 1 else f'{modes} modes'}", fontsize=10)
     ax.set_xlabel(path, fontsize=8)
     ax.set_ylabel("count (log)")

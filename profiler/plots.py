@@ -165,6 +165,7 @@ def plot_acc_error(save_dir: str | os.PathLike, calibrated_data: Any, model_or_f
         ev = Evaluator(work, batches, mets, None, None, incremental)
         ev.set_reference(as_base=True)
         table = _curves(ev, curves, mets[0], average_mode, verbose)
+        ev.set_flags(ev.given)  # the copy as given again, for the sweep below
         tables["quantize"] = table
         figures["quantize"] = _plot_curves(table, [c[0] for c in curves], mets[0], save_dir)
     if non_quantize_node:
@@ -222,7 +223,7 @@ def _curves(ev: Evaluator, curves: list[tuple[str, list[str]]], metric: Metric,
                              disable=not verbose, leave=False):
         accs = [BatchMetric(metric) for _ in range(len(ops) + 1)]
         per_batch: list[list[float]] = [[] for _ in range(len(ops) + 1)]
-        with ev.flags(dict.fromkeys(paths, True)):
+        with ev.flags({p: True for p in paths if ev.given[p]}):
             for b, base in enumerate(runner.base):
                 env = runner.runner.run_list(runner._env(b), runner.compute)
                 pairs = [(base[n], env[n]) for n, _, _ in ops]

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable, Iterable, Sequence
@@ -169,6 +170,12 @@ def get_sensitivity_of_nodes(model_or_file: Any, metrics: Any = "cosine-similari
     batches = (collect_batches(work, calibrated_data, data_num, input_fn=input_fn)
                if calibrated_data is not None else [])
     ev = Evaluator(work, batches, mets, output_node, eval_fn, incremental)
+    # a fake quant switched off in the model passed in stays off: it is not a quantizer here
+    quantizers = [dataclasses.replace(q, fake_quants=ev.active(q.fake_quants))
+                  for q in quantizers if ev.active(q.fake_quants)]
+    if not quantizers:
+        raise ValueError(f"every {node_type} fake quant of the model is switched off "
+                         "(set_fake_quant_enabled): there is no quantizer to analyse")
     every = [n for q in list_quantizers(work, "node") for n in q.nodes]
     if mode == "only_this_quantized":
         float_scores = ev.set_reference(as_base=True)

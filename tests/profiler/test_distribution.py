@@ -31,10 +31,11 @@ def test_outlier_channel_is_a_per_tensor_risk(setup, tmp_path):
     calib, x = setup
     with digits.torch_threads(1):
         res = qp.plot_distribution(save_dir=tmp_path, model_or_file=calib, calibrated_data=x,
-                                   nodes_list=["mid", "conv_a"], verbose=False)
+                                   nodes_list=["mid", "conv_a.activation_post_process"],
+                                   verbose=False)
     t = res.table.set_index("Fake Quant")
     assert list(t.index) == ["mid.weight_fake_quant", "mid.activation_post_process",
-                             "conv_a.weight_fake_quant", "conv_a.activation_post_process"]
+                             "conv_a.activation_post_process"]
     mid = t.loc["mid.activation_post_process"]
     assert mid["Tensor"] == "activation" and mid["Channels"] == 16
     # channel 3 is 512x the others: a spread of about 2^9
@@ -47,7 +48,7 @@ def test_outlier_channel_is_a_per_tensor_risk(setup, tmp_path):
     w = t.loc["mid.weight_fake_quant"]
     assert w["Tensor"] == "weight" and not w["Per-Tensor Risk"], "per-channel weights absorb it"
     assert "per-channel scales absorb" in w["Verdict"]
-    for path in ("mid.activation_post_process", "conv_a.weight_fake_quant"):
+    for path in ("mid.activation_post_process", "mid.weight_fake_quant"):
         png, svg = res.figures[path]
         assert png.exists() and svg.exists() and png.suffix == ".png" and svg.suffix == ".svg"
     assert (tmp_path / "distribution.csv").exists() and (tmp_path / "distribution.txt").exists()

@@ -121,7 +121,7 @@ def test_unreachable_target_says_so(faulty, data):
     assert not res.reached and res.steps == ()
     assert "does not meet the target" in res.message and "best any configuration" in res.message
     limited = qp.suggest_mixed_precision(calib, x, target=0.99999999, max_layers=1,
-                                         verbose=False)
+                                         options="int16_activation", verbose=False)
     assert len(limited.layers_changed) == 1 and not limited.reached
     assert "max_layers" in limited.message, limited.message
     assert limited.final_score > limited.initial_score

@@ -371,3 +371,41 @@ def test_nan_scores_rank_first():
     assert _rank([0.9, math.nan, 0.5], higher_is_better=True, best_first=False) == [1, 2, 0]
     assert _rank([0.9, math.nan, 0.5], higher_is_better=True, best_first=True) == [0, 2, 1]
     assert _rank([0.1, 0.3], higher_is_better=False, best_first=False) == [1, 0]
+
+
+@pytest.mark.parametrize("fault", list(dw.FAULTS))
+def test_leaving_the_top_nodes_float_recovers(calibrated, x, fault, tmp_path):
+    calib = calibrated(fault)
+    nodes = list(qp.get_sensitivity_of_nodes(calib, "cosine-similarity", x, node_type="node",
+                                             verbose=False))
+    sweep = qp.plot_acc_error(save_dir=tmp_path, calibrated_data=x, model_or_file=calib,
+                              non_quantize_node=[nodes[:1], nodes[:2], nodes[:3]],
+                              metric="cosine-similarity", verbose=False)
+    cos = list(sweep.tables["non_quantize"]["Cosine"])
+    assert cos[0] < 0.9 and max(cos[1:3]) > 0.99, (fault, nodes[:3], cos)
+
+
+def test_a_fake_quant_switched_off_stays_off(calibrated, x):
+    calib = copy.deepcopy(calibrated("cat_ranges"))
+    qatkit.set_fake_quant_enabled(calib, False, ["cat.activation_post_process"])
+    res = qp.get_sensitivity_of_nodes(calib, "cosine", x, node_type="activation",
+                                      verbose=False)
+    assert "cat" not in res, "not a quantizer of the model as given"
+    with torch.no_grad(), qatkit.fake_quant_enabled(copy.deepcopy(calib), False) as ref_model:
+        ref = ref_model(x)
+    with torch.no_grad():
+        out = calib(x)
+    assert res.quantized_scores["Cosine"] == pytest.approx(
+        qp.metrics.cosine_similarity(ref, out), abs=1e-9)
+    assert res.quantized_scores["Cosine"] > 0.3, "cat float: conv_h's weights still hurt"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda(calibrated, x):
+    calib = calibrated("outlier_channel")
+    res = qp.get_sensitivity_of_nodes(calib, "cosine", x, node_type="activation",
+                                      verbose=False, device="cuda")
+    cpu = qp.get_sensitivity_of_nodes(calib, "cosine", x, node_type="activation",
+                                      verbose=False)
+    assert list(res)[0] == "mid" == list(cpu)[0]
+    assert next(calib.parameters()).device.type == "cpu", "the model passed in stays put"
