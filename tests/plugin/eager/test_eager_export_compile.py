@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import qatkit
 import torch
-from eager_models import CAT_GROUPS, CatNet, calibrated_eager, settle_batchnorm
+from eager_models import (
+    CAT_GROUPS,
+    DIGITS_GROUPS,
+    CatNet,
+    EagerDigitsNet,
+    calibrated_eager,
+    settle_batchnorm,
+)
 from qatkit.eager import eager_graph
 from torch import nn
 
@@ -20,12 +27,25 @@ def _calibrated_cat(n: int = 16) -> tuple[torch.nn.Module, torch.Tensor]:
     return calibrated_eager(settle_batchnorm(CatNet(), x), CAT_GROUPS, x), x
 
 
-@pytest.mark.parametrize("optimization", ["disable", "all"])
-def test_onnx_export_agrees_with_the_integer_model(tmp_path, optimization):
+def _calibrated_island(n: int = 16) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The digits CNN with conv2-bn2-relu2 a float island (one float Conv in the file)."""
+    torch.manual_seed(0)
+    x = torch.rand(n, 1, 16, 16) * 2 - 1
+    fused = qatkit.fuse_modules(settle_batchnorm(EagerDigitsNet(), x), DIGITS_GROUPS)
+    fused.qconfig = qatkit.default_qat_8bit_fake_quant_qconfig
+    fused.conv2.qconfig = None
+    qm = qatkit.prepare_qat(fused, hybrid=True)
+    qatkit.calibrate(qm, x, progress=False)
+    return qm.eval(), x
+
+
+@pytest.mark.parametrize("which, optimization", [("cat", "disable"), ("cat", "all"),
+                                                  ("island", "all")])
+def test_onnx_export_agrees_with_the_integer_model(tmp_path, which, optimization):
     pytest.importorskip("onnxruntime")
     from qatkit.export.check import run_onnxruntime
 
-    qm, x = _calibrated_cat()
+    qm, x = _calibrated_cat() if which == "cat" else _calibrated_island()
     path = qatkit.export_onnx(eager_graph(qm), (x,), tmp_path / "cat.onnx")
     [got] = run_onnxruntime(str(path), (x,), optimization)
     with torch.no_grad():
