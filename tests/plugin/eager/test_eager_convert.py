@@ -172,3 +172,60 @@ def test_module_called_at_two_places_with_different_scales_names_the_fix():
     qatkit.calibrate(qm, x, progress=False)
     with pytest.raises(ValueError, match=r"'relu' is called at 2 places.*own module"):
         qatkit.convert(qm)
+
+
+def test_models_pickle_and_integer_state_dict_round_trips(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    fused = qatkit.fuse_modules(settle_batchnorm(EagerDigitsNet(), x), DIGITS_GROUPS)
+    fused.qconfig = qatkit.default_qat_8bit_fake_quant_qconfig
+    fused.conv2.qconfig = None  # a mixed class (the island's output_quant)
+    qm = qatkit.prepare_qat(fused, hybrid=True)
+    qatkit.calibrate(qm, x, progress=False)
+    qm.eval()
+    im = qatkit.convert(qm)
+    for model in (qm, im):
+        path = tmp_path / "model.pt"
+        torch.save(model, path)
+        again = torch.load(path, weights_only=False)
+        assert type(again.conv2) is type(model.conv2)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    # an integer model from a differently calibrated copy takes the first one's state_dict
+    qm2 = qatkit.prepare_qat(fused, hybrid=True)
+    qatkit.calibrate(qm2, x * 0.5, progress=False)
+    im2 = qatkit.convert(qm2.eval())
+    im2.load_state_dict(im.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(im2(x), im(x), rtol=0, atol=0)
+
+
+class WithMode(nn.Module):
+    """A forward that branches on a keyword: traceable once the keyword is fixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = qatkit.QuantStub()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.dequant = qatkit.DeQuantStub()
+
+    def forward(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        y = self.conv(self.quant(x))
+        if flip:
+            y = -y
+        return self.dequant(y)
+
+
+def test_untraceable_model_trains_with_a_warning_and_concrete_args_fix_it():
+    qc = {"": qatkit.default_qat_8bit_fake_quant_qconfig}
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.warns(UserWarning, match=r"cannot be traced.*prepare_custom_config_dict"):
+        qm = qatkit.prepare_qat(WithMode(), qc)
+    qatkit.calibrate(qm, x, progress=False)  # it still calibrates and trains
+    with pytest.raises(qatkit.fx.TraceFailure):
+        qatkit.convert(qm)
+    qm = qatkit.prepare_qat(WithMode(), qc,
+                            prepare_custom_config_dict={"concrete_args": {"flip": False}})
+    qatkit.calibrate(qm, x, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(qatkit.convert(qm)(x), qm(x), rtol=0, atol=0)
