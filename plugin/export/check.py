@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from .._state import set_module
 from ..annotation import get_annotations
+from .onnx import output_leaves
 
 __all__ = ["OPTIMIZATION_LEVELS", "onnxruntime_session", "run_onnxruntime", "optimized_ops",
            "fused_kernels", "OutputAgreement", "compare_with_onnxruntime", "output_scales",
@@ -161,20 +162,7 @@ def output_scales(int_model: fx.GraphModule) -> list[float | None]:
     ``DeQuantStub`` output has its input's scale); None for a float output."""
     anns = get_annotations(int_model)
     by_name = {n.name: n for n in int_model.graph.nodes}
-    out_node = next(n for n in int_model.graph.nodes if n.op == "output")
-    leaves: list[Any] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        else:
-            leaves.append(v)
-
-    walk(out_node.args[0] if out_node.args else None)
+    leaves = output_leaves(next(n for n in int_model.graph.nodes if n.op == "output"))
     scales: list[float | None] = []
     for leaf in leaves:
         ann = anns.get(leaf) if isinstance(leaf, fx.Node) else None
@@ -211,9 +199,9 @@ def compare_with_onnxruntime(model: nn.Module, path: str, inputs: Sequence[Any],
         >>> compare_with_onnxruntime(qat_model, "model.onnx", (x,), "all")
         [OutputAgreement('output': 100.0000% exact, max 0 LSB, n=3600)]
     """
-    from .onnx import _integer_model
+    from .onnx import integer_model_for_export
 
-    int_model, _ = _integer_model(model)
+    int_model, _ = integer_model_for_export(model)
     with torch.no_grad():
         ref = [t.detach().cpu().double().numpy() for t in _flat_outputs(int_model(*inputs))]
     got = run_onnxruntime(path, inputs, optimization)
@@ -319,9 +307,9 @@ def op_agreement(model: nn.Module, inputs: Sequence[Any], optimization: str = "a
     """
     import pandas as pd
 
-    from .onnx import _integer_model, write_onnx
+    from .onnx import integer_model_for_export, write_onnx
 
-    int_model, qat_model = _integer_model(model)
+    int_model, qat_model = integer_model_for_export(model)
     anns = get_annotations(int_model)
     targets = [n for n, a in anns.items() if a.is_quantized and n.op == "call_module"
                and a.output is not None and (ops is None or a.name in ops)]

@@ -144,7 +144,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
         raise ValueError(f"export_onnx: opset_version={opset_version} is not supported; use "
                          f"one of {SUPPORTED_OPSETS} (default {DEFAULT_OPSET})")
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    int_model, qat_model = _integer_model(model)
+    int_model, qat_model = integer_model_for_export(model)
     return write_onnx(int_model, tuple(inputs), path, opset, input_names, output_names,
                       dynamic_axes, qat_model)
 
@@ -169,8 +169,15 @@ def write_onnx(int_model: fx.GraphModule, inputs: tuple, path: str, opset: int =
 
 
 # -- the model to export ----------------------------------------------------------------------
-def _integer_model(model: Any) -> tuple[fx.GraphModule, fx.GraphModule | None]:
-    """``(integer model, the QAT model it was converted from or None)``."""
+def integer_model_for_export(model: Any) -> tuple[fx.GraphModule, fx.GraphModule | None]:
+    """``(integer model, the QAT model it was converted from or None)`` of a model to export
+    (a calibrated prepared model, or an integer model); a float or uncalibrated model is
+    refused with the fix.
+
+    Example::
+
+        >>> int_model, qat = integer_model_for_export(qat_model)
+    """
     from ..fx import convert_fx
 
     if not isinstance(model, nn.Module):
@@ -290,7 +297,7 @@ class _Exporter:
         if len(in_names) != len(placeholders):
             raise ValueError(f"export_onnx: {len(in_names)} input_names for "
                              f"{len(placeholders)} inputs")
-        out_leaves = _output_leaves(next(n for n in gm.graph.nodes if n.op == "output"))
+        out_leaves = output_leaves(next(n for n in gm.graph.nodes if n.op == "output"))
         out_names = list(output_names) if output_names is not None else (
             ["output"] if len(out_leaves) == 1 else [f"output_{i}" for i in
                                                      range(len(out_leaves))])
@@ -464,7 +471,15 @@ def _holds_tensor(rec: Any) -> bool:
     return isinstance(rec, (list, tuple)) and any(_holds_tensor(r) for r in rec)
 
 
-def _output_leaves(out: fx.Node) -> list[Any]:
+def output_leaves(out: fx.Node) -> list[Any]:
+    """The values a graph's ``output`` node returns, flattened (lists, tuples, dict values in
+    order; a node or constant is a leaf).
+
+    Example::
+
+        >>> output_leaves(next(n for n in gm.graph.nodes if n.op == "output"))
+        [fc]
+    """
     leaves: list[Any] = []
 
     def walk(v: Any) -> None:
