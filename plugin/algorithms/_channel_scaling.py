@@ -26,7 +26,7 @@ from torch import Tensor, fx, nn
 
 from ..annotation import NodeAnnotation, get_annotations
 from ..nn.qat import FusedMixin
-from ._common import Layer
+from ._common import Layer, record
 
 __all__ = ["ScalingGroup", "find_scaling_groups", "scale_group", "input_channel_max",
            "output_channel_max", "consumer_axis", "COMMUTING_KINDS", "COMMUTING_PREFIXES"]
@@ -117,19 +117,23 @@ def _producer_axis(model: nn.Module, ann: NodeAnnotation) -> int:
 
 
 def find_scaling_groups(model: fx.GraphModule, layers: list[Layer],
-                        shapes: dict[str, torch.Size]) -> list[ScalingGroup]:
+                        batches: list[Any]) -> list[ScalingGroup]:
     """The scaling groups of ``model`` for the consumer ``layers``.
 
     Args:
-        model: a prepared model.
+        model: a prepared model, in an :func:`~._common.algorithm_session`.
         layers: the candidate consumers (from :func:`~._common.prepared_layers`).
-        shapes: node name -> the shape of its output (one calibration batch), for every
-            producer candidate and consumer input.
+        batches: calibration batches; the first is run in float to learn every node's
+            output shape (producer candidates and consumer inputs).
 
     Returns:
         one group per producer found, valid or not (``reason``), plus a group without producer
         for each layer whose input has none; in graph order of the producers.
     """
+    shapes: dict[str, torch.Size] = {}
+    record(model, batches[:1], [n.name for n in model.graph.nodes if n.op != "output"],
+           quantized=False, sink=lambda _i, name, v: shapes.__setitem__(
+               name, v.shape) if isinstance(v, Tensor) else None)
     anns = get_annotations(model)
     by_name = {n.name: n for n in model.graph.nodes}
     layer_of = {node.name: layer for layer in layers for node in layer.nodes}

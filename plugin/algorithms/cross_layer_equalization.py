@@ -41,7 +41,6 @@ from ._common import (
     log_table,
     prepared_layers,
     recalibrate,
-    record,
     working_copy,
 )
 
@@ -103,11 +102,7 @@ def cross_layer_equalization(model: fx.GraphModule, data: Any, threshold: float 
     batches, _ = collect_batches(qm, data, num_batches, device, _NAME)
     rows: list[dict[str, Any]] = []
     with algorithm_session(qm):
-        shapes: dict[str, torch.Size] = {}
-        record(qm, batches[:1], [n.name for n in qm.graph.nodes if n.op != "output"],
-               quantized=False, sink=lambda _i, name, v: shapes.__setitem__(
-                   name, v.shape) if isinstance(v, Tensor) else None)
-        groups = find_scaling_groups(qm, layers, shapes)
+        groups = find_scaling_groups(qm, layers, batches)
         for g in groups:
             if g.reason is None and g.kind not in _WEIGHTED:
                 g.reason = f"the producer is a {g.kind}, not a conv / linear"

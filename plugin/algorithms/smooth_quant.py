@@ -108,11 +108,7 @@ def smooth_quant(model: fx.GraphModule, data: Any, alpha: float = 0.5, threshold
     batches, _ = collect_batches(qm, data, num_batches, device, _NAME)
     rows: list[dict[str, Any]] = []
     with algorithm_session(qm):
-        shapes: dict[str, torch.Size] = {}
-        record(qm, batches[:1], [n.name for n in qm.graph.nodes if n.op != "output"],
-               quantized=False, sink=lambda _i, name, v: shapes.__setitem__(
-                   name, v.shape) if isinstance(v, Tensor) else None)
-        groups = find_scaling_groups(qm, layers, shapes)
+        groups = find_scaling_groups(qm, layers, batches)
         valid = [g for g in groups if g.reason is None]
         amax = _consumer_channel_max(qm, batches, valid)
         changed = False
