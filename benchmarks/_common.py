@@ -61,3 +61,16 @@ def calibrated(float_model: torch.nn.Module, x: torch.Tensor,
             qm(batch)
     qatkit.set_fake_quantize(qm, "validation")
     return qm
+
+
+def settle_batchnorm(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
+    """Running statistics of ``batches`` in every BatchNorm (cumulative average), eval mode."""
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            bn.reset_running_stats()
+            bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return model.eval()

@@ -45,6 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import digits  # noqa: E402
+from _common import settle_batchnorm  # noqa: E402
 
 MODELS = ("digits", "digits_int16", "resnet18", "mobilenet_v2", "efficientnet_b0",
           "transformer_int8", "transformer_int8_softmax128", "transformer_int16")
@@ -86,17 +87,6 @@ def _prepare(model: nn.Module, x: torch.Tensor, qconfig_dict: dict,
     return qm
 
 
-def _settle_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
-    for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            bn.reset_running_stats()
-            bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
-
-
 def build(name: str) -> tuple[torch.fx.GraphModule, torch.Tensor, torch.Tensor]:
     """``(calibrated model, calibration batch, evaluation batch)``."""
     q8 = {"": qatkit.default_qat_8bit_fake_quant_qconfig}
@@ -122,7 +112,7 @@ def build(name: str) -> tuple[torch.fx.GraphModule, torch.Tensor, torch.Tensor]:
         return _prepare(model, x, qconfig_dict, [x]), x, xt
     model = torchvision.models.get_model(name, weights=None)
     x, xt = torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64)
-    _settle_batchnorm(model, x)
+    settle_batchnorm(model, [x])
     return _prepare(model, x, q8, [x]), x, xt
 
 

@@ -28,6 +28,7 @@ import qatkit
 import torch
 import torch.nn.functional as F
 import torchvision
+from _common import settle_batchnorm
 from torch import nn
 
 
@@ -79,19 +80,6 @@ class PeakMemory:
         self.stop.set()
         self.thread.join()
         self.peak = max(self.top, _rss()) - self.base
-
-
-def settle_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    """Running statistics of ``batches`` in every BatchNorm (cumulative average), eval mode."""
-    for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            bn.reset_running_stats()
-            bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    return model.eval()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
