@@ -40,12 +40,18 @@ from ..fake_quantize import FakeQuantize, FakeQuantState
 from ..quantized import CONVERTERS, TensorQParams
 from ..quantized.base import BoundCall, TensorArg, spec_qparams
 from .annotate import annotate
+from .partial import is_partially_traced, regions
 
 __all__ = ["convert_fx", "set_preserve_qat_mode", "bound_call"]
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, NodeAnnotation]:
-    """Module name -> the annotation of (one of) its calls, for every quantized op module."""
+    """Module name -> the annotation of (one of) its calls, for every quantized op module
+    (of every region of a partially traced model, named from its root)."""
+    if is_partially_traced(model):
+        return {(f"{path}.{name}" if path else name): ann
+                for path, gm in regions(model).items()
+                for name, ann in _quantized_modules(gm).items()}
     if not has_annotations(model):
         raise ValueError(f"{type(model).__name__} was not made by qatkit.prepare_qat_fx (no "
                          "quantization annotation)")
@@ -136,11 +142,31 @@ def convert_fx(qat_model: fx.GraphModule, inplace: bool = False) -> fx.GraphModu
         >>> int_model = convert_fx(qat_model)
         >>> y = int_model(x)     # float in, float out; integer arithmetic inside
     """
+    if is_partially_traced(qat_model):
+        return _convert_partial(qat_model, inplace)
     if not has_annotations(qat_model):
         raise ValueError(f"convert_fx takes a model made by qatkit.prepare_qat_fx, got "
                          f"{type(qat_model).__name__}")
     model = qat_model if inplace else copy.deepcopy(qat_model)
     _check_calibrated(model)
+    return _convert_graph(model)
+
+
+def _convert_partial(qat_model: nn.Module, inplace: bool) -> nn.Module:
+    """Convert each region of a partially traced model in place (the float glue stays)."""
+    model = qat_model if inplace else copy.deepcopy(qat_model)
+    _check_calibrated(model)
+    for path, gm in regions(model).items():
+        try:
+            _convert_graph(gm)
+        except (ValueError, NotImplementedError) as e:
+            raise type(e)(f"convert_fx, region '{path or '(root)'}' (names inside are "
+                          f"relative to it): {e}") from e
+    return model.eval()
+
+
+def _convert_graph(model: fx.GraphModule) -> fx.GraphModule:
+    """convert_fx on a calibrated prepared GraphModule, in place."""
     model.eval()
     annotations = get_annotations(model)
     modules = dict(model.named_modules())

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 from torch import fx, nn
 
@@ -117,7 +117,8 @@ def _unless_float(node: fx.Node | None,
 
 
 def find_fusion_groups(gm: fx.GraphModule,
-                       stays_float: Callable[[fx.Node], bool] | None = None) -> list[FusionGroup]:
+                       stays_float: Callable[[fx.Node], bool] | None = None,
+                       prefix: str = "") -> list[FusionGroup]:
     """Find every weighted-module chain of ``gm`` (each weighted call is one group).
 
     Args:
@@ -125,7 +126,11 @@ def find_fusion_groups(gm: fx.GraphModule,
         stays_float: says whether a node must stay float (qconfig None, hybrid island); the
             chain of a quantized weighted module stops before such a node, so that a float
             BatchNorm/add/activation is not fused into a quantized layer.
+        prefix: the name of ``gm`` in the whole model (partial tracing), for the warnings.
     """
+    def label(target: Any) -> str:
+        return f"{prefix}.{target}" if prefix else str(target)
+
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     groups: list[FusionGroup] = []
@@ -142,7 +147,7 @@ def find_fusion_groups(gm: fx.GraphModule,
             if node.target not in shared_weighted:  # one warning per module, not per call
                 shared_weighted.add(node.target)
                 warnings.warn(
-                    f"prepare: module '{node.target}' ({type(wmod).__name__}) is called "
+                    f"prepare: module '{label(node.target)}' ({type(wmod).__name__}) is called "
                     f"{calls[node.target]} times, so it is not fused with what follows it and "
                     "all its calls share one output scale. Fix: give each call site its own "
                     "module", UserWarning, stacklevel=3)
@@ -156,8 +161,9 @@ def find_fusion_groups(gm: fx.GraphModule,
                 and modules[nxt.target].num_features == _out_channels(wmod)):
             if calls[nxt.target] > 1:
                 warnings.warn(
-                    f"prepare: BatchNorm '{nxt.target}' is called {calls[nxt.target]} times; "
-                    f"it is not fused into '{node.target}'. Fix: one BatchNorm per call site",
+                    f"prepare: BatchNorm '{label(nxt.target)}' is called {calls[nxt.target]} "
+                    f"times; it is not fused into '{label(node.target)}'. Fix: one BatchNorm "
+                    "per call site",
                     UserWarning, stacklevel=3)
             else:
                 group.bn, cur = nxt, nxt
@@ -175,7 +181,7 @@ def find_fusion_groups(gm: fx.GraphModule,
                     shared_acts[str(nxt.target)] += 1
         claimed.update(group.nodes)
     if shared_acts:
-        listing = ", ".join(f"'{t}' ({n} of {calls[t]} calls fused)"
+        listing = ", ".join(f"'{label(t)}' ({n} of {calls[t]} calls fused)"
                             for t, n in shared_acts.items())
         warnings.warn(
             f"prepare: shared activation module(s) {listing}: each call site fused into the "

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.stubs import DeQuantStub
+from .tracer import as_output_type, same_pad
 
 try:  # the check torch.fx adds for a ``concrete_args`` entry fixed to None
     from torch.fx._symbolic_trace import _assert_is_none
@@ -106,7 +107,7 @@ PASSTHROUGH_FUNCTIONS: tuple[object, ...] = (
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
     torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
     F.dropout, F.dropout1d, F.dropout2d, torch.dropout, F.pixel_shuffle, F.pixel_unshuffle,
-    torch.channel_shuffle, torch.nn.functional.pad, _stochastic_depth,
+    torch.channel_shuffle, torch.nn.functional.pad, _stochastic_depth, same_pad,
 )
 PASSTHROUGH_METHODS: tuple[str, ...] = (
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
@@ -122,6 +123,7 @@ NON_TENSOR_FUNCTIONS: tuple[object, ...] = (
     int, float,
     isinstance, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     operator.not_, operator.and_, operator.or_, operator.neg, operator.pos, operator.truth,
+    as_output_type,
 )
 #: float modules that mark the end of quantization: their output is float, no warning
 FLOAT_BOUNDARY_MODULES: tuple[type[nn.Module], ...] = (DeQuantStub,)

@@ -30,6 +30,7 @@ from torch import Tensor, fx, nn
 
 from .._state import set_module
 from ..annotation import (
+    AnnotatedOp,
     NodeAnnotation,
     bind_arguments,
     get_annotations,
@@ -55,17 +56,21 @@ from .patterns import (
     PASSTHROUGH_MODULES,
 )
 from .qconfig_dict import QConfigResolver
-from .tracer import symbolic_trace
+from .tracer import TraceFailure, symbolic_trace
 
-__all__ = ["prepare_qat_fx", "get_provenance", "link_exact_inputs"]
+__all__ = ["prepare_qat_fx", "get_provenance", "link_exact_inputs", "prepare_traced",
+           "warn_prepare"]
 
-_CUSTOM_KEYS = {"concrete_args", "leaf_module_types", "leaf_module_names", "wrapped_functions"}
+_CUSTOM_KEYS = {"concrete_args", "leaf_module_types", "leaf_module_names", "wrapped_functions",
+                "partial_tracing"}
 
 # quantization state of a node's output
 _FLOAT, _QUANT, _OTHER = "float", "quant", "other"
 # why an op stays float (the annotation's ``note``)
 _NOTE_CONFIG = "qconfig None (float island)"
 _NOTE_UNSUPPORTED = "no quantized implementation"
+_NOTE_GLUE = "float glue (partial tracing)"
+_NOTE_CONSTANT = "computes on parameters / constants only (folded before deployment)"
 # data-moving ops whose input or output is a tuple: a QuantStub cannot move before them
 _MULTI_OUTPUT = (operator.getitem, torch.chunk, torch.split, torch.unbind, torch.tensor_split,
                  "chunk", "split", "unbind", "tensor_split", "__getitem__")
@@ -106,31 +111,79 @@ def prepare_qat_fx(
     if bad:
         raise ValueError(f"unknown prepare_custom_config_dict keys {sorted(bad)}; valid: "
                          f"{sorted(_CUSTOM_KEYS)}")
+    partial = custom.pop("partial_tracing", True)
+    if not isinstance(partial, bool):
+        raise ValueError(f"prepare_custom_config_dict['partial_tracing'] must be True or False, "
+                         f"got {partial!r}")
     float_islands = check_hybrid_args(hybrid, hybrid_dict)
     # qconfigs are values shared by reference: the copy keeps the user's own objects
     memo = {id(m.__dict__["qconfig"]): m.__dict__["qconfig"] for m in model.modules()
             if "qconfig" in m.__dict__}
+    original = model
     model = copy.deepcopy(model, memo)
-    gm = symbolic_trace(model, concrete_args=custom.get("concrete_args"),
-                        leaf_modules=custom.get("leaf_module_types", ()),
-                        leaf_module_names=custom.get("leaf_module_names", ()),
-                        wrapped_functions=custom.get("wrapped_functions", ()))
+    trace_kwargs = {"leaf_modules": custom.get("leaf_module_types", ()),
+                    "leaf_module_names": custom.get("leaf_module_names", ()),
+                    "wrapped_functions": custom.get("wrapped_functions", ())}
+    try:
+        gm = symbolic_trace(model, concrete_args=custom.get("concrete_args"), **trace_kwargs)
+    except TraceFailure as failure:
+        if not partial:
+            raise TraceFailure(f"{failure}\n(partial tracing is off: "
+                               "prepare_custom_config_dict={'partial_tracing': False})",
+                               failure.module_path, failure.module_type, failure.where,
+                               failure.line) from failure
+        if example_inputs is None:
+            raise TraceFailure(
+                f"{failure}\nOr pass example_inputs=(...) to prepare_qat_fx: partial tracing "
+                "then keeps this code float and prepares the traceable submodules (it runs "
+                "the inputs once to learn how each submodule is called)",
+                failure.module_path, failure.module_type, failure.where,
+                failure.line) from failure
+        from .partial import prepare_partial
+
+        return prepare_partial(original, model, qconfig_dict, example_inputs, float_islands,
+                               custom, trace_kwargs, failure)
+    gm, float_ops, shared = prepare_traced(gm, model, qconfig_dict, float_islands,
+                                           example_inputs)
+    warn_prepare(float_ops, shared)
+    return gm
+
+
+def prepare_traced(gm: fx.GraphModule, model: nn.Module, qconfig_dict: dict,
+                   float_islands: dict | None, example_inputs: tuple | None, prefix: str = "",
+                   check: bool = True, float_leaves: dict[str, str] | None = None
+                   ) -> tuple[fx.GraphModule, dict[str, list[str]], set[str]]:
+    """The passes of :func:`prepare_qat_fx` after tracing, on ``gm`` (traced from ``model``,
+    or from ``model``'s submodule at ``prefix``: qconfig_dict names and module ``.qconfig``
+    attributes are then looked up from ``model``'s root).
+
+    Returns:
+        ``(gm, float_ops, shared)``: the prepared GraphModule, the ops that stay float
+        without a quantized implementation (op -> float names) and the modules whose call
+        sites share one scale (for :func:`warn_prepare`).
+
+    Example::
+
+        >>> gm, float_ops, shared = prepare_traced(symbolic_trace(model), model, qconfig_dict,
+        ...                                        None, (x,))
+    """
     names = float_node_names(gm)
     modules = dict(gm.named_modules())
     op_kinds = {n: op_kind(n, modules) for n in gm.graph.nodes}
     op_kinds = {n: k for n, k in op_kinds.items() if k is not None}
     resolver = QConfigResolver(qconfig_dict, gm, names, op_kinds, float_overrides=float_islands,
-                               root=model)
+                               root=model, prefix=prefix, check=check)
     tensors, holders = _float_tensor_nodes(gm, example_inputs)
     for node in gm.graph.nodes:
         node.meta[META_FLOAT_NAME] = names[node]
 
     groups = find_fusion_groups(
-        gm, lambda n: _node_qconfig(n, names, modules, resolver, op_kinds) is None)
+        gm, lambda n: _node_qconfig(n, names, modules, resolver, op_kinds) is None, prefix)
     qconfigs = {g.weighted: _node_qconfig(g.weighted, names, modules, resolver, op_kinds)
                 for g in groups}
     fuse_weighted_modules(gm, groups, qconfigs, names)
-    rewriter = _Rewriter(gm, names, resolver, tensors, op_kinds)
+    rewriter = _Rewriter(gm, names, resolver, tensors, op_kinds, prefix, float_leaves or {},
+                         measured=example_inputs is not None)
     rewriter.run()
 
     gm.graph.eliminate_dead_code()
@@ -145,7 +198,30 @@ def prepare_qat_fx(
                     and n.op in ("placeholder", "call_function", "call_method", "call_module")},
         notes=rewriter.notes))
     link_exact_inputs(gm)
-    return gm
+    return gm, rewriter.float_ops, rewriter.shared_scales
+
+
+def warn_prepare(float_ops: dict[str, list[str]], shared: set[str], stacklevel: int = 3
+                 ) -> None:
+    """One warning listing the ops that stay float (no quantized implementation), one for
+    modules whose call sites share a scale.
+
+    Example::
+
+        >>> warn_prepare({"Gate": ["gate"]}, set())
+    """
+    if float_ops:
+        listing = "; ".join(f"{op}: {', '.join(ns[:4])}{' ...' if len(ns) > 4 else ''}"
+                            for op, ns in sorted(float_ops.items()))
+        warnings.warn(
+            f"prepare: {sum(map(len, float_ops.values()))} op(s) have no quantized "
+            f"implementation and stay float (their outputs are re-quantized where "
+            f"quantized ops use them): {listing}", UserWarning, stacklevel=stacklevel)
+    if shared:
+        warnings.warn(
+            f"prepare: module(s) {sorted(shared)} are called at several places "
+            "that are not fused into a layer: all those calls share one output scale. "
+            "Fix: give each call site its own module", UserWarning, stacklevel=stacklevel)
 
 
 def get_provenance(model: fx.GraphModule) -> dict[str, str]:
@@ -164,6 +240,17 @@ def get_provenance(model: fx.GraphModule) -> dict[str, str]:
         >>> get_provenance(qat_model)["layer1.0.conv1"]
         'layer1.0.relu(0)'
     """
+    from .partial import is_partially_traced, partial_trace_of, regions
+
+    if is_partially_traced(model):  # every region's, named from the root
+        found = regions(model)
+        return {(f"{r.path}.{name}" if r.path else name): r.name(float_name)
+                for r in partial_trace_of(model).regions
+                for name, float_name in _graph_provenance(found[r.path]).items()}
+    return _graph_provenance(model)
+
+
+def _graph_provenance(model: nn.Module) -> dict[str, str]:
     if not has_annotations(model):
         raise ValueError(f"{type(model).__name__} has no qatkit provenance: it was not made by "
                          "qatkit.prepare_qat_fx")
@@ -300,6 +387,12 @@ def _is_float_tensor(value: Any) -> bool:
     return False
 
 
+def _is_op_module(mod: nn.Module) -> bool:
+    """A module that is one op (replaced whole by convert_fx), not a container: a stub
+    must not be put inside it."""
+    return isinstance(mod, AnnotatedOp) or next(mod.parameters(recurse=False), None) is not None
+
+
 def _module_name(name: str, taken: set[str]) -> str:
     """A legal, unused module path from a float name (``relu(1)_quant`` -> ``relu_1__quant``)."""
     parts = name.split(".")
@@ -316,11 +409,15 @@ class _Rewriter:
     """The walk described in the module docstring."""
 
     def __init__(self, gm: fx.GraphModule, names: dict[fx.Node, str], resolver: QConfigResolver,
-                 tensors: dict[fx.Node, bool], op_kinds: dict[fx.Node, str]) -> None:
+                 tensors: dict[fx.Node, bool], op_kinds: dict[fx.Node, str], prefix: str = "",
+                 float_leaves: dict[str, str] | None = None, measured: bool = False) -> None:
         self.gm = gm
+        self.prefix = prefix
+        self.float_leaves = float_leaves or {}  # untraceable modules (partial tracing): why
         self.names = names
         self.resolver = resolver
         self.tensors = tensors
+        self.measured = measured  # ``tensors`` measured with example inputs, not inferred
         self.op_kinds = op_kinds
         self.state: dict[fx.Node, str] = {}
         self.quant_of: dict[fx.Node, fx.Node] = {}
@@ -334,18 +431,11 @@ class _Rewriter:
     def run(self) -> None:
         for node in list(self.gm.graph.nodes):
             self.state[node] = self._visit(node)
-        if self.float_ops:
-            listing = "; ".join(f"{op}: {', '.join(ns[:4])}{' ...' if len(ns) > 4 else ''}"
-                                for op, ns in sorted(self.float_ops.items()))
-            warnings.warn(
-                f"prepare: {sum(map(len, self.float_ops.values()))} op(s) have no quantized "
-                f"implementation and stay float (their outputs are re-quantized where "
-                f"quantized ops use them): {listing}", UserWarning, stacklevel=3)
-        if self.shared_scales:
-            warnings.warn(
-                f"prepare: module(s) {sorted(self.shared_scales)} are called at several places "
-                "that are not fused into a layer: all those calls share one output scale. "
-                "Fix: give each call site its own module", UserWarning, stacklevel=3)
+
+    def _float_op(self, label: str, node: fx.Node) -> None:
+        name = self.names[node]
+        self.float_ops.setdefault(label, []).append(
+            f"{self.prefix}.{name}" if self.prefix else name)
 
     def _modules(self) -> dict[str, nn.Module]:
         return dict(self.gm.named_modules())
@@ -362,7 +452,7 @@ class _Rewriter:
             return _OTHER
         if role == "weighted":
             mod = self.gm.get_submodule(str(node.target))
-            self._quantize_inputs(node, self._qconfig_of_module(mod))
+            self._quantize_inputs(node, self._qconfig_of_module(mod), constants=True)
             return _QUANT if mod.activation_post_process is not None else _FLOAT
         if role == "float_by_config":
             self.notes[node] = _NOTE_CONFIG
@@ -388,7 +478,8 @@ class _Rewriter:
             self._quantize_inputs(node, getattr(mod, "qconfig", None))
             if mod.activation_post_process is None:
                 return _FLOAT
-            self.shared_scales.add(str(node.target))
+            self.shared_scales.add(f"{self.prefix}.{node.target}" if self.prefix
+                                   else str(node.target))
             return _QUANT
         qconfig = self._qconfig(node)
         if type(mod) in qat.OUTPUT_QUANTIZED_MODULES:
@@ -401,8 +492,11 @@ class _Rewriter:
             set_module(self.gm, str(node.target), new)
             self._quantize_inputs(node, qconfig)
             return _QUANT if fq is not None else _FLOAT
+        if str(node.target) in self.float_leaves:  # partial tracing: float glue
+            self.notes[node] = f"{_NOTE_GLUE}: {self.float_leaves[str(node.target)]}"
+            return _FLOAT
         if qconfig is not None:
-            self.float_ops.setdefault(type(mod).__name__, []).append(self.names[node])
+            self._float_op(type(mod).__name__, node)
         self.notes[node] = _NOTE_CONFIG if qconfig is None else _NOTE_UNSUPPORTED
         return _FLOAT
 
@@ -423,26 +517,29 @@ class _Rewriter:
 
     def _visit_function(self, node: fx.Node) -> str:
         target = node.target
-        if node.op == "call_method" and target in NON_TENSOR_METHODS:
-            return _OTHER
-        if node.op == "call_function" and target in NON_TENSOR_FUNCTIONS:
-            return _OTHER
+        if (node.op == "call_method" and target in NON_TENSOR_METHODS) or (
+                node.op == "call_function" and target in NON_TENSOR_FUNCTIONS):
+            # measured a float tensor (``outputs.last_hidden_state``): a float value
+            return _FLOAT if self.measured and self.tensors.get(node) else _OTHER
         if (node.op == "call_method" and target in PASSTHROUGH_METHODS) or (
                 node.op == "call_function" and target in PASSTHROUGH_FUNCTIONS):
             return self._first_input_state(node)
         kind = self.op_kinds.get(node)
+        if kind is not None and node.all_input_nodes and not any(
+                self.state.get(a) in (_QUANT, _FLOAT) for a in node.all_input_nodes):
+            self.notes[node] = _NOTE_CONSTANT  # on parameters / constants only: folded
+            return _OTHER
         qconfig = self._qconfig(node)
         if kind is None:
             if qconfig is not None:
-                label = op_base_name(node)
-                self.float_ops.setdefault(label, []).append(self.names[node])
+                self._float_op(op_base_name(node), node)
             self.notes[node] = _NOTE_CONFIG if qconfig is None else _NOTE_UNSUPPORTED
             return _FLOAT
         if qconfig is None:
             self.notes[node] = _NOTE_CONFIG
             return _FLOAT
         if kind == "div" and node.kwargs.get("rounding_mode") is not None:
-            self.float_ops.setdefault("div(rounding_mode)", []).append(self.names[node])
+            self._float_op("div(rounding_mode)", node)
             self.notes[node] = _NOTE_UNSUPPORTED
             return _FLOAT
         fn = self._function(node)
@@ -500,13 +597,19 @@ class _Rewriter:
                 if st == _FLOAT and (node.op == "call_module" or node.target not in _MULTI_OUTPUT):
                     self.moved_from[node] = a
                 return st
-        return _OTHER
+        # a float tensor taken out of a value that is not one (a tuple holding a None)
+        return _FLOAT if self.tensors.get(node, False) else _OTHER
 
-    def _quantize_inputs(self, node: fx.Node, qconfig: Any) -> None:
+    def _quantize_inputs(self, node: fx.Node, qconfig: Any, constants: bool = False) -> None:
         """Insert a QuantStub after every float-tensor producer feeding ``node`` (before the
         data-moving ops between them, so that a tensor is quantized once, where it is made)."""
         def fix(arg: Any) -> Any:
-            if not (isinstance(arg, fx.Node) and self.state.get(arg) == _FLOAT):
+            if not isinstance(arg, fx.Node):
+                return arg
+            # a conv / linear on a float tensor attribute (a buffer): quantized like an input
+            constant = (constants and arg.op == "get_attr" and self.measured
+                        and self.tensors.get(arg, False))
+            if self.state.get(arg) != _FLOAT and not constant:
                 return arg
             # quantize a float tensor once, where it is made (``x_quant``), not after each
             # reshape/transpose/... that moves it
@@ -530,7 +633,10 @@ class _Rewriter:
             return self.quant_of[producer]
         qconfig = self._activation_qconfig(qconfig)
         float_name = producer.meta.get(META_FLOAT_NAME, producer.name)
-        name = _module_name(f"{float_name}_quant", self.taken)
+        parent, _, leaf = f"{float_name}_quant".rpartition(".")
+        if parent and parent in self.taken and _is_op_module(self.gm.get_submodule(parent)):
+            parent, leaf = parent.rpartition(".")[0], f"{parent.rpartition('.')[2]}_{leaf}"
+        name = _module_name(f"{parent}.{leaf}" if parent else leaf, self.taken)
         stub = qat.QuantStub(qconfig.activation())
         stub.qconfig = qconfig
         self.gm.add_submodule(name, stub)

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from ..qconfig import QConfig
 
-__all__ = ["QConfigResolver", "UNSET"]
+__all__ = ["QConfigResolver", "UNSET", "check_keys", "present_types"]
 
 UNSET: Any = object()
 
@@ -69,7 +69,7 @@ class QConfigResolver:
     def __init__(self, qconfig_dict: dict, gm: fx.GraphModule, names: dict[fx.Node, str],
                  op_kinds: dict[fx.Node, str], float_overrides: dict | None = None,
                  float_overrides_label: str = "hybrid_dict", root: nn.Module | None = None,
-                 ) -> None:
+                 prefix: str = "", check: bool = True) -> None:
         if not isinstance(qconfig_dict, dict):
             raise ValueError(f"qconfig_dict must be a dict such as {{'': qconfig}}, got "
                              f"{type(qconfig_dict).__name__}")
@@ -77,17 +77,15 @@ class QConfigResolver:
         if unknown:
             raise ValueError(f"unknown qconfig_dict keys {sorted(unknown)}: use '', "
                              "'module_type' and 'module_name'")
+        self.prefix = prefix
         self.global_qconfig = qconfig_dict.get("", None)
         _check_qconfig("''", self.global_qconfig)
         self.by_type = _pairs(qconfig_dict, "module_type")
         self.by_name = _pairs(qconfig_dict, "module_name")
-        self.modules = dict(gm.named_modules())
+        self.modules = {_join(prefix, n): m for n, m in gm.named_modules()}
         if root is not None:  # the containers gm replaced by plain nn.Module()
             self.modules.update(root.named_modules())
         self.float_names = sorted(set(self._all_names(names)))
-        self._check("qconfig_dict['module_name']", [k for k, _ in self.by_name])
-        self._check_types("qconfig_dict['module_type']", [k for k, _ in self.by_type], gm,
-                          op_kinds)
         if float_overrides:
             bad = set(float_overrides) - {"module_name", "module_type"}
             if bad:
@@ -95,42 +93,18 @@ class QConfigResolver:
                                  "'module_name' and 'module_type'")
             fnames = list(float_overrides.get("module_name", []))
             ftypes = list(float_overrides.get("module_type", []))
-            self._check(f"{float_overrides_label}['module_name']", fnames)
-            self._check_types(f"{float_overrides_label}['module_type']", ftypes, gm, op_kinds)
             self._float_names, self._float_types = set(fnames), list(ftypes)
         else:
             self._float_names, self._float_types = set(), []
+        if check:
+            check_keys(qconfig_dict, float_overrides, float_overrides_label, self.float_names,
+                       present_types(self.modules.values(), gm, op_kinds))
 
     def _all_names(self, names: dict[fx.Node, str]) -> Iterable[str]:
         yield from (n for n in self.modules if n)
         for node, name in names.items():
             if node.op in ("call_function", "call_method"):
-                yield name
-
-    def _check(self, label: str, keys: list[str]) -> None:
-        for key in keys:
-            if not isinstance(key, str):
-                raise ValueError(f"{label} entries must be module names (str), got {key!r}")
-            if any(n == key or n.startswith(key + ".") for n in self.float_names):
-                continue
-            close = difflib.get_close_matches(key, self.float_names, n=5, cutoff=0.5)
-            raise ValueError(f"{label}: no module or op is named {key!r}. Closest names: "
-                             f"{close or self.float_names[:5]}")
-
-    def _check_types(self, label: str, keys: list[Any], gm: fx.GraphModule,
-                     op_kinds: dict[fx.Node, str]) -> None:
-        present: set[Any] = {type(m) for m in self.modules.values()}
-        for node in gm.graph.nodes:
-            if node.op == "call_function":
-                present.add(node.target)
-        present |= set(op_kinds.values())
-        for key in keys:
-            if key in present:
-                continue
-            shown = sorted({getattr(p, "__name__", str(p)) for p in present
-                            if isinstance(p, (type, str))})
-            raise ValueError(f"{label}: {getattr(key, '__name__', key)!r} occurs nowhere in the "
-                             f"model. Types and ops present include: {shown[:15]}")
+                yield _join(self.prefix, name)
 
     def resolve(self, name: str, scope: str, module: nn.Module | None, type_keys: tuple) -> Any:
         """The QConfig (or None) of the op called ``name`` inside module ``scope``.
@@ -138,6 +112,8 @@ class QConfigResolver:
         ``type_keys`` are what a ``module_type`` entry may match (the module class, the
         function, the op kind).
         """
+        name = _join(self.prefix, name)
+        scope = _join(self.prefix, scope)
         path = name if module is not None else scope
         containers = self._container_types(path, include_self=module is None)
         if any(name == k or name.startswith(k + ".") for k in self._float_names) or any(
@@ -175,6 +151,71 @@ class QConfigResolver:
             if mod is not None and "qconfig" in mod.__dict__:
                 return mod.__dict__["qconfig"]
         return UNSET
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def present_types(modules: Iterable[nn.Module], gm: fx.GraphModule | None,
+                  op_kinds: dict[fx.Node, str]) -> set[Any]:
+    """What a ``module_type`` key may name in a model: its module classes, the functions its
+    graph calls, its op kinds.
+
+    Example::
+
+        >>> nn.Conv2d in present_types(model.modules(), gm, {})
+        True
+    """
+    present: set[Any] = {type(m) for m in modules}
+    if gm is not None:
+        present |= {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    present |= set(op_kinds.values())
+    return present
+
+
+def check_keys(qconfig_dict: dict, float_overrides: dict | None, float_overrides_label: str,
+               names: Iterable[str], present: set[Any]) -> None:
+    """Raise a ValueError for a ``module_name`` key that names nothing in ``names`` (module
+    names and functional op names of the model, from its root) or a ``module_type`` key not in
+    ``present``; the message lists the closest names.
+
+    Example::
+
+        >>> check_keys({"module_name": [("layer9", None)]}, None, "hybrid_dict", names, types)
+        ValueError: qconfig_dict['module_name']: no module or op is named 'layer9'. ...
+    """
+    names = sorted(set(names))
+    _check_names("qconfig_dict['module_name']", [k for k, _ in _pairs(qconfig_dict,
+                                                                     "module_name")], names)
+    _check_types("qconfig_dict['module_type']", [k for k, _ in _pairs(qconfig_dict,
+                                                                     "module_type")], present)
+    if float_overrides:
+        _check_names(f"{float_overrides_label}['module_name']",
+                     list(float_overrides.get("module_name", [])), names)
+        _check_types(f"{float_overrides_label}['module_type']",
+                     list(float_overrides.get("module_type", [])), present)
+
+
+def _check_names(label: str, keys: list[str], names: list[str]) -> None:
+    for key in keys:
+        if not isinstance(key, str):
+            raise ValueError(f"{label} entries must be module names (str), got {key!r}")
+        if any(n == key or n.startswith(key + ".") for n in names):
+            continue
+        close = difflib.get_close_matches(key, names, n=5, cutoff=0.5)
+        raise ValueError(f"{label}: no module or op is named {key!r}. Closest names: "
+                         f"{close or names[:5]}")
+
+
+def _check_types(label: str, keys: list[Any], present: set[Any]) -> None:
+    for key in keys:
+        if key in present:
+            continue
+        shown = sorted({getattr(p, "__name__", str(p)) for p in present
+                        if isinstance(p, (type, str))})
+        raise ValueError(f"{label}: {getattr(key, '__name__', key)!r} occurs nowhere in the "
+                         f"model. Types and ops present include: {shown[:15]}")
 
 
 def _matches(key: Any, type_keys: tuple) -> bool:
