@@ -202,6 +202,18 @@ def test_float_functional_is_the_torch_op_in_a_float_model():
     # prepare_qat_fx traces through it: the op is named inside the FloatFunctional
     names = float_node_names(qatkit.fx.symbolic_trace(CatNet())).values()
     assert {"cat.cat", "add_relu.add", "add_relu.relu", "mul.mul"} <= set(names)
+    # so a model written for eager mode also prepares with prepare_qat_fx, and the names agree
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 12, 12)
+    model = settle_batchnorm(CatNet(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fx_qm = qatkit.prepare_qat_fx(model, {"": QCONFIG}, example_inputs=(x,))
+    eager_qm = qatkit.prepare_qat(qatkit.fuse_modules(model, CAT_GROUPS), {"": QCONFIG})
+    fx_prov = qatkit.get_provenance(fx_qm)
+    eager_prov = qatkit.get_provenance(eager_graph(eager_qm))
+    assert fx_prov["cat.cat"] == eager_prov["cat"] == "cat.cat"
+    assert fx_prov["mul.mul"] == eager_prov["mul"] == "mul.mul"
 
 
 class Optional(nn.Module):
