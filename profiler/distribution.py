@@ -3,7 +3,7 @@
 For each node listed, and each of its fake quants, the values that fake quant quantizes: the
 weight (BatchNorm folded, as it is quantized) or the activation over the data (the float data
 flow: every fake quant passing its tensor through, so upstream quantization does not blur it).
-Two plots per tensor, PNG and SVG:
+Two plots per tensor (PNG and SVG) and three verdicts:
 
 * a histogram (log counts) with a **unimodality verdict**: the modes of the histogram smoothed
   by a Gaussian kernel, peaks separated by a valley below 70% of the lower peak counted apart.
@@ -12,7 +12,11 @@ Two plots per tensor, PNG and SVG:
   over the median channel's.  A per-tensor scale is set by the largest channel, so the median
   channel gets ``quant_max / spread`` levels: a spread of 2^3 or more puts per-tensor
   quantization at risk (int16, or per-channel scales where the NPU has them, or balancing the
-  ranges); per-channel quantized weights absorb it.
+  ranges); per-channel quantized weights absorb it;
+* the **median value's levels**: how many quantization levels the median nonzero magnitude
+  gets under the scale (per channel: in the worst channel).  Below 2, an outlier sets the
+  scale and most values round to 0 or 1 level -- a weight outlier inside a channel, that no
+  per-channel scale absorbs.
 
 Example::
 
@@ -39,10 +43,13 @@ from ._figures import new_figure, safe_stem, save_figure
 from .quantizers import list_quantizers, resolve_quantizers
 from .tables import write_table
 
-__all__ = ["plot_distribution", "DistributionResult", "count_modes", "SPREAD_RISK_LOG2"]
+__all__ = ["plot_distribution", "DistributionResult", "count_modes", "SPREAD_RISK_LOG2",
+           "RESOLUTION_RISK_LEVELS"]
 
 #: channel range spread (log2) from which per-tensor quantization is at risk
 SPREAD_RISK_LOG2 = 3.0
+#: fewer levels than this for the median value: an outlier sets the scale
+RESOLUTION_RISK_LEVELS = 2.0
 _BINS = 128
 _PER_CHANNEL = 2048  # values kept per channel for the box plot
 _BOX_CHANNELS = 64  # channels drawn (the widest ranges first beyond this)
@@ -55,7 +62,7 @@ class DistributionResult:
     Attributes:
         table: one row per tensor: Node, Fake Quant, Tensor (weight / activation), Shape,
             Min, Max, Mean, Std, Modes, Unimodal, Channels, Channel Spread (log2), Median
-            Channel Levels, Per-Tensor Risk, Verdict.
+            Channel Levels, Per-Tensor Risk, Median Value Levels, Resolution Risk, Verdict.
         figures: fake quant path -> (png, svg).
         paths: every file written.
 
@@ -273,7 +280,11 @@ def _summarize(name: str, path: str, c: _Collector, fq: FakeQuantize) -> tuple[d
             spread = math.log2(float(live.max()) / median)
             levels = fq.quant_max * median / float(live.max())
             risk = not fq.is_per_channel and spread >= SPREAD_RISK_LOG2
+    value_levels = _median_value_levels(c, values, fq)
     parts = ["unimodal" if modes <= 1 else f"{modes} modes"]
+    if value_levels < RESOLUTION_RISK_LEVELS:
+        parts.append(f"an outlier sets the scale: the median value gets {value_levels:.2f} "
+                     f"levels of {fq.dtype}" + (" (worst channel)" if fq.is_per_channel else ""))
     if risk:
         parts.append(f"per-tensor at risk: the widest channel is 2^{spread:.1f} x the median "
                      f"channel ({levels:.1f} levels of {fq.dtype} left for it)")
@@ -285,9 +296,31 @@ def _summarize(name: str, path: str, c: _Collector, fq: FakeQuantize) -> tuple[d
            "Shape": str(list(c.shape)), "Min": lo, "Max": hi, "Mean": mean, "Std": std,
            "Modes": modes, "Unimodal": modes <= 1, "Channels": channels,
            "Channel Spread (log2)": spread, "Median Channel Levels": levels,
-           "Per-Tensor Risk": risk, "Verdict": "; ".join(parts)}
+           "Per-Tensor Risk": risk, "Median Value Levels": value_levels,
+           "Resolution Risk": value_levels < RESOLUTION_RISK_LEVELS,
+           "Verdict": "; ".join(parts)}
     return row, _figure(name, path, hist, lo, hi, modes, c.channels(), c.ch_absmax, spread,
                         risk)
+
+
+def _median_value_levels(c: _Collector, values: Tensor, fq: FakeQuantize) -> float:
+    """Levels the median nonzero magnitude gets under the fake quant's scale granularity
+    (per channel: the worst channel), if the scale is the range's max."""
+    per = c.channels() if fq.is_per_channel else None
+    if per is not None and c.ch_absmax is not None:
+        worst = math.inf
+        for ch, amax in zip(per, c.ch_absmax.tolist(), strict=True):
+            mags = ch.abs()
+            mags = mags[mags > 0]
+            if amax > 0 and mags.numel():
+                worst = min(worst, fq.quant_max * float(mags.median()) / amax)
+        return worst if worst < math.inf else math.nan
+    mags = values.abs()
+    mags = mags[mags > 0]
+    amax = max(abs(c.lo), abs(c.hi))
+    if not mags.numel() or not amax > 0:
+        return math.nan
+    return fq.quant_max * float(mags.median()) / amax
 
 
 def _figure(name: str, path: str, hist: Tensor, lo: float, hi: float, modes: int,

@@ -294,7 +294,7 @@ def suggest_mixed_precision(model: Any, calibrated_data: Any, target: float,
         while not message and not _meets(current[key], target, higher):
             allow_new = max_layers is None or len(changed) < max_layers
             cands = _moves(space, config, allowed, allow_new, changed)
-            measured = _measure(ev, space, cands, key, screen)
+            measured = _measure(ev, space, cands, key, screen, target, higher)
             pick = _choose(measured, current[key], target, higher, changed)
             if pick is None:
                 message = (f"no single further change improves {key} "
@@ -323,9 +323,11 @@ def suggest_mixed_precision(model: Any, calibrated_data: Any, target: float,
 
 
 def _measure(ev: Evaluator, space: PrecisionSpace, cands: list, key: str,
-             screen: int | None) -> list[tuple[int, str, str, dict, float]]:
+             screen: int | None, target: float, higher: bool
+             ) -> list[tuple[int, str, str, dict, float]]:
     """Score every candidate (``eval_fn`` only for the ``screen`` best of each tier by the
-    metric, when both are there)."""
+    metric, when both are there; tiers in order, stopping after the first tier with a
+    candidate that meets the target -- :func:`_choose` takes the cheapest such tier)."""
     staged = []
     for tier, name, change, config in cands:
         diff = space.diff(config)
@@ -341,17 +343,19 @@ def _measure(ev: Evaluator, space: PrecisionSpace, cands: list, key: str,
         prelim.append(scores[key] if not two_stage else scores[ev.metrics[0].name])
     if not two_stage:
         return [(*s[:4], v) for s, v in zip(staged, prelim, strict=True)]
-    higher = ev.metrics[0].higher_is_better
     by_tier: dict[int, list[int]] = collections.defaultdict(list)
     for i, s in enumerate(staged):
         by_tier[s[0]].append(i)
-    for idx in by_tier.values():
-        idx.sort(key=lambda i: -prelim[i] if higher else prelim[i])
+    metric_higher = ev.metrics[0].higher_is_better
+    for tier in sorted(by_tier):
+        idx = sorted(by_tier[tier], key=lambda i: -prelim[i] if metric_higher else prelim[i])
         for i in idx[:screen]:
             tier, name, change, config, starts = staged[i]
             scores = ev.measure(starts, change=functools.partial(space.applied, config),
                                 metrics=False)
             out.append((tier, name, change, config, scores[key]))
+        if any(_meets(c[4], target, higher) for c in out):
+            break
     return out
 
 

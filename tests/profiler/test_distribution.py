@@ -45,6 +45,8 @@ def test_outlier_channel_is_a_per_tensor_risk(setup, tmp_path):
     assert mid["Max"] == pytest.approx(float(_mid_output(calib, x).max()), rel=1e-6)
     ok = t.loc["conv_a.activation_post_process"]
     assert not ok["Per-Tensor Risk"] and ok["Channel Spread (log2)"] < 3
+    assert bool(mid["Resolution Risk"]) and mid["Median Value Levels"] < 0.1
+    assert not ok["Resolution Risk"] and ok["Median Value Levels"] > 8
     w = t.loc["mid.weight_fake_quant"]
     assert w["Tensor"] == "weight" and not w["Per-Tensor Risk"], "per-channel weights absorb it"
     assert "per-channel scales absorb" in w["Verdict"]
@@ -87,3 +89,17 @@ def test_bad_names_and_unchanged_model(setup, tmp_path):
                              verbose=False)
     after = [m.enabled for m in calib.modules() if isinstance(m, qp.quantizers.FakeQuantize)]
     assert before == after and all(after)
+
+
+def test_a_weight_outlier_inside_channels_is_a_resolution_risk(tmp_path):
+    data, float_model = dw.trained()
+    with digits.torch_threads(1):
+        calib = dw.calibrated(dw.with_fault(float_model, "weight_outlier"), data)
+        res = qp.plot_distribution(tmp_path, calib, data.train_x[:8],
+                                   nodes_list=["conv2.weight_fake_quant", "conv_h"],
+                                   verbose=False)
+    t = res.table.set_index("Fake Quant")
+    bad = t.loc["conv2.weight_fake_quant"]
+    assert bool(bad["Resolution Risk"]) and not bad["Per-Tensor Risk"]
+    assert bad["Median Value Levels"] < 0.5 and "an outlier sets the scale" in bad["Verdict"]
+    assert not t.loc["conv_h.weight_fake_quant"]["Resolution Risk"]
