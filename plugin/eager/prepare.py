@@ -146,7 +146,16 @@ def prepare_qat(model: nn.Module, qconfig_dict: dict | None = None, hybrid: bool
 
     Raises:
         ValueError: no module gets a qconfig, a qconfig that is not a ``qatkit.QConfig``, a
-            bad ``qconfig_dict`` / ``hybrid_dict`` key or name, a model already prepared.
+            bad ``qconfig_dict`` / ``hybrid_dict`` key or name, a model already prepared, a
+            qconfig given to a module without quantized implementation (``nn.LSTM``...), a
+            model input entering a quantized module without a ``QuantStub``, one
+            FloatFunctional used for two ops (:class:`qatkit.eager.FloatFunctionalReuseError`);
+            each message names the module and the fix.
+
+    Warns:
+        UserWarning: functional ops that stay float (not written with a FloatFunctional),
+            modules without quantized implementation kept float, a module called at several
+            places with different input scales, a forward that cannot be traced.
 
     Example::
 
