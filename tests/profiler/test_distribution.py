@@ -96,7 +96,8 @@ def test_a_weight_outlier_inside_channels_is_a_resolution_risk(tmp_path):
     with digits.torch_threads(1):
         calib = dw.calibrated(dw.with_fault(float_model, "weight_outlier"), data)
         res = qp.plot_distribution(tmp_path, calib, data.train_x[:8],
-                                   nodes_list=["conv2.weight_fake_quant", "conv_h"],
+                                   nodes_list=["conv2.weight_fake_quant",
+                                               "conv_h.weight_fake_quant"],
                                    verbose=False)
     t = res.table.set_index("Fake Quant")
     bad = t.loc["conv2.weight_fake_quant"]

@@ -88,7 +88,8 @@ def assert_same(before: dict, after: dict) -> None:
 
 # -- efficacy ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fault", list(dw.FAULTS))
-@pytest.mark.parametrize("mode", ["only_this_quantized", "only_this_float"])
+@pytest.mark.parametrize("mode", ["only_this_quantized",
+                                  pytest.param("only_this_float", marks=pytest.mark.slow)])
 def test_faulty_quantizer_is_in_the_top_3(calibrated, x, fault, mode):
     spec = dw.FAULTS[fault]
     calib = calibrated(fault)
@@ -138,9 +139,10 @@ def test_incremental_runs_give_the_numbers_of_full_runs(calibrated, x):
     calib = calibrated("cat_ranges")
     for mode in ("only_this_quantized", "only_this_float"):
         inc = qp.get_sensitivity_of_nodes(calib, ["cosine", "mse"], x, node_type="node",
-                                          verbose=False, mode=mode)
+                                          verbose=False, mode=mode, data_num=16)
         full = qp.get_sensitivity_of_nodes(calib, ["cosine", "mse"], x, node_type="node",
-                                           verbose=False, mode=mode, incremental=False)
+                                           verbose=False, mode=mode, incremental=False,
+                                           data_num=16)
         assert inc.incremental and not full.incremental
         assert dict(inc) == dict(full), mode
 
