@@ -149,3 +149,20 @@ def test_bad_arguments(faulty, data):
     for k, v in calib.state_dict().items():
         if isinstance(v, torch.Tensor):
             torch.testing.assert_close(v, before[k], atol=0, rtol=0, msg=k)
+
+
+def test_a_hybrid_model_keeps_its_float_islands(data):
+    _, float_model = dw.trained()
+    faulty = dw.with_fault(float_model, "outlier_channel")
+    with digits.torch_threads(1):
+        hybrid = dw.calibrated(faulty, data, hybrid=True,
+                               hybrid_dict={"module_name": ["conv_p"]})
+        x = data.train_x[:64]
+        res = qp.suggest_mixed_precision(hybrid, x, target=0.999, options="int16",
+                                         verbose=False)
+        assert res.reached and res.layers_changed[0] == "mid", res
+        fixed = dw.calibrated(faulty, data, **res.prepare_kwargs)
+    assert not any(isinstance(m, qatkit.FakeQuantize) for m in fixed.conv_p.modules()), \
+        "conv_p stays a float island"
+    assert fixed.mid.activation_post_process.dtype == "qint16"
+    assert _cosine(faulty, fixed, x) == pytest.approx(res.final_score, abs=2e-4)
