@@ -266,7 +266,7 @@ def _plot_sweep(table: pd.DataFrame, metric: Metric, save_dir: str | os.PathLike
     ax.plot(table["Set"], values, marker="o", color="#2563eb")
     ax.axhline(float(values.iloc[0]), color="#c62828", linestyle="--", linewidth=1,
                label="all quantized")
-    labels = ["none"] + [f"{n} float" for n in table["Count"].iloc[1:]]
+    labels = ["none"] + [_short(str(names)) for names in table["Left Float"].iloc[1:]]
     ax.set_xticks(list(table["Set"]))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"{metric.name} of the output vs float")
@@ -274,3 +274,8 @@ def _plot_sweep(table: pd.DataFrame, metric: Metric, save_dir: str | os.PathLike
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, save_dir, "acc_error_non_quantize")
+
+
+def _short(names: str, width: int = 28) -> str:
+    """A sweep set's tick label: its names, cut to ``width`` characters."""
+    return names if len(names) <= width else "..." + names[-(width - 3):]
