@@ -67,7 +67,8 @@ def shared_traces() -> Iterator[None]:
 
 
 def trace_model(model: nn.Module, label: str = "model", share: bool = True) -> fx.GraphModule:
-    """``model`` as a GraphModule: itself if it is one, else traced with qatkit's tracer.
+    """``model`` as a GraphModule: itself if it is one, the annotated trace of an eager-mode
+    model (:func:`qatkit.eager.eager_graph`), else traced with qatkit's tracer.
 
     The traced GraphModule shares ``model``'s submodules (nothing is copied or modified).
     Inside :func:`shared_traces`, a model is traced once (unless ``share=False``: a private
@@ -85,8 +86,10 @@ def trace_model(model: nn.Module, label: str = "model", share: bool = True) -> f
     cache = _TRACES.get() if share else None
     if cache is not None and id(model) in cache and cache[id(model)][0] is model:
         return cache[id(model)][1]
-    try:
-        gm = symbolic_trace(model)
+    from qatkit.eager import eager_graph, is_eager_model
+
+    try:  # an eager-prepared model: its annotated trace (names are the float model's)
+        gm = eager_graph(model) if is_eager_model(model) else symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise ValueError(
             f"{label} ({type(model).__name__}) cannot be traced: {e}\nFix: trace it yourself "

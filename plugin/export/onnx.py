@@ -182,6 +182,10 @@ def integer_model_for_export(model: Any) -> tuple[fx.GraphModule, fx.GraphModule
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx takes an nn.Module, got {type(model).__name__}")
+    from ..eager import eager_graph, is_eager_model
+
+    if is_eager_model(model):  # prepare_qat / convert: its annotated trace
+        model = eager_graph(model)
     if not has_annotations(model):
         raise ValueError(
             f"export_onnx takes a model prepared with qatkit.prepare_qat_fx and calibrated (or "

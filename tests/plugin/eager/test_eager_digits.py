@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pandas as pd
 import qatkit
 import qatkit.profiler
 import torch
@@ -64,10 +65,16 @@ def test_eager_and_fx_reach_the_same_digits_accuracy(digits_trained, tmp_path):
         assert acc["eager"][stage] >= acc["eager"]["float"] - 0.02, (stage, acc)
     assert acc["eager"]["integer"] == acc["eager"]["qat"], "exact evaluation = integer model"
 
-    # the profiler reads the calibrated eager model through its annotated trace
-    report = qatkit.profiler.model_profiler(eager_float, eager_graph(calibrated),
-                                            data.test_x[:32], out_dir=tmp_path / "report")
+    # the profiler reads the calibrated eager model itself through its annotated trace: the
+    # same per-layer table as with eager_graph (it once compared QAT conv1, which reproduces
+    # relu1, with the float conv1)
+    report = qatkit.profiler.model_profiler(eager_float, calibrated, data.test_x[:32],
+                                            out_dir=tmp_path / "report")
+    by_graph = qatkit.profiler.model_profiler(eager_float, eager_graph(calibrated),
+                                              data.test_x[:32], out_dir=tmp_path / "graph")
     per_layer = report.tables["similarity_per_layer"].set_index("Module Name")
+    pd.testing.assert_frame_equal(
+        per_layer, by_graph.tables["similarity_per_layer"].set_index("Module Name"))
     assert {"conv1", "conv3", "skip", "relu3", "fc"} <= set(per_layer.index)
     assert per_layer.loc["skip", "Module Type"] == "FloatFunctional[add]"
     assert (per_layer["Similarity"].dropna() > 0.99).all(), per_layer["Similarity"]
