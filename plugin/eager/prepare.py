@@ -181,6 +181,31 @@ def prepare_qat(model: nn.Module, qconfig_dict: dict | None = None, hybrid: bool
         memo = {id(m.__dict__["qconfig"]): m.__dict__["qconfig"] for m in model.modules()
                 if "qconfig" in m.__dict__}
         model = copy.deepcopy(model, memo)
+        return _prepare(model, qconfig_dict, islands, hybrid, custom)
+    saved = _snapshot(model)
+    try:
+        return _prepare(model, qconfig_dict, islands, hybrid, custom)
+    except BaseException:
+        _restore(saved)  # inplace: a failed prepare leaves the model as it was
+        raise
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Every module's attributes, its dicts (submodules, parameters, buffers, hooks) copied
+    one level deep: what prepare changes (it swaps modules and adds attributes; it never
+    writes into a tensor)."""
+    return [(m, {k: copy.copy(v) if isinstance(v, dict) else v for k, v in m.__dict__.items()})
+            for m in model.modules()]
+
+
+def _restore(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for module, attrs in saved:
+        module.__dict__.clear()
+        module.__dict__.update(attrs)
+
+
+def _prepare(model: nn.Module, qconfig_dict: dict | None, islands: dict | None, hybrid: bool,
+             custom: dict[str, Any]) -> nn.Module:
     resolver = QConfigResolver(qconfig_dict or {}, _empty_graph(), {}, {},
                                float_overrides=islands, root=model)
     swapper = _Swapper(model, resolver)

@@ -243,3 +243,29 @@ def test_unused_float_functional_and_empty_sequential_stay_plain(residual):
         qatkit.convert(qm)
     assert isinstance(qm.skip_add, QATFloatFunctional) == residual
     assert type(qm.branch) is nn.Sequential
+
+
+def test_inplace_prepare_that_fails_leaves_the_model_as_it_was():
+    """A prepare_qat(inplace=True) that raises half way does not leave a half-prepared model."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):  # no QuantStub: prepare swaps modules, then refuses the model input
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.relu(self.conv(x)).mean((2, 3)))
+
+    model = Net().eval()
+    model.qconfig = qatkit.default_qat_8bit_fake_quant_qconfig
+    before = {n: type(m) for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="QuantStub"):
+        qatkit.prepare_qat(model, inplace=True)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert model.state_dict().keys() == state.keys()
+    assert not qatkit.eager.is_eager_model(model)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 2)
