@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from ..fake_quantize import FakeQuantize
+from ..fx.partial import is_partially_traced, region_pairs
 from ..quantized import QuantizedModule
 from .advisor import advise
 from .alignment import shared_traces
@@ -277,9 +278,73 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
         PosixPath('float_calib/profiler.html')
         >>> report.findings.head()        # Severity, Layer, Problem, Evidence, Advice
     """
+    if is_partially_traced(model2) or is_partially_traced(model1):
+        return _profile_regions(model1, model2, example_inputs, mode, out_dir, kwargs_dict,
+                                devices)
     with shared_traces():  # each model is traced once for all the tools
         return _model_profiler(model1, model2, example_inputs, mode, out_dir, kwargs_dict,
                                devices)
+
+
+def _profile_regions(model1: nn.Module, model2: nn.Module, example_inputs: Any, mode: str,
+                     out_dir: str | os.PathLike,
+                     kwargs_dict: Mapping[str, Mapping[str, Any]] | None,
+                     devices: Any) -> ProfilerReport:
+    """A partially traced model: each region profiled against the same part of model1, on
+    the inputs model1's run gives it (``out_dir/regions/<path>``); the tables joined, op
+    names from the root, with a ``Region`` column."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    second = model2 if is_partially_traced(model2) else model1
+    first = model1 if second is model2 else model2
+    out = Path(out_dir)
+    parts: dict[str, list[pd.DataFrame]] = {}
+    seconds: dict[str, float] = {}
+    pairs = region_pairs(first, second, inputs)
+    for spec, part1, part2, x in pairs:
+        pair = (part1, part2) if second is model2 else (part2, part1)
+        kw = {k: dict(v) for k, v in (kwargs_dict or {}).items()}
+        if any(s.path.startswith(f"{spec.path}.") or (not spec.path and s.path)
+               for s, *_ in pairs):  # the regions inside it are checked on their own
+            kw.setdefault("check_weight_correspondence", {})["rtol"] = None
+        if spec.trace.get("leaf_module_names") or spec.trace.get("leaf_modules"):
+            kw.setdefault("check_unfused_operations", {}).setdefault(
+                "prepare_custom_config_dict", {
+                    "leaf_module_names": list(spec.trace.get("leaf_module_names", ())),
+                    "leaf_module_types": list(spec.trace.get("leaf_modules", ()))})
+        report = model_profiler(*pair, x, mode, out / "regions" / (spec.path or "root"),
+                                kw, devices)
+        for key, table in report.tables.items():
+            table = table.copy()
+            for col in ("Module Name", "Layer"):
+                if col in table.columns:
+                    table[col] = [spec.name(str(v)) for v in table[col]]
+            table.insert(0, "Region", spec.path or "(root)")
+            parts.setdefault(key, []).append(table)
+        for key, t in report.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + t
+    tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
+    flags = [(m, m.training) for m in (*model1.modules(), *model2.modules())]
+    try:
+        model1.eval()
+        model2.eval()
+        with torch.no_grad():
+            final = _final_similarity(model1(*inputs), model2(*inputs))
+    finally:
+        for m, training in flags:
+            m.training = training
+    verdict = build_verdict(tables, final_similarity=final)
+    paths: dict[str, Path] = {}
+    for key, table in tables.items():
+        paths[key] = out / f"{key}.csv"
+        table.to_csv(paths[key], index=False)
+    meta = {"mode": mode, "model1": type(model1).__name__, "model2": type(model2).__name__,
+            "partial tracing": f"{len(parts.get('findings', []))} regions profiled one by one "
+                               "(see regions/), float glue between them not compared"}
+    page = {k: v for k, v in tables.items() if k != "statistics_by_range"}
+    paths["html"] = render_html(page, out / "profiler.html", title=f"qatkit profiler — {mode}",
+                                verdict=verdict, shared=set(), meta=meta)
+    return ProfilerReport(mode=mode, out_dir=out, tables=tables, paths=paths, verdict=verdict,
+                          seconds=seconds)
 
 
 def _model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any, mode: str,

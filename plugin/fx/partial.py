@@ -382,6 +382,13 @@ def _record(root: nn.Module, example_inputs: tuple
     return calls, macs, by_module
 
 
+#: what a held conv / linear's region shows of it (float glue reads them; tools must not
+#: mistake the region for the layer)
+_HELD_ATTRIBUTES = frozenset({
+    "weight", "bias", "in_features", "out_features", "in_channels", "out_channels",
+    "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"})
+
+
 class _Holder(fx.GraphModule):
     """The region of a conv / linear called by float glue: a GraphModule holding it as its
     child ``qatkit_held``, whose attributes it shows (glue reads ``projection.weight.dtype``
@@ -389,11 +396,13 @@ class _Holder(fx.GraphModule):
     converted module (its int8 weight) shows as float32."""
 
     def __getattr__(self, name: str) -> Any:
+        if "_modules" not in self.__dict__:  # being copied / unpickled
+            raise AttributeError(name)
         try:
             return super().__getattr__(name)
         except AttributeError:
             held = self.__dict__.get("qatkit_held")
-            if held is None or held not in self._modules or name.startswith("__"):
+            if held is None or held not in self._modules or name not in _HELD_ATTRIBUTES:
                 raise
             value = getattr(self._modules[held], name)
             if isinstance(value, Tensor) and not value.is_floating_point():
@@ -452,8 +461,7 @@ def region_pairs(model1: nn.Module, model2: nn.Module, example_inputs: tuple
     if not is_partially_traced(model2) or plan is None:
         raise ValueError(f"{type(model2).__name__} is not partially traced")
     parts2 = regions(model2)
-    parts1 = (regions(model1) if is_partially_traced(model1)
-              else {r.path: float_region(model1, r) for r in plan.regions})
+    parts1 = regions(model1) if is_partially_traced(model1) else _float_parts(model1, plan)
     found: dict[str, tuple] = {}
     handles = []
     for r in plan.regions:
@@ -479,14 +487,46 @@ def region_pairs(model1: nn.Module, model2: nn.Module, example_inputs: tuple
             for r in plan.regions if r.path in found]
 
 
+def _float_parts(model: nn.Module, plan: PartialTrace) -> dict[str, fx.GraphModule]:
+    """Each region's float GraphModule, nested as in the prepared model (a region inside the
+    float glue of another is that GraphModule there too), without changing ``model``: the
+    containers on the way are shallow copies."""
+    copies: dict[int, nn.Module] = {}
+
+    def own(mod: nn.Module) -> nn.Module:
+        if any(c is mod for c in copies.values()):
+            return mod
+        new = copy.copy(mod)
+        new._modules = dict(mod._modules)
+        copies[id(mod)] = new
+        return new
+
+    mirror = own(model)
+    parts: dict[str, fx.GraphModule] = {}
+    for spec in sorted(plan.regions, key=lambda r: -len(r.path)):  # innermost first
+        part = float_region(mirror, spec)
+        parts[spec.path] = part
+        if not spec.path:
+            continue
+        node = mirror
+        names = spec.path.split(".")
+        for name in names[:-1]:
+            child = own(node._modules[name])
+            node._modules[name] = child
+            node = child
+        node._modules[names[-1]] = part
+    return parts
+
+
 def _flat_view(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` taking its placeholders' values as they are (no flattening of a tensor list
     argument), a plain GraphModule sharing its modules and annotation: what the profiler's
     ``fx.Interpreter`` runs."""
     from ..annotation import get_annotations, has_annotations, set_annotations
 
-    if type(gm.graph._codegen) is fx.graph.CodeGen and not isinstance(gm, _Holder):
-        return gm  # (a holder shows its conv's weight: tools would see two convs)
+    if type(gm.graph._codegen) is fx.graph.CodeGen and not isinstance(gm, _Holder) and \
+            not is_partially_traced(gm):
+        return gm  # (a holder shows its conv's weight; the root region holds the plan)
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, val_map)
