@@ -30,6 +30,7 @@ names, never by counting graph nodes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import operator
@@ -197,16 +198,37 @@ def set_annotations(gm: fx.GraphModule, annotations: Mapping[fx.Node, NodeAnnota
     """
     from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-    table = {node.name: ann for node, ann in annotations.items()}
+    # in graph order: a model loaded with torch.load gets its node names back by position
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    table = {node.name: ann for node, ann in sorted(
+        annotations.items(), key=lambda item: order.get(item[0], len(order)))}
     setattr(gm, ANNOTATIONS_ATTR, table)
     # GraphModule.__deepcopy__ keeps only graph-referenced attributes and these ones
     gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[ANNOTATIONS_ATTR] = table
 
 
 def has_annotations(model: nn.Module) -> bool:
-    """True for a model made by :func:`qatkit.prepare_qat_fx` or :func:`qatkit.convert_fx`."""
-    return isinstance(model, fx.GraphModule) and isinstance(
-        getattr(model, ANNOTATIONS_ATTR, None), dict)
+    """True for a model made by :func:`qatkit.prepare_qat_fx` or :func:`qatkit.convert_fx`
+    (also once saved and loaded with ``torch.save`` / ``torch.load``)."""
+    table = getattr(model, ANNOTATIONS_ATTR, None)
+    if not isinstance(model, fx.GraphModule) or not isinstance(table, dict):
+        return False
+    _repair_after_load(model, table)
+    return True
+
+
+def _repair_after_load(gm: fx.GraphModule, table: dict[str, NodeAnnotation]) -> None:
+    """Undo what unpickling a GraphModule (``torch.load``) does to a prepared model: it
+    drops ``gm.meta`` (so a later deepcopy would drop the annotation) and traces the code
+    again, which may name nodes otherwise.  Idempotent; nothing to do for a model that was
+    not loaded."""
+    from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+    preserved = gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+    if preserved.get(ANNOTATIONS_ATTR) is not table:
+        preserved[ANNOTATIONS_ATTR] = table
+    if any(node.name not in table for node in gm.graph.nodes):
+        _restore_node_names(gm, table)
 
 
 def get_annotations(model: nn.Module) -> dict[fx.Node, NodeAnnotation]:
@@ -222,10 +244,10 @@ def get_annotations(model: nn.Module) -> dict[fx.Node, NodeAnnotation]:
         >>> [(a.name, a.kind, a.output.dtype) for a in anns.values() if a.is_quantized][:2]
         [('x_quant', 'quant_stub', 'qint8'), ('conv1', 'conv', 'qint8')]
     """
-    table = getattr(model, ANNOTATIONS_ATTR, None)
-    if not isinstance(model, fx.GraphModule) or not isinstance(table, dict):
+    if not has_annotations(model):
         raise ValueError(f"{type(model).__name__} has no qatkit quantization annotation: it was "
                          "not made by qatkit.prepare_qat_fx / convert_fx")
+    table = getattr(model, ANNOTATIONS_ATTR)
     out: dict[fx.Node, NodeAnnotation] = {}
     for node in model.graph.nodes:
         ann = table.get(node.name)
@@ -236,6 +258,30 @@ def get_annotations(model: nn.Module) -> dict[fx.Node, NodeAnnotation]:
                 "graph changes on the float model and prepare it again")
         out[node] = ann
     return out
+
+
+def _restore_node_names(gm: fx.GraphModule, table: Mapping[str, NodeAnnotation]) -> None:
+    """Give the nodes of ``gm`` the names its annotation was written for, when only the names
+    differ: unpickling a GraphModule (``torch.load``) traces its code again and may name nodes
+    otherwise (``conv1`` for the saved ``conv1_1``).  The graph is the same node for node when
+    every node's op and called module agree with the record at its position; otherwise
+    nothing changes (and :func:`get_annotations` names the node without annotation)."""
+    nodes = list(gm.graph.nodes)
+    if len(nodes) != len(table):
+        return
+    for node, ann in zip(nodes, table.values(), strict=True):
+        if ann.module != (str(node.target) if node.op == "call_module" else None):
+            return
+    graph = fx.Graph(owning_module=gm)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # pytree specs of inputs / outputs
+    env: dict[fx.Node, fx.Node] = {}
+    for node, name in zip(nodes, table, strict=True):
+        env[node] = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.get),
+                                      fx.map_arg(node.kwargs, env.get), name=name,
+                                      type_expr=node.type)
+        env[node].meta = node.meta
+    if [n.name for n in graph.nodes] == list(table):
+        gm.graph = graph  # recompiles the forward
 
 
 def annotation_by_name(model: nn.Module) -> dict[str, NodeAnnotation]:

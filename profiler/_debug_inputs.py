@@ -17,7 +17,7 @@ import os
 from typing import Any, Callable
 
 import torch
-from qatkit.annotation import ANNOTATIONS_ATTR, get_annotations, has_annotations, set_annotations
+from qatkit.annotation import has_annotations
 from qatkit.data import as_batches, batch_size, model_inputs
 from qatkit.fake_quantize import FakeQuantize, FakeQuantState
 from torch import Tensor, fx, nn
@@ -52,39 +52,11 @@ def load_model(model_or_file: Any, label: str = "model_or_file") -> nn.Module:
             raise ValueError(f"{label}: '{path}' holds a {type(obj).__name__}, not a model. "
                              "Save the whole model (torch.save(model, path)), not its "
                              "state_dict")
-        _realign_annotations(obj)
-        return obj
+        return obj  # has_annotations undoes what unpickling does to a prepared model
     if not isinstance(model_or_file, nn.Module):
         raise ValueError(f"{label} must be a model (nn.Module) or the path of one saved with "
                          f"torch.save, got {type(model_or_file).__name__}")
     return model_or_file
-
-
-def _realign_annotations(model: nn.Module) -> None:
-    """Re-key the annotation of a model loaded with ``torch.load`` by node position.
-
-    Unpickling a GraphModule traces its code again, and the nodes can come back with other
-    names (``conv1_1`` saved, ``conv1`` loaded) while the graph is the same, node for node.
-    When every node's op and module agree with the record at its position, the records are
-    stored again under the loaded names; otherwise the model is left as it is (and
-    :func:`~qatkit.annotation.get_annotations` reports it).
-    """
-    if not has_annotations(model):
-        return
-    try:
-        get_annotations(model)
-        return
-    except ValueError:
-        pass
-    table = getattr(model, ANNOTATIONS_ATTR)
-    nodes = list(model.graph.nodes)
-    if len(nodes) != len(table):
-        return
-    for node, ann in zip(nodes, table.values(), strict=True):
-        if (ann.module is not None) != (node.op == "call_module") or (
-                ann.module is not None and ann.module != str(node.target)):
-            return
-    set_annotations(model, dict(zip(nodes, table.values(), strict=True)))
 
 
 def private_model(model_or_file: Any, label: str = "model_or_file",
