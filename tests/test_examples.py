@@ -210,7 +210,8 @@ def test_weights_are_per_channel_int8_of_the_folded_weight(data, float_model):
 
 
 # -- code in the docs --------------------------------------------------------------------------
-DOCS = ["README.md", "docs/index.md", "docs/quantization_core.md"]
+DOCS = ["README.md", "docs/index.md", "docs/quantization_core.md", "docs/accuracy_debugging.md",
+        "docs/eager.md"]
 CODE_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
