@@ -259,8 +259,10 @@ def test_similarity_funcs_and_bad_arguments(resnet_like) -> None:
     flat = featuremap_similarity(m, qm, x, similarity_func=lambda a, b: float(a.numel()),
                                  method="PerLayer").set_index("Module Name")
     assert flat.loc["fc", "Similarity"] == 2 * 4
-    with pytest.raises(ValueError, match="unknown similarity_func 'cos'.*Cosine"):
-        featuremap_similarity(m, qm, x, similarity_func="cos")
+    cos = featuremap_similarity(m, qm, x, similarity_func="cos", method="PerLayer")  # alias
+    assert cos["Similarity"].equals(featuremap_similarity(m, qm, x, method="PerLayer")["Similarity"])
+    with pytest.raises(ValueError, match="unknown similarity_func 'cosinus'.*Cosine"):
+        featuremap_similarity(m, qm, x, similarity_func="cosinus")
     with pytest.raises(ValueError, match="unknown method 'layer'.*PerLayer"):
         featuremap_similarity(m, qm, x, method="layer")
     with pytest.raises(ValueError, match="devices takes one device or a pair"):
