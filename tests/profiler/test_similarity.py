@@ -260,7 +260,8 @@ def test_similarity_funcs_and_bad_arguments(resnet_like) -> None:
                                  method="PerLayer").set_index("Module Name")
     assert flat.loc["fc", "Similarity"] == 2 * 4
     cos = featuremap_similarity(m, qm, x, similarity_func="cos", method="PerLayer")  # alias
-    assert cos["Similarity"].equals(featuremap_similarity(m, qm, x, method="PerLayer")["Similarity"])
+    default = featuremap_similarity(m, qm, x, method="PerLayer")
+    assert cos["Similarity"].equals(default["Similarity"])
     with pytest.raises(ValueError, match="unknown similarity_func 'cosinus'.*Cosine"):
         featuremap_similarity(m, qm, x, similarity_func="cosinus")
     with pytest.raises(ValueError, match="unknown method 'layer'.*PerLayer"):
