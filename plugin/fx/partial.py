@@ -36,7 +36,7 @@ import enum
 import inspect
 import warnings
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import torch
@@ -132,6 +132,11 @@ class TracedPart:
 @dataclasses.dataclass(frozen=True)
 class PartialTrace:
     """How a model was partially traced (see the module docstring).
+
+    Example::
+
+        >>> plan = qatkit.fx.partial_trace_of(qat_detector)
+        >>> plan.quantized_share, plan.table.query("Status == 'float'")["Reason"].tolist()
 
     Attributes:
         regions: the traced parts, outermost first.
@@ -887,17 +892,3 @@ def _warn_stubs_in_glue(model: nn.Module, planner: _Planner) -> None:
             f", so '{path}' quantizes nothing (a fixed scale is not applied). Fix: move the "
             "stub into a traceable submodule, or make the module traceable",
             UserWarning, stacklevel=5)
-
-
-def iter_weighted(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The conv / linear modules of ``model`` (:data:`WEIGHTED_TYPES`, subclasses included)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, WEIGHTED_TYPES):
-            yield name, mod
-
-
-def copy_plan(src: nn.Module, dst: nn.Module) -> None:
-    """Give ``dst`` (a copy / conversion of ``src``) ``src``'s :class:`PartialTrace`."""
-    plan = getattr(src, PARTIAL_ATTR, None)
-    if isinstance(plan, PartialTrace):
-        _attach(dst, copy.copy(plan))
