@@ -25,12 +25,11 @@ root (and survive ``copy.deepcopy`` and :func:`~qatkit.fx.convert_fx`).  The who
 functions read the regions through :func:`regions`: ``convert_fx`` converts each region in
 place (the glue stays float), ``get_provenance`` and ``set_preserve_qat_mode`` name every
 op from the root, and ``model_profiler`` profiles each region against the same part of the
-float model.
+float model (:mod:`qatkit.fx.partial_views`).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import enum
 import inspect
@@ -53,7 +52,6 @@ from .tracer import TraceFailure, as_output_type, symbolic_trace
 
 __all__ = ["PartialTrace", "RegionSpec", "TracedPart", "prepare_partial", "trace_report",
            "partial_trace_of", "is_partially_traced", "regions", "region_inputs",
-           "float_region", "region_pairs",
            "WEIGHTED_TYPES", "PARTIAL_ATTR"]
 
 PARTIAL_ATTR = "qatkit_partial_trace"
@@ -430,118 +428,6 @@ def _holder_region(mod: nn.Module, leaf: str, params: tuple) -> fx.GraphModule:
     gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["qatkit_held"] = leaf
     gm.train(mod.training)
     return gm
-
-
-def float_region(model: nn.Module, spec: RegionSpec) -> fx.GraphModule:
-    """The float GraphModule of region ``spec`` in ``model`` (the float model it was
-    prepared from): traced as prepare traced it, so its op names are the region's.
-
-    Example::
-
-        >>> float_region(detector, partial_trace_of(qat_detector).region("backbone"))
-    """
-    mod = model.get_submodule(spec.path) if spec.path else model
-    if "held" in spec.trace:
-        return _holder_region(mod, spec.trace["held"], spec.params)
-    trace = dict(spec.trace)
-    out_type = trace.pop("output_type", None)
-    gm = symbolic_trace(mod, concrete_args=spec.concrete_args or None, inline_constants=True,
-                        **trace)
-    _restore_output_type(gm, out_type)
-    return gm
-
-
-def region_pairs(model1: nn.Module, model2: nn.Module, example_inputs: tuple
-                 ) -> list[tuple[RegionSpec, nn.Module, nn.Module, tuple]]:
-    """For each region of a partially traced ``model2`` that ``example_inputs`` reach:
-    ``(spec, model1's part, model2's part, the part's inputs)``, the inputs those of its
-    first call in ``model1``'s run.  ``model1`` is the float model (its parts traced by
-    :func:`float_region`) or partially traced as ``model2`` (a calibrated / integer model).
-
-    Example::
-
-        >>> for spec, f, q, x in region_pairs(detector, qat_detector, (images,)): ...
-    """
-    plan = partial_trace_of(model2)
-    if not is_partially_traced(model2) or plan is None:
-        raise ValueError(f"{type(model2).__name__} is not partially traced")
-    parts2 = regions(model2)
-    parts1 = regions(model1) if is_partially_traced(model1) else _float_parts(model1, plan)
-    found: dict[str, tuple] = {}
-    handles = []
-    for r in plan.regions:
-        mod = model1.get_submodule(r.path) if r.path else model1
-
-        def pre(m: nn.Module, args: tuple, kwargs: dict, r: RegionSpec = r) -> None:
-            if r.path not in found:
-                found[r.path] = tuple(parts1[r.path].graph.process_inputs(
-                    *region_inputs(parts1[r.path], args, kwargs)))
-
-        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    flags = [(m, m.training) for m in model1.modules()]
-    model1.eval()
-    try:
-        with torch.no_grad():
-            model1(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags:
-            m.training = t
-    return [(r, _flat_view(parts1[r.path]), _flat_view(parts2[r.path]), found[r.path])
-            for r in plan.regions if r.path in found]
-
-
-def _float_parts(model: nn.Module, plan: PartialTrace) -> dict[str, fx.GraphModule]:
-    """Each region's float GraphModule, nested as in the prepared model (a region inside the
-    float glue of another is that GraphModule there too), without changing ``model``: the
-    containers on the way are shallow copies."""
-    copies: dict[int, nn.Module] = {}
-
-    def own(mod: nn.Module) -> nn.Module:
-        if any(c is mod for c in copies.values()):
-            return mod
-        new = copy.copy(mod)
-        new._modules = dict(mod._modules)
-        copies[id(mod)] = new
-        return new
-
-    mirror = own(model)
-    parts: dict[str, fx.GraphModule] = {}
-    for spec in sorted(plan.regions, key=lambda r: -len(r.path)):  # innermost first
-        part = float_region(mirror, spec)
-        parts[spec.path] = part
-        if not spec.path:
-            continue
-        node = mirror
-        names = spec.path.split(".")
-        for name in names[:-1]:
-            child = own(node._modules[name])
-            node._modules[name] = child
-            node = child
-        node._modules[names[-1]] = part
-    return parts
-
-
-def _flat_view(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` taking its placeholders' values as they are (no flattening of a tensor list
-    argument), a plain GraphModule sharing its modules and annotation: what the profiler's
-    ``fx.Interpreter`` runs."""
-    from ..annotation import get_annotations, has_annotations, set_annotations
-
-    if type(gm.graph._codegen) is fx.graph.CodeGen and not isinstance(gm, _Holder) and \
-            not is_partially_traced(gm):
-        return gm  # (a holder shows its conv's weight; the root region holds the plan)
-    graph = fx.Graph()
-    val_map: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, val_map)
-    old_output = next(n for n in gm.graph.nodes if n.op == "output")
-    val_map[old_output] = graph.output(out)
-    flat = fx.GraphModule(gm, graph, type(gm).__name__)
-    flat.train(gm.training)
-    if has_annotations(gm):
-        set_annotations(flat, {val_map[n]: a for n, a in get_annotations(gm).items()})
-    return flat
 
 
 # -- step 2: the plan --------------------------------------------------------------------------

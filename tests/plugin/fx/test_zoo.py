@@ -179,9 +179,10 @@ def _table_row(row: dict[str, Any]) -> str:
             f"| {'pass' if ok['grads'] else 'FAIL'} | {prof} | {row['prepare_s']:.1f} s |")
 
 
-if __name__ == "__main__":
-    for model_name in sys.argv[1:] or ISSUE:
+if __name__ == "__main__":  # [--no-profile] [names]
+    args = [a for a in sys.argv[1:] if a != "--no-profile"]
+    for model_name in args or ISSUE:
         try:
-            print(_table_row(measure(model_name)), flush=True)
+            print(_table_row(measure(model_name, "--no-profile" not in sys.argv)), flush=True)
         except Exception as e:  # noqa: BLE001 - one row per model
             print(f"| {model_name} | ERROR {type(e).__name__}: {str(e)[:200]} |", flush=True)
