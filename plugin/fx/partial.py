@@ -665,6 +665,8 @@ def prepare_partial(original: nn.Module, model: nn.Module, qconfig_dict: dict,
         for k, v in ops.items():
             float_ops.setdefault(k, []).extend(v)
         shared |= sh
+    for path, gm in prepared.items():
+        _keep_attributes(gm, model.get_submodule(path) if path else model)
     root: nn.Module = prepared.get("", model)
     for path, gm in prepared.items():
         if path:
@@ -680,6 +682,16 @@ def prepare_partial(original: nn.Module, model: nn.Module, qconfig_dict: dict,
     warn_prepare(float_ops, shared, stacklevel=4)
     _warn_summary(original, plan)
     return root
+
+
+def _keep_attributes(gm: fx.GraphModule, mod: nn.Module) -> None:
+    """Give a region the float module's plain public attributes (``config``,
+    ``hidden_state_size``: float glue reads them), kept by ``copy.deepcopy``."""
+    kept = {k: v for k, v in mod.__dict__.items()
+            if not k.startswith("_") and k != "training" and not hasattr(gm, k)}
+    for k, v in kept.items():
+        setattr(gm, k, v)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(kept)
 
 
 def _attach(root: nn.Module, plan: PartialTrace) -> None:
