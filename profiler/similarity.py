@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
+from qatkit.fx.naming import float_node_names
 from torch import Tensor, fx, nn
 
 from .alignment import check_inputs, is_prepared, node_type, op_names, reference_names
@@ -103,8 +104,12 @@ def _align(gm1: fx.GraphModule, gm2: fx.GraphModule) -> dict[fx.Node, tuple[str,
     occ2 = _occurrences(ref2)
     count2 = Counter(f for f, _ in occ2.values())
     names2 = op_names(gm2)
+    # a QuantStub prepare put on a constant (a buffer read by get_attr) has the constant's
+    # name: model1 holds it as a constant, not an op; it has no row
+    constants1 = {f for n, f in float_node_names(gm1).items() if n.op == "get_attr"}
     missing = [names2[n] + (f" (float name '{f}')" if f != names2[n] else "")
-               for n, (f, _) in occ2.items() if n.op in _OPS and f not in count1]
+               for n, (f, _) in occ2.items()
+               if n.op in _OPS and f not in count1 and f not in constants1]
     if missing and is_prepared(gm2):
         raise ValueError(
             f"featuremap_similarity: model2 ({type(gm2).__name__}) has {len(missing)} op(s) with "

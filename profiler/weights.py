@@ -169,7 +169,8 @@ def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_fun
         if not (is_int or hasattr(mod, "folded_weight_bias")):
             continue
         fmod = float_modules.get(name)
-        if fmod is None or type(fmod) not in FLOAT_TO_QAT:
+        # a subclass of a float layer is that layer (timm's Conv2dSame is an nn.Conv2d)
+        if fmod is None or not isinstance(fmod, tuple(FLOAT_TO_QAT)):
             got = "nothing" if fmod is None else type(fmod).__name__
             raise ValueError(
                 f"compare_weights: qat_model's layer '{name}' ({mod._get_name()}) has no float "
@@ -281,7 +282,7 @@ def check_weight_correspondence(float_model: nn.Module, model2: nn.Module,
         if not (is_int or hasattr(mod, "folded_weight_bias") or type(mod) in FLOAT_TO_QAT):
             continue
         fmod = float_modules.get(name)
-        if fmod is None or type(fmod) not in FLOAT_TO_QAT:
+        if fmod is None or not isinstance(fmod, tuple(FLOAT_TO_QAT)):
             got = "no module" if fmod is None else f"a {type(fmod).__name__}"
             raise ValueError(f"model2 ({type(model2).__name__}) does not correspond to model1 "
                              f"({type(float_model).__name__}): model2's layer '{name}' "
