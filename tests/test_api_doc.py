@@ -15,8 +15,8 @@ from pathlib import Path
 
 API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 #: the namespaces documented, in this order
-NAMESPACES = ("qatkit", "qatkit.fx", "qatkit.nn", "qatkit.nn.qat", "qatkit.quantized",
-              "qatkit.export", "qatkit.profiler")
+NAMESPACES = ("qatkit", "qatkit.fx", "qatkit.eager", "qatkit.nn", "qatkit.nn.qat",
+              "qatkit.quantized", "qatkit.export", "qatkit.profiler")
 
 HEADER = """# API reference
 
