@@ -44,7 +44,8 @@ from .observers import dtype_to_bits, qrange
 
 __all__ = ["QuantSpec", "InputSpec", "NodeAnnotation", "ROLES", "OUTPUT_MODES",
            "ANNOTATIONS_ATTR", "get_annotations", "set_annotations", "has_annotations",
-           "annotation_by_name", "fake_quant_spec", "tensor_at", "OP_SIGNATURES",
+           "annotation_by_name", "source_annotation", "fake_quant_spec", "tensor_at",
+           "OP_SIGNATURES",
            "FUNCTION_SIGNATURES", "bind_arguments", "signature_names", "flat_tensor_args",
            "map_arguments", "AnnotatedOp", "module_signature", "MODULE_CONSTANTS",
            "module_constants"]
@@ -293,6 +294,31 @@ def annotation_by_name(model: nn.Module) -> dict[str, NodeAnnotation]:
         0
     """
     return {a.name: a for a in get_annotations(model).values()}
+
+
+def source_annotation(ann: NodeAnnotation, by_node: Mapping[str, NodeAnnotation]
+                      ) -> NodeAnnotation:
+    """The annotation of the op whose output ``ann``'s node passes on: ``ann`` itself unless it
+    is a data-moving op (role ``"passthrough"``), whose first tensor input is followed back.
+
+    Args:
+        ann: a node's annotation.
+        by_node: every annotation of the graph, keyed by node name.
+
+    Example::
+
+        >>> by_node = {a.node: a for a in get_annotations(qat_model).values()}
+        >>> source_annotation(by_node["flatten"], by_node).name        # flatten(avgpool(x))
+        'avgpool'
+    """
+    seen: set[str] = set()
+    while ann.role == "passthrough" and ann.inputs and ann.node not in seen:
+        seen.add(ann.node)
+        nxt = by_node.get(ann.inputs[0].node)
+        if nxt is None:
+            break
+        ann = nxt
+    return ann
 
 
 def tensor_at(model: nn.Module, path: str) -> Tensor:

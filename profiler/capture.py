@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from qatkit.annotation import NodeAnnotation, get_annotations, has_annotations
+from qatkit.annotation import NodeAnnotation, get_annotations, has_annotations, source_annotation
 from qatkit.fake_quantize import FakeQuantize, FakeQuantState
 from qatkit.fx import annotate
 from torch import Tensor, fx, nn
@@ -42,7 +42,7 @@ from .alignment import check_inputs, node_type, op_names
 from .running import analysis_model, as_tuple, model_device, positional_inputs, to_device
 
 __all__ = ["FeatureRecord", "Capture", "capture_model", "run_capture", "get_raw_features",
-           "node_qparams", "model_annotations", "source_annotation"]
+           "node_qparams", "model_annotations"]
 
 _OPS = ("call_module", "call_function", "call_method")
 #: ``on_output(interpreter, node, value) -> value``: sees (and may replace) each op's output
@@ -128,31 +128,6 @@ def model_annotations(gm: fx.GraphModule) -> dict[fx.Node, NodeAnnotation]:
         'linear'
     """
     return get_annotations(gm) if has_annotations(gm) else annotate(gm)
-
-
-def source_annotation(ann: NodeAnnotation, by_node: Mapping[str, NodeAnnotation]
-                      ) -> NodeAnnotation:
-    """The annotation of the op whose output ``ann``'s node passes on: ``ann`` itself unless it
-    is a data-moving op (role ``"passthrough"``), whose first tensor input is followed back.
-
-    Args:
-        ann: a node's annotation.
-        by_node: every annotation of the graph, keyed by node name.
-
-    Example::
-
-        >>> by_node = {a.node: a for a in model_annotations(gm).values()}
-        >>> source_annotation(by_node["flatten"], by_node).name        # flatten(avgpool(x))
-        'avgpool'
-    """
-    seen: set[str] = set()
-    while ann.role == "passthrough" and ann.inputs and ann.node not in seen:
-        seen.add(ann.node)
-        nxt = by_node.get(ann.inputs[0].node)
-        if nxt is None:
-            break
-        ann = nxt
-    return ann
 
 
 # -- the capture -----------------------------------------------------------------------------

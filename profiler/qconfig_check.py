@@ -15,11 +15,17 @@ import os
 from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
-from qatkit.annotation import NodeAnnotation, QuantSpec, get_annotations, has_annotations
+from qatkit.annotation import (
+    NodeAnnotation,
+    QuantSpec,
+    get_annotations,
+    has_annotations,
+    source_annotation,
+)
 from qatkit.fake_quantize import FakeQuantize
 from torch import fx, nn
 
-from .capture import Capture, capture_model, source_annotation
+from .capture import Capture, capture_model
 from .tables import op_label, print_table, qconfig_key, write_table
 
 __all__ = ["check_qconfig", "QCONFIG_COLUMNS", "QCONFIG_WARNING_COLUMNS"]

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from torch import Tensor, fx, nn
 
-from ..annotation import NodeAnnotation, map_arguments
+from ..annotation import NodeAnnotation, map_arguments, source_annotation
 from ..nn import qat
 
 __all__ = ["OutputQuantExit", "InputQuantEntry", "mixed_class", "unmixed_class",
@@ -170,18 +170,6 @@ def twin_boundary_leaves(gm: fx.GraphModule) -> None:
         setattr(gm.get_submodule(parent) if parent else gm, leaf, twin)
 
 
-def _origin(ann: NodeAnnotation, by_node: dict[str, NodeAnnotation]) -> NodeAnnotation:
-    """The node that made the float tensor ``ann`` passes on (through data-moving ops)."""
-    seen = set()
-    while ann.role == "passthrough" and ann.inputs and ann.node not in seen:
-        seen.add(ann.node)
-        nxt = by_node.get(ann.inputs[0].node)
-        if nxt is None:
-            break
-        ann = nxt
-    return ann
-
-
 def insert_boundaries(model: nn.Module, gm: fx.GraphModule,
                       anns: dict[fx.Node, NodeAnnotation],
                       qconfig_of: Callable[[nn.Module], Any]) -> int:
@@ -213,7 +201,7 @@ def insert_boundaries(model: nn.Module, gm: fx.GraphModule,
             src = by_node.get(inp.node)
             if inp.spec is not None or src is None or src.role in ("non_tensor", "attr"):
                 continue
-            origin = _origin(src, by_node)
+            origin = source_annotation(src, by_node)
             if origin.role == "input":
                 raise ValueError(_missing_quant_stub(model, origin.name, str(node.target)))
             qc = qconfig_of(consumer)
