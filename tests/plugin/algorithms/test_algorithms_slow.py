@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import warnings
 
+import ptq  # examples/ptq.py: conftest.py puts examples/ on sys.path
 import pytest
 import qatkit
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import ptq
 from qatkit.algorithms import ALGORITHMS
 from torch import nn
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 
+import ptq  # examples/ptq.py: conftest.py puts examples/ on sys.path
 import qatkit
 import torch
-from conftest import ptq
 from qatkit.algorithms._channel_scaling import input_channel_max, output_channel_max
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import ptq  # examples/ptq.py: conftest.py puts examples/ on sys.path
 import pytest
 import qatkit
 import torch
-from conftest import ptq
 
 
 def test_pruned_channel_bias_no_longer_saturates(digits_float, make_calibrated, calib,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import warnings
 
+import ptq  # examples/ptq.py: conftest.py puts examples/ on sys.path
 import pytest
 import qatkit
 import torch
-from conftest import ptq
 from torch import nn
 
 
