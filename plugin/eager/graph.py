@@ -31,9 +31,9 @@ from torch import fx, nn
 
 from .._state import set_module
 from ..annotation import NodeAnnotation, get_annotations, set_annotations
-from ..fake_quantize import FakeQuantize
 from ..fx.annotate import annotate, op_kind
 from ..fx.naming import node_scope
+from ..fx.prepare import input_fake_quants
 from ..fx.tracer import symbolic_trace
 from ..nn.functional_modules import FloatFunctional, FunctionalMethods
 from .boundaries import MixedModule, insert_boundaries, twin_boundary_leaves
@@ -217,13 +217,7 @@ def link_eager_model(model: nn.Module,
         mod = model.get_submodule(str(node.target))
         if not hasattr(mod, "link_exact_inputs"):
             continue
-        found = {}
-        for inp in ann.inputs:
-            if inp.spec is not None:
-                fq = gm.get_submodule(inp.spec.module_path)
-                if isinstance(fq, FakeQuantize):
-                    found[inp.name] = fq
-        links.setdefault(str(node.target), []).append(found)
+        links.setdefault(str(node.target), []).append(input_fake_quants(gm, ann))
     shared = []
     for target, calls in links.items():
         ids = {tuple(sorted((k, id(v)) for k, v in c.items())) for c in calls}

@@ -58,8 +58,8 @@ from .patterns import (
 from .qconfig_dict import QConfigResolver
 from .tracer import TraceFailure, symbolic_trace
 
-__all__ = ["prepare_qat_fx", "get_provenance", "link_exact_inputs", "prepare_traced",
-           "warn_prepare"]
+__all__ = ["prepare_qat_fx", "get_provenance", "link_exact_inputs", "input_fake_quants",
+           "prepare_traced", "warn_prepare"]
 
 _CUSTOM_KEYS = {"concrete_args", "leaf_module_types", "leaf_module_names", "wrapped_functions",
                 "partial_tracing"}
@@ -273,6 +273,24 @@ def _tag_call_sites(gm: fx.GraphModule) -> None:
                 node.kwargs = {**node.kwargs, "call_site": k}
 
 
+def input_fake_quants(gm: fx.GraphModule, ann: NodeAnnotation) -> dict[str, FakeQuantize]:
+    """The fake quant that makes each quantized tensor input of the op ``ann`` annotates, by
+    argument name (through data-moving ops: the annotation's input specs name it).
+
+    Example::
+
+        >>> input_fake_quants(qat_model, annotation_by_name(qat_model)["fc"])
+        {'input': FakeQuantize(...)}
+    """
+    found: dict[str, FakeQuantize] = {}
+    for inp in ann.inputs:
+        if inp.spec is not None:
+            fq = gm.get_submodule(inp.spec.module_path)
+            if isinstance(fq, FakeQuantize):
+                found[inp.name] = fq
+    return found
+
+
 def link_exact_inputs(gm: fx.GraphModule,
                       annotations: dict[fx.Node, NodeAnnotation] | None = None) -> None:
     """Tell each QAT module which fake quants made its inputs, by argument name, from the
@@ -292,13 +310,7 @@ def link_exact_inputs(gm: fx.GraphModule,
         mod = gm.get_submodule(str(node.target))
         if not hasattr(mod, "link_exact_inputs"):
             continue
-        links = {}
-        for inp in ann.inputs:
-            if inp.spec is not None:
-                fq = gm.get_submodule(inp.spec.module_path)
-                if isinstance(fq, FakeQuantize):
-                    links[inp.name] = fq
-        mod.link_exact_inputs(links, node.kwargs.get("call_site"))
+        mod.link_exact_inputs(input_fake_quants(gm, ann), node.kwargs.get("call_site"))
 
 
 def _stub_dtype(stub: QuantStub, qconfig: Any) -> str:
