@@ -4,29 +4,19 @@ integer), saved so the tools can run again on exactly those inputs."""
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
-from pathlib import Path
 
+import debug_walkthrough as dw  # noqa: E402  (tests/profiler/conftest.py: examples/)
+import digits  # noqa: E402
 import pytest
 import qatkit
 import qatkit.profiler as qp
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-dw = importlib.import_module("debug_walkthrough")
-digits = importlib.import_module("digits")
-
 
 @pytest.fixture(scope="module")
-def setup():
-    data, float_model = dw.trained()
-    faulty = dw.with_fault(float_model, "shared_ranges")
-    with digits.torch_threads(1):
-        calib = dw.calibrated(faulty, data)
-    return faulty, calib, data
+def setup(fault_models):
+    faulty, calib = fault_models("shared_ranges")
+    return faulty, calib, dw.trained()[0]
 
 
 def test_worst_samples_float_vs_calibrated(setup, tmp_path):

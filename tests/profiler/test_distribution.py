@@ -3,28 +3,17 @@ with the channel range spread (per-tensor risk), as PNG + SVG + table."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
+import debug_walkthrough as dw  # noqa: E402  (tests/profiler/conftest.py: examples/)
+import digits  # noqa: E402
 import pytest
 import qatkit.profiler as qp
 import torch
 from qatkit.profiler.distribution import count_modes
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-dw = importlib.import_module("debug_walkthrough")
-digits = importlib.import_module("digits")
-
 
 @pytest.fixture(scope="module")
-def setup():
-    data, float_model = dw.trained()
-    with digits.torch_threads(1):
-        calib = dw.calibrated(dw.with_fault(float_model, "outlier_channel"), data)
-    return calib, data.train_x[:64]
+def setup(fault_models):
+    return fault_models("outlier_channel")[1], dw.trained()[0].train_x[:64]
 
 
 def test_outlier_channel_is_a_per_tensor_risk(setup, tmp_path):

@@ -6,39 +6,28 @@ said so; the model passed in is never changed."""
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
-from pathlib import Path
 
+import debug_walkthrough as dw  # noqa: E402  (tests/profiler/conftest.py: examples/)
+import digits  # noqa: E402
 import pytest
 import qatkit
 import qatkit.profiler as qp
 import torch
 from qatkit.profiler.metrics import cosine_similarity
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-dw = importlib.import_module("debug_walkthrough")
-digits = importlib.import_module("digits")
-
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    with digits.torch_threads(1):
-        yield
+def _one_thread(one_thread):
+    yield
 
 
 @pytest.fixture(scope="module")
-def faulty():
-    data, float_model = dw.trained()
+def faulty(fault_models):
     cache: dict = {}
 
-    def get(fault: str):
+    def get(fault: str):  # one copy per module, as before
         if fault not in cache:
-            model = dw.with_fault(float_model, fault)
-            with digits.torch_threads(1):
-                cache[fault] = (model, dw.calibrated(model, data))
+            cache[fault] = fault_models(fault)
         return cache[fault]
     return get
 

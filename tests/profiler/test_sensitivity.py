@@ -9,11 +9,11 @@ fault injected (same float function, one quantizer at fault).
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-import sys
 from pathlib import Path
 
+import debug_walkthrough as dw  # noqa: E402  (tests/profiler/conftest.py: examples/)
+import digits  # noqa: E402
 import numpy as np
 import pytest
 import qatkit
@@ -21,17 +21,10 @@ import qatkit.profiler as qp
 import torch
 from qatkit.fake_quantize import FakeQuantize
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-dw = importlib.import_module("debug_walkthrough")
-digits = importlib.import_module("digits")
-
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    with digits.torch_threads(1):
-        yield
+def _one_thread(one_thread):
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +33,13 @@ def trained():
 
 
 @pytest.fixture(scope="module")
-def calibrated(trained):
-    """fault -> calibrated model (built once per module)."""
-    data, float_model = trained
+def calibrated(fault_models):
+    """fault -> calibrated model (one copy per module)."""
     cache: dict[str, torch.nn.Module] = {}
 
     def get(fault: str) -> torch.nn.Module:
         if fault not in cache:
-            with digits.torch_threads(1):
-                cache[fault] = dw.calibrated(dw.with_fault(float_model, fault), data)
+            cache[fault] = fault_models(fault)[1]
         return cache[fault]
     return get
 

@@ -4,34 +4,22 @@ PNG + SVG + table; the model passed in is never changed."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
+import debug_walkthrough as dw  # noqa: E402  (tests/profiler/conftest.py: examples/)
 import pytest
 import qatkit.profiler as qp
 import torch
 from qatkit.profiler.metrics import cosine_similarity
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-dw = importlib.import_module("debug_walkthrough")
-digits = importlib.import_module("digits")
-
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    with digits.torch_threads(1):
-        yield
+def _one_thread(one_thread):
+    yield
 
 
 @pytest.fixture(scope="module")
-def setup():
-    data, float_model = dw.trained()
-    with digits.torch_threads(1):
-        models = {f: dw.calibrated(dw.with_fault(float_model, f), data)
-                  for f in ("weight_outlier", "outlier_channel")}
+def setup(fault_models):
+    data, _ = dw.trained()
+    models = {f: fault_models(f)[1] for f in ("weight_outlier", "outlier_channel")}
     return data.train_x[:64], models
 
 

@@ -4,29 +4,19 @@ tables in the report, its figures inline in profiler.html (one self-contained fi
 from __future__ import annotations
 
 import copy
-import importlib
 import re
-import sys
-from pathlib import Path
 
+import debug_walkthrough as dw  # noqa: E402  (tests/profiler/conftest.py: examples/)
+import digits  # noqa: E402
 import pytest
 import qatkit
 import qatkit.profiler as qp
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-dw = importlib.import_module("debug_walkthrough")
-digits = importlib.import_module("digits")
-
 
 @pytest.fixture(scope="module")
-def setup():
-    data, float_model = dw.trained()
-    faulty = dw.with_fault(float_model, "cat_ranges")
-    with digits.torch_threads(1):
-        calib = dw.calibrated(faulty, data)
-    return faulty, calib, data.train_x[:32]
+def setup(fault_models):
+    faulty, calib = fault_models("cat_ranges")
+    return faulty, calib, dw.trained()[0].train_x[:32]
 
 
 def test_off_by_default(setup, tmp_path):
