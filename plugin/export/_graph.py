@@ -235,13 +235,11 @@ class OpCall:
         args: the call's arguments bound by name (tensors as ``fx.Node``), completed with the
             module's constants (``dim`` of an ``nn.Softmax``...).
         module: the module called (``call_module``), else None.
-        params: the module whose float-op constants apply (a lookup table's QAT twin).
         ann: the node's annotation.
     """
 
     def __init__(self, exporter: _Exporter, node: fx.Node, ann: NodeAnnotation,
-                 args: dict[str, Any], module: nn.Module | None,
-                 params: nn.Module | None) -> None:
+                 args: dict[str, Any], module: nn.Module | None) -> None:
         self.exporter = exporter
         self.graph: OnnxGraph = exporter.graph
         self.node = node
@@ -250,7 +248,6 @@ class OpCall:
         self.kind = ann.kind
         self.args = args
         self.module = module
-        self.params = params
 
     def where(self) -> str:
         """``op 'layer1.0.add' (add)``: how errors name this op."""

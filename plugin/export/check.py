@@ -201,7 +201,7 @@ def compare_with_onnxruntime(model: nn.Module, path: str, inputs: Sequence[Any],
     """
     from .onnx import integer_model_for_export
 
-    int_model, _ = integer_model_for_export(model)
+    int_model = integer_model_for_export(model)
     with torch.no_grad():
         ref = [t.detach().cpu().double().numpy() for t in _flat_outputs(int_model(*inputs))]
     got = run_onnxruntime(path, inputs, optimization)
@@ -309,7 +309,7 @@ def op_agreement(model: nn.Module, inputs: Sequence[Any], optimization: str = "a
 
     from .onnx import integer_model_for_export, write_onnx
 
-    int_model, qat_model = integer_model_for_export(model)
+    int_model = integer_model_for_export(model)
     anns = get_annotations(int_model)
     targets = [n for n, a in anns.items() if a.is_quantized and n.op == "call_module"
                and a.output is not None and (ops is None or a.name in ops)]
@@ -327,8 +327,7 @@ def op_agreement(model: nn.Module, inputs: Sequence[Any], optimization: str = "a
                 continue
             with warnings.catch_warnings():  # the model's own export already warned
                 warnings.simplefilter("ignore")
-                path = write_onnx(gm, tuple(xs), os.path.join(tmp, "op.onnx"),
-                                  qat_model=qat_model)
+                path = write_onnx(gm, tuple(xs), os.path.join(tmp, "op.onnx"))
             [got] = run_onnxruntime(path, xs, optimization)
             ref = cap.values[node].detach().cpu().double().numpy()
             s = float(ann.output.scale(int_model).reshape(-1)[0])

@@ -144,39 +144,36 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
         raise ValueError(f"export_onnx: opset_version={opset_version} is not supported; use "
                          f"one of {SUPPORTED_OPSETS} (default {DEFAULT_OPSET})")
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    int_model, qat_model = integer_model_for_export(model)
-    return write_onnx(int_model, tuple(inputs), path, opset, input_names, output_names,
-                      dynamic_axes, qat_model)
+    return write_onnx(integer_model_for_export(model), tuple(inputs), path, opset, input_names,
+                      output_names, dynamic_axes)
 
 
 def write_onnx(int_model: fx.GraphModule, inputs: tuple, path: str, opset: int = DEFAULT_OPSET,
                input_names: Sequence[str] | None = None,
                output_names: Sequence[str] | None = None,
-               dynamic_axes: Mapping[str, Any] | None = None,
-               qat_model: fx.GraphModule | None = None) -> str:
-    """:func:`export_onnx` of an integer model, with ``qat_model`` (the model it was converted
-    from, if known) for the constants of lookup-table ops.
+               dynamic_axes: Mapping[str, Any] | None = None) -> str:
+    """:func:`export_onnx` of an integer model (its modules keep every constant the ONNX ops
+    need, lookup tables included).
 
     Example::
 
-        >>> write_onnx(qatkit.convert_fx(qat), (x,), "model.onnx", qat_model=qat)
+        >>> write_onnx(qatkit.convert_fx(qat), (x,), "model.onnx")
         'model.onnx'
     """
-    exporter = _Exporter(int_model, qat_model, opset)
+    exporter = _Exporter(int_model, opset)
     proto = exporter.build(inputs, input_names, output_names, dynamic_axes)
     _write_checked(proto, path)
     return path
 
 
 # -- the model to export ----------------------------------------------------------------------
-def integer_model_for_export(model: Any) -> tuple[fx.GraphModule, fx.GraphModule | None]:
-    """``(integer model, the QAT model it was converted from or None)`` of a model to export
-    (a calibrated prepared model, or an integer model); a float or uncalibrated model is
-    refused with the fix.
+def integer_model_for_export(model: Any) -> fx.GraphModule:
+    """The integer model of a model to export (a calibrated prepared model, converted; an
+    integer model, itself); a float or uncalibrated model is refused with the fix.
 
     Example::
 
-        >>> int_model, qat = integer_model_for_export(qat_model)
+        >>> int_model = integer_model_for_export(qat_model)
     """
     from ..fx import convert_fx
 
@@ -210,9 +207,9 @@ def integer_model_for_export(model: Any) -> tuple[fx.GraphModule, fx.GraphModule
                          "a float model exports with torch.onnx.export")
     if any(isinstance(model.get_submodule(a.module), QuantizedModule)
            for a in quantized if a.module is not None):
-        return model, None  # already an integer model
+        return model  # already an integer model
     try:
-        return convert_fx(model), model
+        return convert_fx(model)
     except (ValueError, NotImplementedError) as e:
         raise type(e)(f"export_onnx converts the model with qatkit.convert_fx, which failed: "
                       f"{e}") from e
@@ -271,10 +268,8 @@ def _merge(a: Any, b: Any, node: fx.Node, dynamic: set[fx.Node]) -> Any:
 class _Exporter:
     """Emits one ONNX graph from an integer model (see the module docstring)."""
 
-    def __init__(self, model: fx.GraphModule, qat_model: fx.GraphModule | None,
-                 opset: int) -> None:
+    def __init__(self, model: fx.GraphModule, opset: int) -> None:
         self.model = model
-        self.qat_model = qat_model
         self.graph = OnnxGraph(opset)
         self.values: dict[fx.Node, Any] = {}
         self.records: dict[fx.Node, Any] = {}
@@ -384,8 +379,7 @@ class _Exporter:
             return self._attr(node)
         module = self.modules.get(str(node.target)) if node.op == "call_module" else None
         emitter = EMITTERS.get(ann.kind)
-        call = OpCall(self, node, ann, self._bind(node, ann, module), module,
-                      self._params_module(module))
+        call = OpCall(self, node, ann, self._bind(node, ann, module), module)
         if emitter is None:
             raise call.unsupported("no ONNX emitter for this op kind")
         try:
@@ -439,18 +433,7 @@ class _Exporter:
             out.update(fixed)
             out.update({name: getattr(module, name) for name in getattr(module, "owned", ())})
             return out
-        return module_constants(self._params_module(module) or module, kind)
-
-    def _params_module(self, module: nn.Module | None) -> nn.Module | None:
-        """A lookup table's QAT twin (the integer table does not keep the float op's
-        constants: a LeakyReLU's slope...); None when exporting an integer model."""
-        if not isinstance(module, QuantizedModule) or self.qat_model is None:
-            return None
-        name = getattr(module, "qatkit_name", "")
-        try:
-            return self.qat_model.get_submodule(name) if name else None
-        except AttributeError:
-            return None
+        return module_constants(module, kind)
 
     # -- outputs --------------------------------------------------------------------------------
     def _output(self, name: str, leaf: Any, axes: dict[int, str]) -> onnx.ValueInfoProto:
