@@ -86,10 +86,11 @@ def trace_model(model: nn.Module, label: str = "model", share: bool = True) -> f
     cache = _TRACES.get() if share else None
     if cache is not None and id(model) in cache and cache[id(model)][0] is model:
         return cache[id(model)][1]
-    from qatkit.eager import eager_graph, is_eager_model
+    from qatkit.eager import annotated_graph
 
     try:  # an eager-prepared model: its annotated trace (names are the float model's)
-        gm = eager_graph(model) if is_eager_model(model) else symbolic_trace(model)
+        gm = annotated_graph(model)
+        gm = gm if isinstance(gm, fx.GraphModule) else symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise ValueError(
             f"{label} ({type(model).__name__}) cannot be traced: {e}\nFix: trace it yourself "

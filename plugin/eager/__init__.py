@@ -13,6 +13,7 @@ from .functional import FloatFunctionalReuseError as FloatFunctionalReuseError
 from .functional import QATFloatFunctional as QATFloatFunctional
 from .functional import QuantizedAddReLU as QuantizedAddReLU
 from .fuse import fuse_modules as fuse_modules
+from .graph import annotated_graph as annotated_graph
 from .graph import eager_graph as eager_graph
 from .graph import link_eager_model as link_eager_model
 from .prepare import EagerInfo as EagerInfo
@@ -20,6 +21,7 @@ from .prepare import eager_info as eager_info
 from .prepare import is_eager_model as is_eager_model
 from .prepare import prepare_qat as prepare_qat
 
-__all__ = ["prepare_qat", "convert", "fuse_modules", "eager_graph", "link_eager_model",
+__all__ = ["prepare_qat", "convert", "fuse_modules", "eager_graph", "annotated_graph",
+           "link_eager_model",
            "is_eager_model", "eager_info", "EagerInfo", "QATFloatFunctional",
            "FloatFunctionalReuseError", "QuantizedAddReLU"]

@@ -40,7 +40,21 @@ from .boundaries import MixedModule, insert_boundaries, twin_boundary_leaves
 from .functional import FLOAT_BASE_NAMES, FloatFunctionalReuseError, QATFloatFunctional
 from .prepare import FLOAT_NOTE_ATTR, eager_info
 
-__all__ = ["eager_graph", "link_eager_model", "float_inputs", "float_functional_ops"]
+__all__ = ["eager_graph", "annotated_graph", "link_eager_model", "float_inputs",
+           "float_functional_ops"]
+
+
+def annotated_graph(model: nn.Module) -> nn.Module:
+    """The model the quantization tools read: an eager-mode model's annotated trace
+    (:func:`eager_graph`), any other model itself.  The one place that tells eager models
+    apart for the profiler, the exporter and :func:`qatkit.get_provenance`.
+
+    Example::
+
+        >>> annotated_graph(eager_qat_model) is eager_qat_model, annotated_graph(fx_qat) is fx_qat
+        (False, True)
+    """
+    return eager_graph(model) if eager_info(model) is not None else model
 
 
 def eager_graph(model: nn.Module, split_boundaries: bool = False) -> fx.GraphModule:

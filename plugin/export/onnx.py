@@ -179,10 +179,9 @@ def integer_model_for_export(model: Any) -> fx.GraphModule:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx takes an nn.Module, got {type(model).__name__}")
-    from ..eager import eager_graph, is_eager_model
+    from ..eager import annotated_graph
 
-    if is_eager_model(model):  # prepare_qat / convert: its annotated trace
-        model = eager_graph(model)
+    model = annotated_graph(model)  # an eager-mode model: its annotated trace
     if not has_annotations(model):
         raise ValueError(
             f"export_onnx takes a model prepared with qatkit.prepare_qat_fx and calibrated (or "

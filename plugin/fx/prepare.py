@@ -240,8 +240,10 @@ def get_provenance(model: fx.GraphModule) -> dict[str, str]:
         >>> get_provenance(qat_model)["layer1.0.conv1"]
         'layer1.0.relu(0)'
     """
+    from ..eager import annotated_graph
     from .partial import is_partially_traced, partial_trace_of, regions
 
+    model = annotated_graph(model)  # an eager-mode model: its annotated trace
     if is_partially_traced(model):  # every region's, named from the root
         found = regions(model)
         return {(f"{r.path}.{name}" if r.path else name): r.name(float_name)

@@ -119,3 +119,15 @@ def test_compiled_eager_model_trains_and_evaluates_in_one_graph(backend):
     assert graphs == 2, graphs
     lsb = ((got - want).abs() / step).round()
     assert float(lsb.max()) <= 1 and float((lsb == 0).float().mean()) >= 0.98, lsb
+
+
+def test_tools_read_an_eager_model_through_its_trace():
+    """get_provenance and the exporter take the eager model itself (annotated_graph)."""
+    qm, x = _calibrated_island()
+    gm = qatkit.eager.eager_graph(qm)
+    assert qatkit.get_provenance(qm) == qatkit.get_provenance(gm)
+    assert qatkit.get_provenance(qm)["conv1"] == "relu1"
+    assert qatkit.eager.annotated_graph(gm) is gm
+    with torch.no_grad():
+        assert torch.equal(qatkit.export.onnx.integer_model_for_export(qm)(x),
+                           qatkit.convert(qm)(x))
