@@ -25,19 +25,8 @@ import time
 import qatkit.profiler as qp
 import torch
 import torchvision
-from _common import calibrated, parse_args
+from _common import calibrated, parse_args, settle_batchnorm
 from qatkit.profiler.quantizers import list_quantizers
-
-
-def _settle_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> None:
-    for bn in model.modules():
-        if isinstance(bn, torch.nn.BatchNorm2d):
-            bn.reset_running_stats()
-            bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
 
 
 def _timed(fn, device: torch.device) -> tuple[float, object]:
@@ -56,7 +45,7 @@ def main() -> None:
                                         ("--sweeps", {"type": int, "default": 3})])
     x = torch.randn(args.batch, 3, args.size, args.size)
     model = torchvision.models.resnet18()
-    _settle_batchnorm(model, torch.randn(16, 3, args.size, args.size))
+    settle_batchnorm(model, [torch.randn(16, 3, args.size, args.size)])
     calib = calibrated(model, x, [torch.randn(args.batch, 3, args.size, args.size)
                                   for _ in range(2)]).to(device)
     x = x.to(device)
