@@ -39,7 +39,7 @@ from .fx import convert_fx as convert_fx
 from .fx import get_provenance as get_provenance
 from .fx import prepare_qat_fx as prepare_qat_fx
 from .fx import set_preserve_qat_mode as set_preserve_qat_mode
-from .grid_sample import grid_sample_scale as grid_sample_scale
+from .grid_sample_rule import grid_sample_scale as grid_sample_scale
 from .nn import DeQuantStub as DeQuantStub
 from .nn import QuantStub as QuantStub
 from .nn.qat import freeze_bn_stats as freeze_bn_stats

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._state import module_device
+from ._modules import module_device
 from .data import as_batches, batch_size, iterate, model_inputs, to_device
 from .fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ._exact import release_exact_caches
-from ._state import ResizeBuffersOnLoad
+from ._modules import ResizeBuffersOnLoad
 from .distributed import group_of, is_distributed, sync_observer
 from .observers import (
     FixedScaleObserver,

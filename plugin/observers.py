@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._state import ResizeBuffersOnLoad
+from ._modules import ResizeBuffersOnLoad
 from .distributed import group_of, is_distributed, reduce_range
 
 __all__ = [

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .._exact import release_exact_caches
-from .._state import module_device
+from .._modules import module_device
 from ..annotation import NodeAnnotation, get_annotations, has_annotations
 from ..calibration import calibrate
 from ..data import as_batches, batch_size, model_inputs, to_device

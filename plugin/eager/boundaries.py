@@ -241,7 +241,7 @@ def _check_free(path: str, mod: nn.Module, attr: str) -> None:
 
 
 def _stub(qc: Any, float_name: str, near: nn.Module) -> nn.Module:
-    from .._state import module_device
+    from .._modules import module_device
 
     stub = qat.QuantStub(qc.activation())
     stub.qconfig = qc

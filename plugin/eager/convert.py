@@ -21,7 +21,7 @@ import warnings
 
 from torch import nn
 
-from .._state import set_module
+from .._modules import set_module
 from ..annotation import AnnotatedOp, get_annotations
 from ..fake_quantize import FakeQuantize
 from ..fx.convert import convert_fx

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._state import set_module
+from .._modules import set_module
 from ..fx.patterns import BN_FOR, FUSED_ACTIVATION_MODULES, WEIGHTED_MODULES
 from ..nn.qat import ACTIVATIONS
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from .._state import set_module
+from .._modules import set_module
 from ..annotation import NodeAnnotation, get_annotations, set_annotations
 from ..fx.annotate import annotate, op_kind
 from ..fx.naming import node_scope

@@ -37,13 +37,12 @@ from typing import Any
 
 from torch import fx, nn
 
-from .._state import module_device, set_module
+from .._modules import module_device, set_module
 from ..annotation import AnnotatedOp
 from ..fake_quantize import FakeQuantize
 from ..fx.annotate import op_kind
-from ..fx.hybrid import check_hybrid_args
 from ..fx.patterns import PASSTHROUGH_MODULES
-from ..fx.qconfig_dict import QConfigResolver
+from ..fx.qconfig_dict import QConfigResolver, check_hybrid_args
 from ..nn import qat
 from ..nn.functional_modules import FloatFunctional
 from ..nn.stubs import DeQuantStub, QuantStub

@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import fx, nn
 
-from .._state import set_module
+from .._modules import set_module
 from ..annotation import get_annotations
 from .onnx import output_leaves
 

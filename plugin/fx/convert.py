@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
-from .._state import module_device, set_module
+from .._modules import module_device, set_module
 from ..annotation import (
     NodeAnnotation,
     get_annotations,

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from .._state import set_module
+from .._modules import set_module
 from ..nn import qat
 from .patterns import (
     ADD_FUNCTIONS,

@@ -44,7 +44,7 @@ from torch.fx._symbolic_trace import PH
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from .._state import set_module
+from .._modules import set_module
 from .naming import float_node_names
 from .patterns import WEIGHTED_MODULES
 from .qconfig_dict import check_keys, present_types

@@ -1,7 +1,7 @@
 """prepare_qat_fx: turn a float model into a QAT GraphModule.
 
 The passes, in order: trace (:mod:`.tracer`), name every node (:mod:`.naming`), resolve
-qconfigs (:mod:`.qconfig_dict`, with hybrid float islands from :mod:`.hybrid`), fuse
+qconfigs (:mod:`.qconfig_dict`, hybrid float islands included), fuse
 weighted chains into QAT modules (:mod:`.fuse`), then one walk over the graph that
 
 * turns every quantizable op into a named module owning its output fake quant — module ops
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, fx, nn
 
-from .._state import set_module
+from .._modules import set_module
 from ..annotation import (
     AnnotatedOp,
     NodeAnnotation,
@@ -44,7 +44,6 @@ from ..nn.stubs import QuantStub
 from ..observers import FixedScaleObserver, dtype_to_bits
 from .annotate import annotate, op_kind
 from .fuse import META_FLOAT_NAME, META_ROLE, find_fusion_groups, fuse_weighted_modules
-from .hybrid import check_hybrid_args
 from .naming import float_node_names, node_scope, op_base_name
 from .patterns import (
     FLOAT_BOUNDARY_MODULES,
@@ -55,7 +54,7 @@ from .patterns import (
     PASSTHROUGH_METHODS,
     PASSTHROUGH_MODULES,
 )
-from .qconfig_dict import QConfigResolver
+from .qconfig_dict import QConfigResolver, check_hybrid_args
 from .tracer import TraceFailure, symbolic_trace
 
 __all__ = ["prepare_qat_fx", "get_provenance", "link_exact_inputs", "input_fake_quants",

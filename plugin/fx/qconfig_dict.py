@@ -14,6 +14,16 @@ Keys (priority from low to high):
 
 ``qconfig=None`` keeps the op float.  A name or type that matches nothing is an error that
 lists the closest existing names.
+
+Hybrid (step) quantization: ``prepare_qat_fx(model, qconfig_dict, hybrid=True,
+hybrid_dict={"module_name": [...], "module_type": [...]})`` keeps the listed modules (and
+everything inside them) float during QAT -- float islands, checked by
+:func:`check_hybrid_args` and resolved here as ``qconfig=None`` for those names / types, with a
+priority above every qconfig_dict entry and module ``.qconfig`` attribute.  prepare then
+quantizes again wherever an island's float output feeds a quantized op (a ``QuantStub`` named
+``<op>_quant``) and the island itself computes on the dequantized values, so users can bisect
+which layer breaks QAT accuracy: quantize everything, then move layers in and out of
+``hybrid_dict`` and watch the metric.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from torch import fx, nn
 
 from ..qconfig import QConfig
 
-__all__ = ["QConfigResolver", "UNSET", "check_keys", "present_types"]
+__all__ = ["QConfigResolver", "UNSET", "check_keys", "present_types", "check_hybrid_args"]
 
 UNSET: Any = object()
 
@@ -49,6 +59,40 @@ def _pairs(qconfig_dict: dict, key: str) -> list[tuple[Any, Any]]:
                              f"got {item!r}")
         _check_qconfig(f"{key}: {item[0]!r}", item[1])
         out.append((item[0], item[1]))
+    return out
+
+
+def check_hybrid_args(hybrid: bool, hybrid_dict: dict | None) -> dict | None:
+    """Validate ``hybrid``/``hybrid_dict`` and return the float-island overrides (or None).
+
+    Raises:
+        ValueError: ``hybrid_dict`` given without ``hybrid=True``, or not a dict of lists.
+
+    Example::
+
+        >>> check_hybrid_args(True, {"module_name": ["conv1"]})
+        {'module_name': ['conv1'], 'module_type': []}
+    """
+    if not hybrid:
+        if hybrid_dict:
+            raise ValueError("hybrid_dict is given but hybrid=False: pass hybrid=True to keep "
+                             "those modules float during QAT")
+        return None
+    if not hybrid_dict:
+        raise ValueError("hybrid=True needs hybrid_dict={'module_name': [...], "
+                         "'module_type': [...]} naming the modules to keep float")
+    if not isinstance(hybrid_dict, dict):
+        raise ValueError(f"hybrid_dict must be a dict, got {type(hybrid_dict).__name__}")
+    out = {}
+    for key in ("module_name", "module_type"):
+        value = hybrid_dict.get(key, [])
+        if isinstance(value, (str, type)):
+            value = [value]
+        out[key] = list(value)
+    bad = set(hybrid_dict) - set(out)
+    if bad:
+        raise ValueError(f"unknown hybrid_dict keys {sorted(bad)}: use 'module_name' and "
+                         "'module_type'")
     return out
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx._symbolic_trace import PH
 
-from .._state import set_module
+from .._modules import set_module
 from ..nn.stubs import DeQuantStub, QuantStub
 
 __all__ = ["QatkitTracer", "TraceFailure", "register_leaf_module", "wrap", "symbolic_trace",

@@ -4,7 +4,7 @@ Importing this package registers every converter in :data:`CONVERTERS`.
 """
 
 from . import conv as conv  # noqa: F401  (registers converters)
-from . import grid_sample as grid_sample  # noqa: F401
+from . import integer_grid_sample as integer_grid_sample  # noqa: F401
 from . import lut as lut  # noqa: F401
 from . import norm as norm  # noqa: F401
 from . import ops as ops  # noqa: F401

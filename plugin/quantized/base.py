@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._state import ResizeBuffersOnLoad
+from .._modules import ResizeBuffersOnLoad
 from ..annotation import (
     AnnotatedOp,
     QuantSpec,

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._state import module_device
+from .._modules import module_device
 from ..annotation import bind_arguments, module_constants
 from .base import BoundCall, QuantizedModule, TensorQParams, from_int, register_converter, to_int
 

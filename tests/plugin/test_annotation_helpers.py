@@ -8,7 +8,7 @@ import warnings
 import pytest
 import qatkit
 import torch
-from qatkit._state import set_module
+from qatkit._modules import set_module
 from qatkit.annotation import (
     MODULE_CONSTANTS,
     annotation_by_name,

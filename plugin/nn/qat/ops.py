@@ -25,8 +25,8 @@ from ...annotation import (
     signature_names,
 )
 from ...fake_quantize import FakeQuantize, evaluates_exactly
-from ...grid_sample import sample_grid
-from ..grid_sample import GridSample
+from ...grid_sample_rule import sample_grid
+from ..grid_sample_module import GridSample
 
 __all__ = ["QuantStub", "FunctionalOp", "Divide", "output_quantized", "OUTPUT_QUANTIZED_MODULES",
            "OutputQuantMixin", "EXACT_OPS", "exact_grid", "ExactInputs", "grid_sample_call"]
@@ -120,7 +120,7 @@ def grid_sample_call(mod: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any
 def _exact_grid_sample(mod: nn.Module, args: tuple, kwargs: dict,
                        links: dict[str, nn.Module]) -> Tensor:
     """Exact evaluation of grid_sample, the integer model's own arithmetic
-    (:mod:`qatkit.grid_sample`): ``fq(fl64(sum_i w_i * q_i) * s_in)``."""
+    (:mod:`qatkit.grid_sample_rule`): ``fq(fl64(sum_i w_i * q_i) * s_in)``."""
     p = grid_sample_call(mod, args, kwargs)
     in_fq, fq = links.get("input"), mod.activation_post_process
     grid = exact_grid(p["grid"], links.get("grid"))

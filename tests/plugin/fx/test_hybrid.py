@@ -1,4 +1,4 @@
-"""Hybrid (step) quantization in prepare_qat_fx (qatkit.fx.hybrid): float islands with a
+"""Hybrid (step) quantization in prepare_qat_fx (qatkit.fx.qconfig_dict): float islands with a
 QuantStub where their float output feeds quantized ops, and errors for bad arguments."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 import qatkit
 import torch
 import torch.nn.functional as F
-from qatkit.grid_sample import grid_sample_scale, sample_grid
+from qatkit.grid_sample_rule import grid_sample_scale, sample_grid
 from torch import nn
 
 

@@ -1,7 +1,7 @@
 """Integer grid_sample: an int16 grid, exact positions, one requantization.
 
 ``acc = sum_i w_i * q_i`` over the 4 bilinear taps (1 for nearest) at the grid's pixel
-positions (:mod:`qatkit.grid_sample`: exact for a power-of-two grid scale), then
+positions (:mod:`qatkit.grid_sample_rule`: exact for a power-of-two grid scale), then
 ``q_out = saturate(rint(fl64(acc * s_in) / s_out))`` (docs/npu_numerics_ops.md).
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..grid_sample import sample_grid
+from ..grid_sample_rule import sample_grid
 from ..nn.qat.ops import grid_sample_call
 from .base import BoundCall, TensorQParams, register_converter
 from .ops import QuantizedOp, arg_qparams, resolve_call, unsupported
@@ -58,7 +58,7 @@ class QuantizedGridSample(QuantizedOp):
 @register_converter("grid_sample")
 def _convert_grid_sample(qat_module: nn.Module, call: BoundCall,
                          out_qparams: TensorQParams | None) -> QuantizedGridSample:
-    from ..nn.grid_sample import GridSample
+    from ..nn.grid_sample_module import GridSample
 
     kind, fn, _, _, _ = resolve_call(qat_module, call) if not isinstance(
         qat_module, GridSample) else ("grid_sample", None, None, None, None)
