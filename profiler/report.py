@@ -26,8 +26,7 @@ import torch
 from torch import fx, nn
 
 from ..fake_quantize import FakeQuantize
-from ..fx.partial import is_partially_traced
-from ..fx.partial_views import region_pairs
+from ..fx.partial import is_partially_traced, region_pairs
 from ..quantized import QuantizedModule
 from .advisor import advise
 from .alignment import shared_traces

@@ -14,19 +14,17 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..annotation import get_annotations, has_annotations, set_annotations
-from .partial import (
+from ...annotation import get_annotations, has_annotations, set_annotations
+from ..tracer import symbolic_trace
+from .plan import (
     PartialTrace,
     RegionSpec,
-    _Holder,
-    _holder_region,
-    _restore_output_type,
     is_partially_traced,
     partial_trace_of,
     region_inputs,
     regions,
 )
-from .tracer import symbolic_trace
+from .planner import Holder, holder_region, restore_output_type
 
 __all__ = ["float_region", "region_pairs"]
 
@@ -41,12 +39,12 @@ def float_region(model: nn.Module, spec: RegionSpec) -> fx.GraphModule:
     """
     mod = model.get_submodule(spec.path) if spec.path else model
     if "held" in spec.trace:
-        return _holder_region(mod, spec.trace["held"], spec.params)
+        return holder_region(mod, spec.trace["held"], spec.params)
     trace = dict(spec.trace)
     out_type = trace.pop("output_type", None)
     gm = symbolic_trace(mod, concrete_args=spec.concrete_args or None, inline_constants=True,
                         **trace)
-    _restore_output_type(gm, out_type)
+    restore_output_type(gm, out_type)
     return gm
 
 
@@ -126,7 +124,7 @@ def _flat_view(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` taking its placeholders' values as they are (no flattening of a tensor list
     argument), a plain GraphModule sharing its modules and annotation: what the profiler's
     ``fx.Interpreter`` runs."""
-    if type(gm.graph._codegen) is fx.graph.CodeGen and not isinstance(gm, _Holder) and \
+    if type(gm.graph._codegen) is fx.graph.CodeGen and not isinstance(gm, Holder) and \
             not is_partially_traced(gm):
         return gm  # (a holder shows its conv's weight; the root region holds the plan)
     graph = fx.Graph()
