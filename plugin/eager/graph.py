@@ -33,7 +33,7 @@ from .._modules import set_module
 from ..annotation import NodeAnnotation, get_annotations, set_annotations
 from ..fx.annotate import annotate, op_kind
 from ..fx.naming import node_scope
-from ..fx.prepare import input_fake_quants
+from ..fx.prepare_graph import input_fake_quants
 from ..fx.tracer import symbolic_trace
 from ..nn.functional_modules import FloatFunctional, FunctionalMethods
 from .boundaries import MixedModule, insert_boundaries, twin_boundary_leaves

@@ -16,7 +16,7 @@ from qatkit.annotation import (
     module_constants,
     source_annotation,
 )
-from qatkit.fx.prepare import input_fake_quants
+from qatkit.fx.prepare_graph import input_fake_quants
 from torch import nn
 
 

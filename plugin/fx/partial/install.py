@@ -19,7 +19,10 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ..._modules import set_module
+from ...nn.stubs import DeQuantStub, QuantStub
+from ..annotate import op_kind
 from ..naming import float_node_names
+from ..prepare_graph import prepare_traced, warn_prepare
 from ..qconfig_dict import check_keys, present_types
 from ..tracer import TraceFailure
 from .plan import PartialTrace, TracedPart, attach_plan, region_inputs
@@ -74,8 +77,6 @@ def prepare_partial(original: nn.Module, model: nn.Module, qconfig_dict: dict,
         >>> qat = prepare_qat_fx(detector, qconfig_dict, example_inputs=([image],))
         >>> qatkit.fx.trace_report(qat)
     """
-    from ..prepare import prepare_traced, warn_prepare
-
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     if custom.get("concrete_args"):
@@ -144,8 +145,6 @@ def _check_names(model: nn.Module, found: list[Region], qconfig_dict: dict,
     root, functional ops of every region)."""
     names = {n for n, _ in model.named_modules() if n}
     present = present_types(model.modules(), None, {})
-    from ..annotate import op_kind
-
     for r in found:
         modules = dict(r.gm.named_modules())
         for node, name in float_node_names(r.gm).items():
@@ -206,8 +205,6 @@ def _warn_summary(original: nn.Module, plan: PartialTrace) -> None:
 def _warn_stubs_in_glue(model: nn.Module, planner: Planner) -> None:
     """A QuantStub / DeQuantStub the user placed where the code stays float does nothing
     there: say so, with the line that made the code float."""
-    from ...nn.stubs import DeQuantStub, QuantStub
-
     def in_region(path: str) -> bool:
         for r in planner.regions:
             inside = not r.path or path.startswith(r.path + ".")
