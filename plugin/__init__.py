@@ -7,6 +7,7 @@ Example::
 """
 
 from ._exact import release_exact_caches as release_exact_caches
+from ._version import __version__ as __version__
 from .algorithms import adaround as adaround
 from .algorithms import bias_correction as bias_correction
 from .algorithms import bn_reestimation as bn_reestimation
@@ -83,8 +84,6 @@ from .qconfig import (
     default_qat_out_8bit_fake_quant_qconfig as default_qat_out_8bit_fake_quant_qconfig,
 )
 from .qconfig import get_default_qconfig as get_default_qconfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FakeQuantState",

@@ -39,8 +39,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .observers import dtype_to_bits, qrange
+from .observers import FixedScaleObserver, dtype_to_bits, qrange
 
 __all__ = ["QuantSpec", "InputSpec", "NodeAnnotation", "ROLES", "OUTPUT_MODES",
            "ANNOTATIONS_ATTR", "get_annotations", "set_annotations", "has_annotations",
@@ -197,8 +198,6 @@ def set_annotations(gm: fx.GraphModule, annotations: Mapping[fx.Node, NodeAnnota
 
         >>> set_annotations(gm, annotate(gm))
     """
-    from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
-
     # in graph order: a model loaded with torch.load gets its node names back by position
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     table = {node.name: ann for node, ann in sorted(
@@ -223,8 +222,6 @@ def _repair_after_load(gm: fx.GraphModule, table: dict[str, NodeAnnotation]) -> 
     drops ``gm.meta`` (so a later deepcopy would drop the annotation) and traces the code
     again, which may name nodes otherwise.  Idempotent; nothing to do for a model that was
     not loaded."""
-    from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
-
     preserved = gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
     if preserved.get(ANNOTATIONS_ATTR) is not table:
         preserved[ANNOTATIONS_ATTR] = table
@@ -349,7 +346,6 @@ def fake_quant_spec(fq: nn.Module | None, path: str) -> QuantSpec | None:
     """
     if fq is None:
         return None
-    from .observers import FixedScaleObserver
 
     obs = getattr(fq, "observer", None)
     fixed = float(obs.scale) if isinstance(obs, FixedScaleObserver) else None

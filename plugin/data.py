@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 __all__ = ["as_batches", "model_inputs", "batch_size", "to_device", "iterate"]
 
@@ -147,8 +148,6 @@ def iterate(batches: Iterable[Any], count: int | None, progress: bool, desc: str
         >>> list(iterate([1, 2, 3], 3, progress=False, desc="calibration", limit=2))
         [1, 2]
     """
-    from tqdm.auto import tqdm
-
     total = count if limit is None else (limit if count is None else min(count, limit))
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
         for i, batch in enumerate(batches):

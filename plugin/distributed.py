@@ -14,42 +14,24 @@ those of one process that ran the global batches:
   histograms' counts and the non-finite counts observed since the last synchronization are
   summed across ranks, so Percentile, MSE and KL thresholds come from the global histogram.
 
-Weight observers are not synchronized (DDP keeps the weights identical on every rank).  An
-observer whose ``distributed_sync`` is False is left alone.  All ranks must run the same
-observers the same number of times, in the same order (as DDP requires of its forwards).
+The per-batch part, which the observers call, lives below them in :mod:`qatkit._ranks`
+(re-exported here).  Weight observers are not synchronized (DDP keeps the weights identical
+on every rank).  An observer whose ``distributed_sync`` is False is left alone.  All ranks
+must run the same observers the same number of times, in the same order (as DDP requires of
+its forwards).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._ranks import group_of, is_distributed, reduce_range, set_group_of
+from .observers import ObserverBase
+
 __all__ = ["is_distributed", "reduce_range", "sync_observers", "set_observer_group"]
-
-# observer -> the process group it reduces over (default group when absent); kept beside the
-# observers because process groups cannot be copied or pickled with a model
-_GROUPS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
-
-
-def is_distributed(group: Any = None) -> bool:
-    """True when a torch.distributed process group with more than one rank is initialized.
-
-    Example::
-
-        >>> is_distributed()          # a single process
-        False
-    """
-    dist = torch.distributed
-    return bool(dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(group) > 1)
-
-
-def group_of(observer: nn.Module) -> Any:
-    """The process group ``observer`` reduces over (None: the default group)."""
-    return _GROUPS.get(observer)
 
 
 def set_observer_group(model: nn.Module, group: Any) -> int:
@@ -60,30 +42,12 @@ def set_observer_group(model: nn.Module, group: Any) -> int:
         >>> set_observer_group(qat_model, torch.distributed.new_group([0, 1]))
         42
     """
-    from .observers import ObserverBase
-
     count = 0
     for mod in model.modules():
         if isinstance(mod, ObserverBase):
-            if group is None:
-                _GROUPS.pop(mod, None)
-            else:
-                _GROUPS[mod] = group
+            set_group_of(mod, group)
             count += 1
     return count
-
-
-def reduce_range(bmin: Tensor, bmax: Tensor, group: Any = None) -> tuple[Tensor, Tensor]:
-    """The element-wise min of ``bmin`` and max of ``bmax`` over the ranks of ``group``.
-
-    Example::
-
-        >>> bmin, bmax = reduce_range(torch.tensor([-1.0]), torch.tensor([2.0]))
-    """
-    both = torch.cat([bmin.reshape(-1), -bmax.reshape(-1)]).to(torch.float32)
-    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MIN, group=group)
-    n = bmin.numel()
-    return both[:n].reshape(bmin.shape), (-both[n:]).reshape(bmax.shape)
 
 
 def _sum_since_last(buf: Tensor, snapshot: Tensor | None, group: Any) -> Tensor:
@@ -163,8 +127,6 @@ def sync_observers(model: nn.Module, group: Any = None) -> int:
         >>> qatkit.sync_observers(qat_model)     # on every rank, after calibrating
         42
     """
-    from .observers import ObserverBase
-
     if group is not None:
         set_observer_group(model, group)
     count = 0

@@ -23,6 +23,7 @@ States (see :class:`FakeQuantState`): ``model.train()`` / ``model.eval()`` never
 from __future__ import annotations
 
 import contextlib
+import difflib
 import enum
 import functools
 import math
@@ -34,7 +35,8 @@ from torch import Tensor, nn
 
 from ._exact import release_exact_caches
 from ._modules import ResizeBuffersOnLoad
-from .distributed import group_of, is_distributed, sync_observer
+from ._ranks import group_of, is_distributed
+from .distributed import sync_observer
 from .observers import (
     FixedScaleObserver,
     MovingAverageMinMaxObserver,
@@ -607,8 +609,6 @@ def _select(model: nn.Module, names: Any) -> list[tuple[str, FakeQuantize]]:
     by_name = dict(fqs)
     missing = [n for n in names if n not in by_name]
     if missing:
-        import difflib
-
         close = difflib.get_close_matches(missing[0], list(by_name), n=5, cutoff=0.4)
         raise ValueError(f"{type(model).__name__} has no fake quant named {missing[0]!r}; "
                          f"closest: {close or list(by_name)[:5]}")

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ._modules import ResizeBuffersOnLoad
-from .distributed import group_of, is_distributed, reduce_range
+from ._ranks import group_of, is_distributed, reduce_range
 
 __all__ = [
     "PRIVATE_STATISTICS",

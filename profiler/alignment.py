@@ -25,6 +25,7 @@ import pandas as pd
 from qatkit.annotation import get_annotations, has_annotations
 from qatkit.fx.naming import float_node_names, op_base_name
 from qatkit.fx.tracer import symbolic_trace
+from qatkit.model_graph import annotated_graph
 from torch import fx, nn
 
 __all__ = ["trace_model", "shared_traces", "is_prepared", "op_names", "reference_names",
@@ -68,7 +69,7 @@ def shared_traces() -> Iterator[None]:
 
 def trace_model(model: nn.Module, label: str = "model", share: bool = True) -> fx.GraphModule:
     """``model`` as a GraphModule: itself if it is one, the annotated trace of an eager-mode
-    model (:func:`qatkit.eager.eager_graph`), else traced with qatkit's tracer.
+    model (:func:`qatkit.model_graph.annotated_graph`), else traced with qatkit's tracer.
 
     The traced GraphModule shares ``model``'s submodules (nothing is copied or modified).
     Inside :func:`shared_traces`, a model is traced once (unless ``share=False``: a private
@@ -86,8 +87,6 @@ def trace_model(model: nn.Module, label: str = "model", share: bool = True) -> f
     cache = _TRACES.get() if share else None
     if cache is not None and id(model) in cache and cache[id(model)][0] is model:
         return cache[id(model)][1]
-    from qatkit.eager import annotated_graph
-
     try:  # an eager-prepared model: its annotated trace (names are the float model's)
         gm = annotated_graph(model)
         gm = gm if isinstance(gm, fx.GraphModule) else symbolic_trace(model)

@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -475,8 +476,6 @@ def _environment() -> jinja2.Environment:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("qatkit")
     except Exception:  # noqa: BLE001 - a source checkout without metadata
         return "dev"

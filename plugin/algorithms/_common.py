@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pandas as pd
 import torch
 from torch import Tensor, fx, nn
+from tqdm.auto import tqdm
 
 from .._exact import release_exact_caches
 from .._modules import module_device
@@ -426,8 +427,6 @@ def recalibrate(model: nn.Module, batches: Sequence[Batch]) -> None:
 def layer_progress(items: Sequence[Any], algorithm: str, progress: bool,
                    unit: str = "layer") -> Any:
     """``items`` behind a tqdm bar (over layers by default; silenced by ``progress=False``)."""
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=algorithm, unit=unit, disable=not progress, leave=False)
 
 

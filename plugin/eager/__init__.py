@@ -7,18 +7,17 @@ to fuse, ``convert`` puts the integer modules of :mod:`qatkit.quantized` in thei
 docs/eager.md.
 """
 
-from . import export as export  # noqa: F401  (registers ONNX emitters)
+from ..model_graph import annotated_graph as annotated_graph
 from .convert import convert as convert
 from .functional import FloatFunctionalReuseError as FloatFunctionalReuseError
 from .functional import QATFloatFunctional as QATFloatFunctional
 from .functional import QuantizedAddReLU as QuantizedAddReLU
 from .fuse import fuse_modules as fuse_modules
-from .graph import annotated_graph as annotated_graph
 from .graph import eager_graph as eager_graph
 from .graph import link_eager_model as link_eager_model
-from .prepare import EagerInfo as EagerInfo
-from .prepare import eager_info as eager_info
-from .prepare import is_eager_model as is_eager_model
+from .info import EagerInfo as EagerInfo
+from .info import eager_info as eager_info
+from .info import is_eager_model as is_eager_model
 from .prepare import prepare_qat as prepare_qat
 
 __all__ = ["prepare_qat", "convert", "fuse_modules", "eager_graph", "annotated_graph",

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from torch import Tensor, fx, nn
 
+from .._modules import module_device
 from ..annotation import NodeAnnotation, map_arguments, source_annotation
 from ..nn import qat
 
@@ -241,8 +242,6 @@ def _check_free(path: str, mod: nn.Module, attr: str) -> None:
 
 
 def _stub(qc: Any, float_name: str, near: nn.Module) -> nn.Module:
-    from .._modules import module_device
-
     stub = qat.QuantStub(qc.activation())
     stub.qconfig = qc
     stub.qatkit_float_name = float_name

@@ -29,7 +29,7 @@ from ..quantized import QuantizedModule
 from .boundaries import InputQuantEntry, OutputQuantExit, mixed_class
 from .functional import QATFloatFunctional, functional_class
 from .graph import eager_graph
-from .prepare import EAGER_ATTR, eager_info
+from .info import EAGER_ATTR, eager_info
 
 __all__ = ["convert"]
 

@@ -27,6 +27,7 @@ import copy
 from typing import Any, Sequence
 
 import torch
+import torch.ao.nn.intrinsic as nni
 from torch import Tensor, nn
 
 from .._modules import set_module
@@ -165,10 +166,6 @@ def fused_parts(mod: nn.Module, path: str
     """
     if isinstance(mod, FusedFloat):
         return _plain(mod, _float_class(mod)), mod.bn, mod.act, mod.qatkit_float_name
-    try:
-        import torch.ao.nn.intrinsic as nni
-    except ImportError:  # pragma: no cover - torch >= 2.1 has it
-        return None
     if not isinstance(mod, nni._FusedModule):
         return None
     parts = list(mod.children())

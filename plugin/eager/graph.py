@@ -34,27 +34,20 @@ from ..annotation import NodeAnnotation, get_annotations, set_annotations
 from ..fx.annotate import annotate, op_kind
 from ..fx.naming import node_scope
 from ..fx.prepare_graph import input_fake_quants
-from ..fx.tracer import symbolic_trace
+from ..fx.tracer import TraceFailure, symbolic_trace
+from ..model_graph import register_graph_reader
 from ..nn.functional_modules import FloatFunctional, FunctionalMethods
 from .boundaries import MixedModule, insert_boundaries, twin_boundary_leaves
 from .functional import FLOAT_BASE_NAMES, FloatFunctionalReuseError, QATFloatFunctional
-from .prepare import FLOAT_NOTE_ATTR, eager_info
+from .info import FLOAT_NOTE_ATTR, eager_info
 
-__all__ = ["eager_graph", "annotated_graph", "link_eager_model", "float_inputs",
-           "float_functional_ops"]
+__all__ = ["eager_graph", "link_eager_model", "float_inputs", "float_functional_ops"]
 
 
-def annotated_graph(model: nn.Module) -> nn.Module:
-    """The model the quantization tools read: an eager-mode model's annotated trace
-    (:func:`eager_graph`), any other model itself.  The one place that tells eager models
-    apart for the profiler, the exporter and :func:`qatkit.get_provenance`.
-
-    Example::
-
-        >>> annotated_graph(eager_qat_model) is eager_qat_model, annotated_graph(fx_qat) is fx_qat
-        (False, True)
-    """
-    return eager_graph(model) if eager_info(model) is not None else model
+@register_graph_reader
+def _eager_model_graph(model: nn.Module) -> fx.GraphModule | None:
+    """:func:`qatkit.model_graph.annotated_graph` of an eager-mode model: its trace."""
+    return eager_graph(model) if eager_info(model) is not None else None
 
 
 def eager_graph(model: nn.Module, split_boundaries: bool = False) -> fx.GraphModule:
@@ -202,8 +195,6 @@ def link_eager_model(model: nn.Module,
 
         >>> link_eager_model(qat_model)      # prepare_qat does this
     """
-    from ..fx.tracer import TraceFailure
-
     try:
         gm = eager_graph(model)
         if qconfig_of is not None:

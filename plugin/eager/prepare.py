@@ -31,11 +31,13 @@ model says, module by module, and the forward is never rewritten.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from typing import Any
 
 from torch import fx, nn
+from torch.ao.nn.quantized import FloatFunctional as AoFloatFunctional
+from torch.ao.quantization import DeQuantStub as AoDeQuantStub
+from torch.ao.quantization import QuantStub as AoQuantStub
 
 from .._modules import module_device, set_module
 from ..annotation import AnnotatedOp
@@ -47,68 +49,19 @@ from ..nn import qat
 from ..nn.functional_modules import FloatFunctional
 from ..nn.stubs import DeQuantStub, QuantStub
 from ..observers import FixedScaleObserver, dtype_to_bits
-from ..qconfig import QConfig
+from ..qconfig import QConfig, default_qat_8bit_fake_quant_qconfig
 from .functional import QATFloatFunctional
 from .fuse import fused_parts
+from .graph import link_eager_model
+from .info import EAGER_ATTR, FLOAT_NOTE_ATTR, EagerInfo
 
-__all__ = ["prepare_qat", "EagerInfo", "EAGER_ATTR", "eager_info", "is_eager_model",
-           "FLOAT_NOTE_ATTR", "activation_qconfig"]
+__all__ = ["prepare_qat", "activation_qconfig"]
 
-#: where a prepared / converted eager model keeps its :class:`EagerInfo`
-EAGER_ATTR = "_qatkit_eager"
-#: attribute of a module kept float: why (the annotation's ``note``)
-FLOAT_NOTE_ATTR = "qatkit_float_note"
 _NOTE_CONFIG = "qconfig None (float island)"
 _NOTE_UNSUPPORTED = "no quantized implementation"
 _CUSTOM_KEYS = {"concrete_args", "leaf_module_types", "leaf_module_names", "wrapped_functions"}
 #: torch.nn containers that are never called (walked, not traced)
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
-
-
-@dataclasses.dataclass
-class EagerInfo:
-    """What an eager-prepared model remembers (a plain attribute, not in ``state_dict``).
-
-    Attributes:
-        trace_args: keyword arguments of :func:`qatkit.fx.symbolic_trace` for this model
-            (``concrete_args``, ``leaf_modules``, ``leaf_module_names``,
-            ``wrapped_functions``), from ``prepare_custom_config_dict``.
-        hybrid: prepared with ``hybrid=True``.
-        converted: made by :func:`qatkit.convert` (an integer model).
-
-    Example::
-
-        >>> qatkit.eager.eager_info(qat_model)
-        EagerInfo(trace_args={...}, hybrid=True, converted=False)
-    """
-
-    trace_args: dict[str, Any]
-    hybrid: bool = False
-    converted: bool = False
-
-
-def eager_info(model: nn.Module) -> EagerInfo | None:
-    """The :class:`EagerInfo` of a model made by :func:`prepare_qat` / :func:`qatkit.convert`,
-    else None.
-
-    Example::
-
-        >>> eager_info(qatkit.prepare_qat(model, {"": qconfig})).converted
-        False
-    """
-    info = model.__dict__.get(EAGER_ATTR)
-    return info if isinstance(info, EagerInfo) else None
-
-
-def is_eager_model(model: nn.Module) -> bool:
-    """True for a model made by :func:`prepare_qat` or :func:`qatkit.convert`.
-
-    Example::
-
-        >>> is_eager_model(qat_model), is_eager_model(float_model)
-        (True, False)
-    """
-    return eager_info(model) is not None
 
 
 def _is_torch_leaf(mod: nn.Module) -> bool:
@@ -216,8 +169,6 @@ def _prepare(model: nn.Module, qconfig_dict: dict | None, islands: dict | None, 
             "qconfig_dict={'': qatkit.default_qat_8bit_fake_quant_qconfig}")
     model.__dict__[EAGER_ATTR] = EagerInfo(_trace_args(custom), hybrid=hybrid)
     swapper.warn()
-    from .graph import link_eager_model
-
     link_eager_model(model, lambda m: activation_qconfig(getattr(m, "qconfig", None),
                                                          resolver.global_qconfig))
     return model
@@ -237,20 +188,14 @@ def _empty_graph() -> fx.GraphModule:
 
 
 def _is_quant_stub(mod: nn.Module) -> bool:
-    from torch.ao.quantization import QuantStub as AoQuantStub
-
     return isinstance(mod, (QuantStub, AoQuantStub))
 
 
 def _is_dequant_stub(mod: nn.Module) -> bool:
-    from torch.ao.quantization import DeQuantStub as AoDeQuantStub
-
     return isinstance(mod, (DeQuantStub, AoDeQuantStub))
 
 
 def _is_float_functional(mod: nn.Module) -> bool:
-    from torch.ao.nn.quantized import FloatFunctional as AoFloatFunctional
-
     return isinstance(mod, (FloatFunctional, AoFloatFunctional))
 
 
@@ -394,6 +339,5 @@ def activation_qconfig(qc: Any, global_qc: Any) -> QConfig:
     for candidate in (qc, global_qc):
         if candidate is not None and candidate.activation is not None:
             return candidate
-    from ..qconfig import default_qat_8bit_fake_quant_qconfig
 
     return default_qat_8bit_fake_quant_qconfig

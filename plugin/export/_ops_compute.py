@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..nn.qat.ops import grid_sample_call
 from ..quantized.conv import QuantizedConv
 from ._graph import FValue, OpCall, QValue, register_emitter
 
@@ -283,8 +284,6 @@ def _reciprocal_scale(mod: nn.Module) -> tuple[np.ndarray, int] | None:
 def _grid_sample(call: OpCall) -> str:
     """``GridSample`` (opset 16+, modes renamed ``linear`` at 20); a pixel grid
     (``qatkit.nn.GridSample(normalized=False)``) is normalized first, in float."""
-    from ..nn.qat.ops import grid_sample_call
-
     call.require_opset(16, "GridSample")
     p = grid_sample_call(call.module, tuple(call.node.args), dict(call.node.kwargs)) \
         if not hasattr(call.module, "params") else {**call.module.params}

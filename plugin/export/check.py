@@ -24,12 +24,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
+import pandas as pd
 import torch
 from torch import fx, nn
 
 from .._modules import set_module
-from ..annotation import get_annotations
-from .onnx import output_leaves
+from ..annotation import get_annotations, set_annotations
+from ..fx.annotate import annotate
+from ..quantized import Quantize, TensorQParams
+from .onnx import integer_model_for_export, output_leaves, write_onnx
 
 __all__ = ["OPTIMIZATION_LEVELS", "onnxruntime_session", "run_onnxruntime", "optimized_ops",
            "fused_kernels", "OutputAgreement", "compare_with_onnxruntime", "output_scales",
@@ -199,8 +202,6 @@ def compare_with_onnxruntime(model: nn.Module, path: str, inputs: Sequence[Any],
         >>> compare_with_onnxruntime(qat_model, "model.onnx", (x,), "all")
         [OutputAgreement('output': 100.0000% exact, max 0 LSB, n=3600)]
     """
-    from .onnx import integer_model_for_export
-
     int_model = integer_model_for_export(model)
     with torch.no_grad():
         ref = [t.detach().cpu().double().numpy() for t in _flat_outputs(int_model(*inputs))]
@@ -245,9 +246,6 @@ def _single_op_model(int_model: fx.GraphModule, node: fx.Node,
                      values: dict[fx.Node, Any]) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     """A model of the one op ``node``: its tensor inputs are graph inputs, quantized as in
     ``int_model``, its other arguments the recorded constants."""
-    from ..annotation import set_annotations
-    from ..fx.annotate import annotate
-    from ..quantized import Quantize, TensorQParams
 
     anns = get_annotations(int_model)
     specs = {i.node: i.spec for i in anns[node].inputs}
@@ -305,10 +303,6 @@ def op_agreement(model: nn.Module, inputs: Sequence[Any], optimization: str = "a
         >>> df = op_agreement(qat_model, (x,), "all")
         >>> df.sort_values("exact").head()
     """
-    import pandas as pd
-
-    from .onnx import integer_model_for_export, write_onnx
-
     int_model = integer_model_for_export(model)
     anns = get_annotations(int_model)
     targets = [n for n, a in anns.items() if a.is_quantized and n.op == "call_module"

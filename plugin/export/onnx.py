@@ -38,6 +38,7 @@ import torch
 from onnx import helper
 from torch import fx, nn
 
+from .._version import __version__
 from ..annotation import (
     AnnotatedOp,
     NodeAnnotation,
@@ -49,9 +50,12 @@ from ..annotation import (
     signature_names,
 )
 from ..fake_quantize import FakeQuantize
+from ..fx import convert_fx
 from ..fx.naming import op_base_name
+from ..model_graph import annotated_graph
 from ..quantized import QuantizedModule
 from . import _ops_compute as _ops_compute  # noqa: F401  (registers emitters)
+from . import _ops_eager as _ops_eager  # noqa: F401
 from . import _ops_glue as _ops_glue  # noqa: F401
 from . import _ops_lut as _ops_lut  # noqa: F401
 from ._graph import EMITTERS, ExportError, FValue, OnnxGraph, OpCall, QValue, TensorMeta
@@ -175,12 +179,8 @@ def integer_model_for_export(model: Any) -> fx.GraphModule:
 
         >>> int_model = integer_model_for_export(qat_model)
     """
-    from ..fx import convert_fx
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx takes an nn.Module, got {type(model).__name__}")
-    from ..eager import annotated_graph
-
     model = annotated_graph(model)  # an eager-mode model: its annotated trace
     if not has_annotations(model):
         raise ValueError(
@@ -328,8 +328,6 @@ class _Exporter:
         inits = [t for name, t in self.graph.initializers.items() if name in used]
         graph = helper.make_graph(nodes, "qatkit", graph_inputs, graph_outputs,
                                   initializer=inits)
-        from .. import __version__
-
         proto = helper.make_model(graph, producer_name="qatkit", producer_version=__version__,
                                   opset_imports=[helper.make_opsetid("", self.graph.opset)])
         proto.ir_version = _IR_VERSION[self.graph.opset]

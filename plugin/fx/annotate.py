@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import fx, nn
 
 from ..annotation import (
@@ -118,8 +119,6 @@ def _signature(node: fx.Node, mod: nn.Module | None) -> tuple[str, ...]:
             return mod.qatkit_signature
         return module_signature(mod.forward)
     if node.op == "call_method":
-        import torch
-
         fn = getattr(torch.Tensor, str(node.target), None)
         return signature_names(fn, QUANTIZED_METHODS.get(str(node.target)))
     if node.op == "call_function":

@@ -14,6 +14,7 @@ import copy
 from torch import fx, nn
 
 from ..annotation import get_annotations, has_annotations
+from ..model_graph import annotated_graph
 from .partial import is_partially_traced, partial_trace_of, prepare_partial, regions
 from .prepare_graph import prepare_traced, warn_prepare
 from .qconfig_dict import check_hybrid_args
@@ -112,8 +113,6 @@ def get_provenance(model: fx.GraphModule) -> dict[str, str]:
         >>> get_provenance(qat_model)["layer1.0.conv1"]
         'layer1.0.relu(0)'
     """
-    from ..eager import annotated_graph
-
     model = annotated_graph(model)  # an eager-mode model: its annotated trace
     if is_partially_traced(model):  # every region's, named from the root
         found = regions(model)

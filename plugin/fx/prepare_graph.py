@@ -42,6 +42,7 @@ from ..fake_quantize import FakeQuantize
 from ..nn import qat
 from ..nn.stubs import QuantStub
 from ..observers import FixedScaleObserver, dtype_to_bits
+from ..qconfig import default_qat_8bit_fake_quant_qconfig
 from .annotate import annotate, op_kind
 from .fuse import META_FLOAT_NAME, META_ROLE, find_fusion_groups, fuse_weighted_modules
 from .naming import float_node_names, node_scope, op_base_name
@@ -475,7 +476,6 @@ class _Rewriter:
         for candidate in (qconfig, self.resolver.global_qconfig):
             if candidate is not None and candidate.activation is not None:
                 return candidate
-        from ..qconfig import default_qat_8bit_fake_quant_qconfig
 
         return default_qat_8bit_fake_quant_qconfig
 

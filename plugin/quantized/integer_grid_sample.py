@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..grid_sample_rule import sample_grid
+from ..nn.grid_sample_module import GridSample
 from ..nn.qat.ops import grid_sample_call
 from .base import BoundCall, TensorQParams, register_converter
 from .ops import QuantizedOp, arg_qparams, resolve_call, unsupported
@@ -58,8 +59,6 @@ class QuantizedGridSample(QuantizedOp):
 @register_converter("grid_sample")
 def _convert_grid_sample(qat_module: nn.Module, call: BoundCall,
                          out_qparams: TensorQParams | None) -> QuantizedGridSample:
-    from ..nn.grid_sample_module import GridSample
-
     kind, fn, _, _, _ = resolve_call(qat_module, call) if not isinstance(
         qat_module, GridSample) else ("grid_sample", None, None, None, None)
     p = grid_sample_call(qat_module, call.args, call.kwargs)

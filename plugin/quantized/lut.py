@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .._modules import module_device
 from ..annotation import bind_arguments, module_constants
+from ..nn.qat.ops import FunctionalOp
 from .base import BoundCall, QuantizedModule, TensorQParams, from_int, register_converter, to_int
 
 __all__ = ["LUT_OPS", "QuantizedLookupTable", "convert_lut", "lookup_table"]
@@ -137,7 +138,6 @@ def convert_lut(qat_module: nn.Module, call: BoundCall,
     table = lookup_table(lambda grid: call.evaluate(qat_module.float_forward,
                                                     lambda name, a: grid),
                          in_qp, out_qparams, device, where)
-    from ..nn.qat.ops import FunctionalOp
 
     kind = qat_module.qatkit_op_kind
     fixed = {} if isinstance(qat_module, FunctionalOp) else module_constants(qat_module, kind)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..annotation import bind_arguments, module_constants
+from ..nn.qat.ops import FunctionalOp
 from .base import BoundCall, TensorArg, TensorQParams, register_converter
 from .ops import QuantizedOp, arg_qparams, resolve_call, unsupported
 
@@ -236,8 +237,6 @@ _NORM_FUNCTIONS = {"layer_norm": F.layer_norm, "group_norm": F.group_norm,
 @register_converter("layer_norm", "group_norm", "batch_norm")
 def _convert_norm(qat_module: nn.Module, call: BoundCall,
                   out_qparams: TensorQParams | None) -> _Norm:
-    from ..nn.qat.ops import FunctionalOp
-
     kind = qat_module.qatkit_op_kind
     cls, owned = _NORMS[kind]
     if isinstance(qat_module, FunctionalOp):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..annotation import bind_arguments, module_constants
+from ..nn.qat.ops import FunctionalOp
 from .base import (
     BoundCall,
     QuantizedModule,
@@ -39,6 +40,7 @@ from .base import (
     register_converter,
     requantize,
 )
+from .lut import lookup_table
 
 __all__ = ["QuantizedAdd", "QuantizedMul", "QuantizedDivide", "QuantizedCat", "QuantizedMatmul",
            "QuantizedAverage", "QuantizedInterpolate", "MODULE_FUNCTIONS", "QuantizedOp",
@@ -98,8 +100,6 @@ def resolve_call(qat_module: nn.Module, call: BoundCall) -> tuple[str, Callable,
         >>> fn is F.avg_pool2d, fixed["kernel_size"]
         (True, 2)
     """
-    from ..nn.qat.ops import FunctionalOp
-
     kind = qat_module.qatkit_op_kind
     for name, arg in call.tensors():
         qp = arg.qparams
@@ -363,8 +363,6 @@ class QuantizedDivide(QuantizedOp):
 @register_converter("div")
 def _convert_div(qat_module: nn.Module, call: BoundCall,
                  out_qparams: TensorQParams | None) -> nn.Module:
-    from .lut import lookup_table
-
     kind, fn, _, _, _ = resolve_call(qat_module, call)
     x, y = call.get("input"), call.get("other")
     rfq = getattr(qat_module, "reciprocal_post_process", None)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..export._graph import EMITTERS, OpCall, register_emitter
-from .fuse import FUSED_FLOAT_CLASSES
+from ..eager.fuse import FUSED_FLOAT_CLASSES
+from ._graph import EMITTERS, OpCall, register_emitter
 
 __all__: list[str] = []
 
