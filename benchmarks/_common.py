@@ -55,11 +55,11 @@ def calibrated(float_model: torch.nn.Module, x: torch.Tensor,
         warnings.simplefilter("ignore")
         qm = qatkit.prepare_qat_fx(float_model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
                                    example_inputs=(x,)).eval()
-    qatkit.set_fake_quantize(qm, "calibration")
+    qatkit.set_fake_quant_state(qm, "calibration")
     with torch.no_grad():
         for batch in batches if batches is not None else (x,):
             qm(batch)
-    qatkit.set_fake_quantize(qm, "validation")
+    qatkit.set_fake_quant_state(qm, "validation")
     return qm
 
 

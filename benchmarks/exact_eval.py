@@ -31,7 +31,7 @@ def main() -> None:
         x = torch.randn(batch, 3, res, res, device=device)
         calib = calibrated(float_model, x)
         float32_fq = copy.deepcopy(calib)
-        qatkit.set_fake_quantize(float32_fq, "qat")  # float32 fake quant (observers update)
+        qatkit.set_fake_quant_state(float32_fq, "qat")  # float32 fake quant (observers update)
         med = interleaved_medians({"float": _forward(float_model, x),
                                    "fake quant float32": _forward(float32_fq, x),
                                    "VALIDATION exact": _forward(calib, x)},

@@ -79,11 +79,11 @@ def _prepare(model: nn.Module, x: torch.Tensor, qconfig_dict: dict,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = qatkit.prepare_qat_fx(model, qconfig_dict, example_inputs=(x,)).eval()
-    qatkit.set_fake_quantize(qm, "calibration")
+    qatkit.set_fake_quant_state(qm, "calibration")
     with torch.no_grad():
         for b in calib:
             qm(b)
-    qatkit.set_fake_quantize(qm, "validation")
+    qatkit.set_fake_quant_state(qm, "validation")
     return qm
 
 

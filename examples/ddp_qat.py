@@ -88,7 +88,7 @@ def main() -> None:
             F.cross_entropy(ddp(x.to(device)), y.to(device)).backward()
             optimizer.step()
     model.eval()
-    qatkit.set_fake_quantize(model, "validation")
+    qatkit.set_fake_quant_state(model, "validation")
     trained_same = same_on_every_rank(model, world)
     if rank == 0:
         acc = evaluate(model, (data.test_x.to(device), data.test_y.to(device)))

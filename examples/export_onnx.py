@@ -30,11 +30,11 @@ def main(out_dir: str | Path = ".", epochs: int = 12) -> dict:
     qat = qatkit.prepare_qat_fx(model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
                                 example_inputs=(example,))
     qat.eval()
-    qatkit.set_fake_quantize(qat, "calibration")
+    qatkit.set_fake_quant_state(qat, "calibration")
     with torch.no_grad():
         for x, _ in batches(data.train_x[:1024], data.train_y[:1024], batch_size=256):
             qat(x)
-    qatkit.set_fake_quantize(qat, "validation")
+    qatkit.set_fake_quant_state(qat, "validation")
 
     path = qatkit.export_onnx(qat, (example,), Path(out_dir) / "digits_int8.onnx",
                               dynamic_axes={"x": {0: "batch"}})

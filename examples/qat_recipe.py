@@ -47,7 +47,7 @@ def prepare(model: torch.nn.Module, activation_qconfig: qatkit.QConfig) -> torch
 def qat(model: torch.fx.GraphModule, data, epochs: int = QAT_EPOCHS) -> list[float]:
     """QAT with SGD, gradient clipping and a NaN check; BatchNorm frozen for the last epochs.
     Returns the mean loss of each epoch."""
-    qatkit.set_fake_quantize(model, qatkit.FakeQuantState.QAT)
+    qatkit.set_fake_quant_state(model, qatkit.FakeQuantState.QAT)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=4e-5)
     losses = []
     for epoch in range(epochs):
@@ -68,7 +68,7 @@ def qat(model: torch.fx.GraphModule, data, epochs: int = QAT_EPOCHS) -> list[flo
             total, count = total + loss.item() * len(y), count + len(y)
         losses.append(total / count)
     model.eval()
-    qatkit.set_fake_quantize(model, qatkit.FakeQuantState.VALIDATION)
+    qatkit.set_fake_quant_state(model, qatkit.FakeQuantState.VALIDATION)
     return losses
 
 

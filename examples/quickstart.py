@@ -70,16 +70,16 @@ def prepare(float_model: nn.Module, method: str, data: DigitsData) -> torch.fx.G
 def calibrate(model: nn.Module, data: DigitsData) -> None:
     """Record activation statistics on training images, then freeze the scales."""
     model.eval()
-    qatkit.set_fake_quantize(model, qatkit.FakeQuantState.CALIBRATION)  # observe, stay float
+    qatkit.set_fake_quant_state(model, qatkit.FakeQuantState.CALIBRATION)  # observe, stay float
     calibration_data = batches(data.train_x, data.train_y, batch_size=64, shuffle=True)
     for x, _ in itertools.islice(calibration_data, CALIBRATION_BATCHES):
         model(x)
-    qatkit.set_fake_quantize(model, qatkit.FakeQuantState.VALIDATION)  # scales fixed, quant on
+    qatkit.set_fake_quant_state(model, qatkit.FakeQuantState.VALIDATION)  # scales fixed, quant on
 
 
 def qat_finetune(model: nn.Module, data: DigitsData, epochs: int = QAT_EPOCHS) -> None:
     """Quantization-aware fine-tuning: the float recipe with SGD and a small learning rate."""
-    qatkit.set_fake_quantize(model, qatkit.FakeQuantState.QAT)
+    qatkit.set_fake_quant_state(model, qatkit.FakeQuantState.QAT)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     for epoch in range(epochs):
@@ -88,7 +88,7 @@ def qat_finetune(model: nn.Module, data: DigitsData, epochs: int = QAT_EPOCHS) -
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
     model.eval()  # BatchNorm on its running statistics, as folded into the integer model
-    qatkit.set_fake_quantize(model, qatkit.FakeQuantState.VALIDATION)
+    qatkit.set_fake_quant_state(model, qatkit.FakeQuantState.VALIDATION)
 
 
 def write_reports(float_model: nn.Module, calibrated: nn.Module, qat_model: nn.Module,

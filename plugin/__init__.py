@@ -6,7 +6,7 @@ Example::
     >>> fq = qatkit.FakeQuantize(dtype="qint8")
 """
 
-from ._exact import release_exact_caches as release_exact_caches
+from ._deprecation import deprecated_aliases
 from ._version import __version__ as __version__
 from .algorithms import adaround as adaround
 from .algorithms import bias_correction as bias_correction
@@ -14,7 +14,6 @@ from .algorithms import bn_reestimation as bn_reestimation
 from .algorithms import brecq as brecq
 from .algorithms import cross_layer_equalization as cross_layer_equalization
 from .algorithms import easy_quant as easy_quant
-from .algorithms import ptq_log as ptq_log
 from .algorithms import refine_weight_range as refine_weight_range
 from .algorithms import smooth_quant as smooth_quant
 from .annotation import NodeAnnotation as NodeAnnotation
@@ -32,10 +31,10 @@ from .fake_quantize import FakeQuantState as FakeQuantState
 from .fake_quantize import LSQFakeQuantize as LSQFakeQuantize
 from .fake_quantize import exact_evaluation as exact_evaluation
 from .fake_quantize import fake_quant_enabled as fake_quant_enabled
-from .fake_quantize import get_fake_quantize_state as get_fake_quantize_state
+from .fake_quantize import get_fake_quant_state as get_fake_quant_state
 from .fake_quantize import set_exact_evaluation as set_exact_evaluation
 from .fake_quantize import set_fake_quant_enabled as set_fake_quant_enabled
-from .fake_quantize import set_fake_quantize as set_fake_quantize
+from .fake_quantize import set_fake_quant_state as set_fake_quant_state
 from .fx import convert_fx as convert_fx
 from .fx import get_provenance as get_provenance
 from .fx import prepare_qat_fx as prepare_qat_fx
@@ -57,6 +56,9 @@ from .qconfig import (
 )
 from .qconfig import default_calib_8bit_fake_quant_qconfig as default_calib_8bit_fake_quant_qconfig
 from .qconfig import (
+    default_calib_8bit_out_fake_quant_qconfig as default_calib_8bit_out_fake_quant_qconfig,
+)
+from .qconfig import (
     default_calib_8bit_weight_16bit_act_fake_quant_qconfig as default_calib_8bit_weight_16bit_act_fake_quant_qconfig,  # noqa: E501
 )
 from .qconfig import (
@@ -66,13 +68,13 @@ from .qconfig import (
     default_calib_16bit_fake_quant_qconfig as default_calib_16bit_fake_quant_qconfig,
 )
 from .qconfig import (
-    default_calib_out_8bit_fake_quant_qconfig as default_calib_out_8bit_fake_quant_qconfig,
-)
-from .qconfig import (
     default_qat_4bit_weight_8bit_act_fake_quant_qconfig as default_qat_4bit_weight_8bit_act_fake_quant_qconfig,  # noqa: E501
 )
 from .qconfig import default_qat_8bit_fake_quant_qconfig as default_qat_8bit_fake_quant_qconfig
 from .qconfig import default_qat_8bit_lsq_quant_qconfig as default_qat_8bit_lsq_quant_qconfig
+from .qconfig import (
+    default_qat_8bit_out_fake_quant_qconfig as default_qat_8bit_out_fake_quant_qconfig,
+)
 from .qconfig import (
     default_qat_8bit_weight_16bit_act_fake_quant_qconfig as default_qat_8bit_weight_16bit_act_fake_quant_qconfig,  # noqa: E501
 )
@@ -80,20 +82,16 @@ from .qconfig import (
     default_qat_8bit_weight_32bit_out_fake_quant_qconfig as default_qat_8bit_weight_32bit_out_fake_quant_qconfig,  # noqa: E501
 )
 from .qconfig import default_qat_16bit_fake_quant_qconfig as default_qat_16bit_fake_quant_qconfig
-from .qconfig import (
-    default_qat_out_8bit_fake_quant_qconfig as default_qat_out_8bit_fake_quant_qconfig,
-)
 from .qconfig import get_default_qconfig as get_default_qconfig
 
 __all__ = [
     "FakeQuantState",
     "FakeQuantize",
     "LSQFakeQuantize",
-    "set_fake_quantize",
-    "get_fake_quantize_state",
+    "set_fake_quant_state",
+    "get_fake_quant_state",
     "set_exact_evaluation",
     "exact_evaluation",
-    "release_exact_caches",
     "calibrate",
     "CalibrationSummary",
     "sync_observers",
@@ -124,9 +122,9 @@ __all__ = [
     "QConfig",
     "get_default_qconfig",
     "default_qat_8bit_fake_quant_qconfig",
-    "default_qat_out_8bit_fake_quant_qconfig",
+    "default_qat_8bit_out_fake_quant_qconfig",
     "default_calib_8bit_fake_quant_qconfig",
-    "default_calib_out_8bit_fake_quant_qconfig",
+    "default_calib_8bit_out_fake_quant_qconfig",
     "default_qat_8bit_lsq_quant_qconfig",
     "default_qat_8bit_weight_32bit_out_fake_quant_qconfig",
     "default_calib_8bit_weight_32bit_out_fake_quant_qconfig",
@@ -144,5 +142,15 @@ __all__ = [
     "easy_quant",
     "adaround",
     "brecq",
-    "ptq_log",
 ]
+
+#: names that left the top level or were renamed: reachable for one release, with a warning
+__getattr__ = deprecated_aliases(__name__, {
+    "set_fake_quantize": "qatkit.set_fake_quant_state",
+    "get_fake_quantize_state": "qatkit.get_fake_quant_state",
+    "default_qat_out_8bit_fake_quant_qconfig": "qatkit.default_qat_8bit_out_fake_quant_qconfig",
+    "default_calib_out_8bit_fake_quant_qconfig":
+        "qatkit.default_calib_8bit_out_fake_quant_qconfig",
+    "release_exact_caches": "qatkit.fake_quantize.release_exact_caches",
+    "ptq_log": "qatkit.algorithms.ptq_log",
+})

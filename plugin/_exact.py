@@ -96,7 +96,7 @@ def accumulation_plan(w_q: Tensor, groups: int, kind: str, in_bits: int, w_bits:
 # -- the exact-evaluation cache -----------------------------------------------------------
 # module -> {call site: (settings, tensors, value)}.  Held beside the modules, not in them:
 # a deepcopy, a pickle or a state_dict never carries it, and it dies with its module.
-# Entries are freed explicitly (release_exact_caches: set_fake_quantize, set_exact_evaluation
+# Entries are freed explicitly (release_exact_caches: set_fake_quant_state, set_exact_evaluation
 # and the exact_evaluation context call it), never by a forward pass.
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Any, list, Any]]] = \
     weakref.WeakKeyDictionary()
@@ -121,7 +121,7 @@ def release_exact_caches(model: nn.Module) -> int:
     """Free the integer weights that exact evaluation cached for the modules of ``model``;
     return how many modules had one.
 
-    :func:`qatkit.set_fake_quantize` and :func:`qatkit.set_exact_evaluation` call it, and so
+    :func:`qatkit.set_fake_quant_state` and :func:`qatkit.set_exact_evaluation` call it, and so
     does leaving :func:`qatkit.exact_evaluation`; a later exact evaluation rebuilds them.
 
     Example::

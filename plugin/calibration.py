@@ -15,7 +15,7 @@ from torch import nn
 
 from ._modules import module_device
 from .data import as_batches, batch_size, iterate, model_inputs, to_device
-from .fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
+from .fake_quantize import FakeQuantize, FakeQuantState, set_fake_quant_state
 
 __all__ = ["calibrate", "CalibrationSummary"]
 
@@ -98,7 +98,7 @@ def calibrate(model: nn.Module, data: Any, num_batches: int | None = None, devic
                 f"but {type(inner).__name__}.forward takes {len(args)}. Pass several batches "
                 "as a list (list(x.split(64))) or a DataLoader")
     dev = torch.device(device) if device is not None else module_device(inner)
-    set_fake_quantize(inner, FakeQuantState.CALIBRATION)
+    set_fake_quant_state(inner, FakeQuantState.CALIBRATION)
     before = _nonfinite(inner)
     n_batches = n_samples = 0
     with torch.no_grad():
@@ -116,7 +116,7 @@ def calibrate(model: nn.Module, data: Any, num_batches: int | None = None, devic
             n_batches += 1
             n_samples += batch_size(args, kwargs)
     # a failed batch leaves the model in CALIBRATION (never half-calibrated scales in use)
-    set_fake_quantize(inner, state)  # computes (and synchronizes) the scales
+    set_fake_quant_state(inner, state)  # computes (and synchronizes) the scales
     unobserved = tuple(name for name, m in inner.named_modules()
                        if isinstance(m, FakeQuantize) and not m.has_scale)
     return CalibrationSummary(n_batches, n_samples, unobserved, _nonfinite(inner) - before,

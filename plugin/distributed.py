@@ -9,7 +9,7 @@ those of one process that ran the global batches:
   ranks (``MIN`` / ``MAX`` all-reduce, a few floats) before using them: min/max and
   moving-average observers then update exactly as one process would, and histogram observers
   set and grow their bin width identically on every rank;
-* **leaving CALIBRATION** (``set_fake_quantize`` / ``calibrate``, automatically when a process
+* **leaving CALIBRATION** (``set_fake_quant_state`` / ``calibrate``, automatically when a process
   group with more than one rank is initialized; or :func:`sync_observers` explicitly), the
   histograms' counts and the non-finite counts observed since the last synchronization are
   summed across ranks, so Percentile, MSE and KL thresholds come from the global histogram.

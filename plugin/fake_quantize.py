@@ -17,7 +17,7 @@ VALIDATION always divides.
 ``1 / sqrt(numel * quant_max)``.
 
 States (see :class:`FakeQuantState`): ``model.train()`` / ``model.eval()`` never change them;
-:func:`set_fake_quantize` does.
+:func:`set_fake_quant_state` does.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ._deprecation import deprecated_aliases
 from ._exact import release_exact_caches
 from ._modules import ResizeBuffersOnLoad
 from ._ranks import group_of, is_distributed
@@ -45,10 +46,16 @@ from .observers import (
     qrange,
 )
 
-__all__ = ["FakeQuantState", "FakeQuantize", "LSQFakeQuantize", "set_fake_quantize",
+__all__ = ["FakeQuantState", "FakeQuantize", "LSQFakeQuantize", "set_fake_quant_state",
+           "get_fake_quant_state", "set_fake_quant_enabled", "fake_quant_enabled",
            "evaluates_exactly", "set_exact_evaluation", "exact_evaluation",
-           "set_fake_quant_enabled", "fake_quant_enabled",
-           "get_fake_quantize_state"]
+           "release_exact_caches"]
+
+#: old spellings, for one release (qatkit._deprecation)
+__getattr__ = deprecated_aliases(__name__, {
+    "set_fake_quantize": "qatkit.fake_quantize.set_fake_quant_state",
+    "get_fake_quantize_state": "qatkit.fake_quantize.get_fake_quant_state",
+})
 
 
 class FakeQuantState(str, enum.Enum):
@@ -230,7 +237,7 @@ class FakeQuantize(ResizeBuffersOnLoad):
         #: False: pass tensors through untouched in every state, no observer update
         #: (set_fake_quant_enabled: sensitivity analysis, partial un-quantization)
         self.enabled = True
-        self._qatkit_name = ""  # set by set_fake_quantize, used in error messages
+        self._qatkit_name = ""  # set by set_fake_quant_state, used in error messages
         if isinstance(self.observer, FixedScaleObserver):
             self._set_scale(self.observer.calculate_scale())
 
@@ -308,7 +315,7 @@ class FakeQuantize(ResizeBuffersOnLoad):
             return
         raise RuntimeError(
             f"fake quant {self._qatkit_name or '<unnamed>'} is in VALIDATION state but has no "
-            "scale: it never saw data. Calibrate first: set_fake_quantize(model, "
+            "scale: it never saw data. Calibrate first: set_fake_quant_state(model, "
             "FakeQuantState.CALIBRATION), run a few batches, then switch to VALIDATION"
         )
 
@@ -446,13 +453,13 @@ class LSQFakeQuantize(FakeQuantize):
             torch.finfo(torch.float32).eps))
 
 
-def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> int:
+def set_fake_quant_state(model: nn.Module, state: FakeQuantState | str) -> int:
     """Set every fake quant in ``model`` to ``state``; return how many were set.
 
     Leaving CALIBRATION computes each scale from its statistics.  Fake quants that never saw
     data keep no scale and are listed in a warning (they raise if a VALIDATION forward
     reaches them).  ``model.train()``/``model.eval()`` are not touched.  The integer weights
-    cached by exact evaluation are released (:func:`qatkit.release_exact_caches`).
+    cached by exact evaluation are released (:func:`qatkit.fake_quantize.release_exact_caches`).
 
     Args:
         model: a prepared model (or any module holding :class:`FakeQuantize` modules).
@@ -464,11 +471,11 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> int:
     Example::
 
         >>> qat_model = nn.Sequential(FakeQuantize(), nn.ReLU(), FakeQuantize())
-        >>> set_fake_quantize(qat_model, FakeQuantState.CALIBRATION)
+        >>> set_fake_quant_state(qat_model, FakeQuantState.CALIBRATION)
         2
         >>> for x in [torch.randn(4, 8), torch.randn(4, 8)]:
         ...     _ = qat_model(x)                # float: outputs are the inputs' ReLU
-        >>> set_fake_quantize(qat_model, "validation")  # computes the scales
+        >>> set_fake_quant_state(qat_model, "validation")  # computes the scales
         2
         >>> qat_model[0].has_scale
         True
@@ -501,15 +508,15 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> int:
     return count
 
 
-def get_fake_quantize_state(model: nn.Module) -> dict[FakeQuantState, int]:
+def get_fake_quant_state(model: nn.Module) -> dict[FakeQuantState, int]:
     """Count the fake quants of ``model`` in each state (e.g. to assert VALIDATION before
     profiling).
 
     Example::
 
         >>> qat_model = nn.Sequential(FakeQuantize(), nn.ReLU(), FakeQuantize())
-        >>> _ = set_fake_quantize(qat_model, FakeQuantState.CALIBRATION)
-        >>> get_fake_quantize_state(qat_model)
+        >>> _ = set_fake_quant_state(qat_model, FakeQuantState.CALIBRATION)
+        >>> get_fake_quant_state(qat_model)
         {<FakeQuantState.CALIBRATION: 'calibration'>: 2}
     """
     counts: dict[FakeQuantState, int] = {}
@@ -569,7 +576,7 @@ def exact_evaluation(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     Example::
 
         >>> model = nn.Sequential(FakeQuantize(), nn.ReLU(), FakeQuantize())
-        >>> _ = model(torch.randn(4, 8)); _ = set_fake_quantize(model, "validation")
+        >>> _ = model(torch.randn(4, 8)); _ = set_fake_quant_state(model, "validation")
         >>> with exact_evaluation(model):     # with a prepared model: == its convert_fx
         ...     y = model(torch.randn(4, 8))
         >>> torch.is_grad_enabled()
@@ -581,7 +588,7 @@ def exact_evaluation(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     if other:
         raise ValueError(f"exact_evaluation: {len(other)} fake quant(s) of "
                          f"{type(model).__name__} are not in VALIDATION state "
-                         f"({', '.join(other[:4])}). Fix: qatkit.set_fake_quantize(model, "
+                         f"({', '.join(other[:4])}). Fix: qatkit.set_fake_quant_state(model, "
                          "qatkit.FakeQuantState.VALIDATION) after calibrating")
     saved = [(fq, fq.exact_evaluation) for fq in fqs]
     try:

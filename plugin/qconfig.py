@@ -6,9 +6,9 @@ The named qconfigs mirror the ones NPU toolchain docs tell users to copy:
 qconfig                                                        activation          weight
 =============================================================  ==================  ==========
 default_qat_8bit_fake_quant_qconfig                            qint8, moving avg   qint8/ch
-default_qat_out_8bit_fake_quant_qconfig (last layer, int8 out) qint8, moving avg   qint8/ch
+default_qat_8bit_out_fake_quant_qconfig (last layer, int8 out) qint8, moving avg   qint8/ch
 default_calib_8bit_fake_quant_qconfig                          qint8, MSE          qint8/ch
-default_calib_out_8bit_fake_quant_qconfig                      qint8, MSE          qint8/ch
+default_calib_8bit_out_fake_quant_qconfig                      qint8, MSE          qint8/ch
 default_qat_8bit_lsq_quant_qconfig                             qint8, LSQ          qint8/ch LSQ
 default_qat_8bit_weight_32bit_out_fake_quant_qconfig           none (32-bit out)   qint8/ch
 default_calib_8bit_weight_32bit_out_fake_quant_qconfig         none (32-bit out)   qint8/ch
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from ._deprecation import deprecated_aliases
 from .fake_quantize import FakeQuantize, LSQFakeQuantize
 from .observers import OBSERVERS, MinMaxObserver, MovingAverageMinMaxObserver, dtype_to_bits
 
@@ -37,9 +38,9 @@ __all__ = [
     "get_default_qconfig",
     "FAKE_QUANTS",
     "default_qat_8bit_fake_quant_qconfig",
-    "default_qat_out_8bit_fake_quant_qconfig",
+    "default_qat_8bit_out_fake_quant_qconfig",
     "default_calib_8bit_fake_quant_qconfig",
-    "default_calib_out_8bit_fake_quant_qconfig",
+    "default_calib_8bit_out_fake_quant_qconfig",
     "default_qat_8bit_lsq_quant_qconfig",
     "default_qat_8bit_weight_32bit_out_fake_quant_qconfig",
     "default_calib_8bit_weight_32bit_out_fake_quant_qconfig",
@@ -50,6 +51,14 @@ __all__ = [
     "default_qat_4bit_weight_8bit_act_fake_quant_qconfig",
     "default_calib_4bit_weight_8bit_act_fake_quant_qconfig",
 ]
+
+#: old spellings, for one release (qatkit._deprecation)
+__getattr__ = deprecated_aliases(__name__, {
+    "default_qat_out_8bit_fake_quant_qconfig":
+        "qatkit.qconfig.default_qat_8bit_out_fake_quant_qconfig",
+    "default_calib_out_8bit_fake_quant_qconfig":
+        "qatkit.qconfig.default_calib_8bit_out_fake_quant_qconfig",
+})
 
 FakeQuantFactory = Callable[[], FakeQuantize]
 
@@ -155,11 +164,11 @@ def _factory(role: str, fake_quant: str | None, observer: str, qkwargs: dict[str
 
 default_qat_8bit_fake_quant_qconfig = get_default_qconfig(
     activation_observer="moving_average")
-default_qat_out_8bit_fake_quant_qconfig = get_default_qconfig(
+default_qat_8bit_out_fake_quant_qconfig = get_default_qconfig(
     activation_observer="moving_average")
 default_calib_8bit_fake_quant_qconfig = get_default_qconfig(
     activation_observer="mse")
-default_calib_out_8bit_fake_quant_qconfig = get_default_qconfig(
+default_calib_8bit_out_fake_quant_qconfig = get_default_qconfig(
     activation_observer="mse")
 default_qat_8bit_lsq_quant_qconfig = get_default_qconfig(
     activation_fake_quant="lsq", weight_fake_quant="lsq",

@@ -92,7 +92,7 @@ def private_model(model_or_file: Any, label: str = "model_or_file",
     if calib:
         raise ValueError(f"{label} has {len(calib)} fake quant(s) in CALIBRATION state "
                          f"({', '.join(calib[:3])}): fake quantization is off. Fix: "
-                         "qatkit.set_fake_quantize(model, qatkit.FakeQuantState.VALIDATION) "
+                         "qatkit.set_fake_quant_state(model, qatkit.FakeQuantState.VALIDATION) "
                          "after calibrating (qatkit.calibrate does both)")
     missing = [n for n, m in fqs if m.enabled and not m.has_scale and not m.observer.has_data]
     if missing:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pandas as pd
 import torch
-from qatkit.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
+from qatkit.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quant_state
 from qatkit.fx.annotate import is_non_tensor, is_passthrough
 from qatkit.fx.fuse import act_kind, find_fusion_groups, is_add  # prepare's own matchers
 from qatkit.fx.naming import float_node_names, op_base_name
@@ -82,7 +82,7 @@ def _run_copy(gm: fx.GraphModule, example_inputs: Any, caller: str,
     needs a scale) node by node through ``on_node(interpreter, node, run)``."""
     runner = _private_copy(gm).eval()
     if any(isinstance(m, FakeQuantize) for m in runner.modules()):
-        set_fake_quantize(runner, FakeQuantState.CALIBRATION)
+        set_fake_quant_state(runner, FakeQuantState.CALIBRATION)
     try:
         with torch.no_grad():
             _Interpreter(runner, on_node).run(*positional_inputs(runner, example_inputs))
@@ -177,7 +177,7 @@ def _run_counting(model: nn.Module, example_inputs: Any, names: list[str]) -> di
     args, kwargs = _split_inputs(example_inputs)
     runner = _private_copy(model).eval()
     if any(isinstance(m, FakeQuantize) for m in runner.modules()):  # never needs a scale
-        set_fake_quantize(runner, FakeQuantState.CALIBRATION)
+        set_fake_quant_state(runner, FakeQuantState.CALIBRATION)
     copies = dict(runner.named_modules(remove_duplicate=False))
     handles = []
     try:

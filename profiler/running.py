@@ -19,7 +19,7 @@ import warnings
 from typing import Any, Iterator
 
 import torch
-from qatkit.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
+from qatkit.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quant_state
 from torch import Tensor, fx, nn
 
 from .alignment import trace_model
@@ -143,7 +143,7 @@ def analysis_model(model: nn.Module, label: str = "model", device: Any = None,
     if float_flow:
         copied = _private_copy(model, label)
         if any(isinstance(m, FakeQuantize) for m in copied.modules()):
-            set_fake_quantize(copied, FakeQuantState.CALIBRATION)
+            set_fake_quant_state(copied, FakeQuantState.CALIBRATION)
         if device is not None:
             copied.to(device)
         yield trace_model(copied, label, share=False).eval()
@@ -154,7 +154,7 @@ def analysis_model(model: nn.Module, label: str = "model", device: Any = None,
         shown = ", ".join(calib[:4]) + (" ..." if len(calib) > 4 else "")
         msg = (f"{label} ({type(model).__name__}) has {len(calib)} fake quant(s) in CALIBRATION "
                f"state ({shown}): fake quantization is off and the model computes in float, so "
-               "it would be analysed as a float model. Fix: qatkit.set_fake_quantize("
+               "it would be analysed as a float model. Fix: qatkit.set_fake_quant_state("
                f"{label}, qatkit.FakeQuantState.VALIDATION) after calibrating")
         if calibration == "raise":
             raise ValueError(msg)
@@ -164,7 +164,7 @@ def analysis_model(model: nn.Module, label: str = "model", device: Any = None,
         warnings.warn(f"{label} ({type(model).__name__}) has {len(qat)} fake quant(s) in QAT "
                       "state: their scales follow every batch, so a copy is analysed (the model "
                       "is not changed). For the frozen scales a deployed model uses: "
-                      f"qatkit.set_fake_quantize({label}, qatkit.FakeQuantState.VALIDATION)",
+                      f"qatkit.set_fake_quant_state({label}, qatkit.FakeQuantState.VALIDATION)",
                       RuntimeWarning, stacklevel=3)
     here = model_device(model)
     device = torch.device(device) if device is not None else here

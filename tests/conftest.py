@@ -27,10 +27,10 @@ def _calibrate(model: nn.Module, x: torch.Tensor, qconfig: qatkit.QConfig | None
         calib = qatkit.prepare_qat_fx(
             model, {"": qconfig or qatkit.default_qat_8bit_fake_quant_qconfig},
             example_inputs=(x,)).eval()
-    qatkit.set_fake_quantize(calib, "calibration")
+    qatkit.set_fake_quant_state(calib, "calibration")
     with torch.no_grad():
         calib(x)
-    qatkit.set_fake_quantize(calib, "validation")
+    qatkit.set_fake_quant_state(calib, "validation")
     return calib
 
 

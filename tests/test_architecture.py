@@ -40,6 +40,7 @@ FLOORS: dict[str, int] = {
     # 0 numerics: observers, fake quant and its states, qconfigs, calibration, the process
     # groups observers reduce over, and the plumbing under them
     "qatkit._version": 0,
+    "qatkit._deprecation": 0,
     "qatkit._modules": 0,
     "qatkit._exact": 0,
     "qatkit._ranks": 0,

@@ -180,7 +180,7 @@ def test_prepared_digitsnet_is_fused_and_calibrated(data, float_model):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.children())
     assert model.fc.activation_post_process is None, "the head keeps a 32-bit output"
     quickstart.calibrate(model, data)
-    states = qatkit.get_fake_quantize_state(model)
+    states = qatkit.get_fake_quant_state(model)
     assert list(states) == [qatkit.FakeQuantState.VALIDATION]
     assert model.quant.activation_post_process.scale.tolist() == [1 / 128]
     fake_quants = [m for m in model.modules() if isinstance(m, qatkit.FakeQuantize)]

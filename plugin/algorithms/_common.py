@@ -110,7 +110,7 @@ def check_prepared(model: nn.Module, algorithm: str) -> None:
             f"{algorithm}: {len(calibrating)} fake quant(s) are still in CALIBRATION state "
             f"({', '.join(calibrating[:3])}): calibration is not finished. Fix: "
             "qatkit.calibrate(model, data) (it leaves VALIDATION), or "
-            "qatkit.set_fake_quantize(model, 'validation') after running the data")
+            "qatkit.set_fake_quant_state(model, 'validation') after running the data")
 
 
 def prepared_layers(model: nn.Module, algorithm: str) -> list[Layer]:

@@ -7,20 +7,23 @@ to fuse, ``convert`` puts the integer modules of :mod:`qatkit.quantized` in thei
 docs/eager.md.
 """
 
-from ..model_graph import annotated_graph as annotated_graph
+from .._deprecation import deprecated_aliases
 from .convert import convert as convert
 from .functional import FloatFunctionalReuseError as FloatFunctionalReuseError
 from .functional import QATFloatFunctional as QATFloatFunctional
 from .functional import QuantizedAddReLU as QuantizedAddReLU
 from .fuse import fuse_modules as fuse_modules
 from .graph import eager_graph as eager_graph
-from .graph import link_eager_model as link_eager_model
-from .info import EagerInfo as EagerInfo
-from .info import eager_info as eager_info
 from .info import is_eager_model as is_eager_model
 from .prepare import prepare_qat as prepare_qat
 
-__all__ = ["prepare_qat", "convert", "fuse_modules", "eager_graph", "annotated_graph",
-           "link_eager_model",
-           "is_eager_model", "eager_info", "EagerInfo", "QATFloatFunctional",
-           "FloatFunctionalReuseError", "QuantizedAddReLU"]
+__all__ = ["prepare_qat", "convert", "fuse_modules", "eager_graph", "is_eager_model",
+           "QATFloatFunctional", "FloatFunctionalReuseError", "QuantizedAddReLU"]
+
+#: internals that left this namespace: reachable for one release, with a warning
+__getattr__ = deprecated_aliases(__name__, {
+    "annotated_graph": "qatkit.model_graph.annotated_graph",
+    "link_eager_model": "qatkit.eager.graph.link_eager_model",
+    "eager_info": "qatkit.eager.info.eager_info",
+    "EagerInfo": "qatkit.eager.info.EagerInfo",
+})

@@ -133,8 +133,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
 
         >>> qat = qatkit.prepare_qat_fx(model, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
         ...                             example_inputs=(x,))
-        >>> qatkit.set_fake_quantize(qat, "calibration"); qat(x)
-        >>> qatkit.set_fake_quantize(qat, "validation")
+        >>> qatkit.set_fake_quant_state(qat, "calibration"); qat(x)
+        >>> qatkit.set_fake_quant_state(qat, "validation")
         >>> qatkit.export_onnx(qat, (x,), "model.onnx", dynamic_axes={"x": {0: "batch"}})
         'model.onnx'
     """
@@ -188,16 +188,16 @@ def integer_model_for_export(model: Any) -> fx.GraphModule:
             f"the integer model qatkit.convert_fx made of one); {type(model).__name__} is a "
             "float model. Prepare and calibrate it first: qat = qatkit.prepare_qat_fx(model, "
             "{'': qatkit.default_qat_8bit_fake_quant_qconfig}, example_inputs=(x,)); "
-            "qatkit.set_fake_quantize(qat, 'calibration'); run representative data; "
-            "qatkit.set_fake_quantize(qat, 'validation'); then export qat")
+            "qatkit.set_fake_quant_state(qat, 'calibration'); run representative data; "
+            "qatkit.set_fake_quant_state(qat, 'validation'); then export qat")
     missing = [name for name, m in model.named_modules()
                if isinstance(m, FakeQuantize) and not m.has_scale]
     if missing:
         shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
         raise ValueError(
             f"export_onnx: the model was never calibrated: {len(missing)} fake quant(s) have no "
-            f"scale ({shown}). Calibrate first: qatkit.set_fake_quantize(model, 'calibration'), "
-            "run representative data through it, then qatkit.set_fake_quantize(model, "
+            f"scale ({shown}). Calibrate first: qatkit.set_fake_quant_state(model, 'calibration'), "
+            "run representative data through it, then qatkit.set_fake_quant_state(model, "
             "'validation')")
     anns = get_annotations(model)
     quantized = [a for a in anns.values() if a.is_quantized]

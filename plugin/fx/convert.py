@@ -138,7 +138,7 @@ def convert_fx(qat_model: fx.GraphModule, inplace: bool = False) -> fx.GraphModu
 
     Example::
 
-        >>> set_fake_quantize(qat_model, FakeQuantState.VALIDATION)
+        >>> set_fake_quant_state(qat_model, FakeQuantState.VALIDATION)
         >>> int_model = convert_fx(qat_model)
         >>> y = int_model(x)     # float in, float out; integer arithmetic inside
     """
@@ -265,9 +265,9 @@ def _check_calibrated(model: nn.Module) -> None:
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"convert_fx: {len(missing)} fake quant(s) have no scale: {shown}. "
-                         "Calibrate first: set_fake_quantize(model, FakeQuantState.CALIBRATION), "
-                         "run representative data, then set_fake_quantize(model, "
-                         "FakeQuantState.VALIDATION)")
+                         "Calibrate first: set_fake_quant_state(model, "
+                         "FakeQuantState.CALIBRATION), run representative data, then "
+                         "set_fake_quant_state(model, FakeQuantState.VALIDATION)")
 
 
 def _out_qparams(model: nn.Module, ann: NodeAnnotation, target: str) -> TensorQParams | None:

@@ -54,7 +54,7 @@ def prepare_qat_fx(
 
         >>> qat_model = prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig},
         ...                            example_inputs=(x,))
-        >>> set_fake_quantize(qat_model, FakeQuantState.CALIBRATION)
+        >>> set_fake_quant_state(qat_model, FakeQuantState.CALIBRATION)
     """
     custom = dict(prepare_custom_config_dict or {})
     bad = set(custom) - _CUSTOM_KEYS

@@ -374,7 +374,7 @@ def _quantize_weight(qat: nn.Module) -> tuple[Tensor, int]:
                          "the layer float (qconfig None)")
     if not wfq.has_scale:
         raise ValueError(f"{qat._get_name()}: its weight fake quant has no scale. Calibrate "
-                         "first (set_fake_quantize CALIBRATION, run data, then VALIDATION)")
+                         "first (set_fake_quant_state CALIBRATION, run data, then VALIDATION)")
     w = qat.weight
     if wfq.ch_axis is not None and wfq.scale.numel() != w.shape[wfq.ch_axis % w.dim()]:
         raise ValueError(f"{qat._get_name()}: weight scale has {wfq.scale.numel()} entries for "

@@ -48,7 +48,7 @@ def test_calibrate_runs_every_form_of_data_to_the_same_scales(tmp_path) -> None:
     assert (summary.batches, summary.samples, summary.unobserved, summary.nonfinite) == (
         3, 12, (), 0)
     assert summary.state is qatkit.FakeQuantState.VALIDATION
-    assert qatkit.get_fake_quantize_state(ref) == {qatkit.FakeQuantState.VALIDATION: 6}
+    assert qatkit.get_fake_quant_state(ref) == {qatkit.FakeQuantState.VALIDATION: 6}
     loader = DataLoader(TensorDataset(torch.cat(xs), torch.zeros(12)), batch_size=4)
     for i, x in enumerate(xs):  # a folder of files, one batch each, in name order
         if i % 2:
@@ -85,7 +85,7 @@ def test_calibrate_reports_unobserved_fake_quants_and_bad_data() -> None:
     qm = _prepared()
     with pytest.raises(ValueError, match="batch 0 .*failed.*input_fn"):
         qatkit.calibrate(qm, torch.randn(2, 5, 8, 8), progress=False)
-    assert qatkit.get_fake_quantize_state(qm) == {qatkit.FakeQuantState.CALIBRATION: 6}, \
+    assert qatkit.get_fake_quant_state(qm) == {qatkit.FakeQuantState.CALIBRATION: 6}, \
         "a failed calibration is not switched to VALIDATION"
     with pytest.raises(ValueError, match="tuple of 2 tensors is one batch of 2 inputs"):
         qatkit.calibrate(_prepared(), torch.randn(8, 3, 8, 8).split(4), progress=False)
@@ -111,7 +111,7 @@ def test_calibrated_state_loads_strictly_into_a_fixed_scale_qat_model() -> None:
                                        activation_qkwargs={"averaging_constant": 0.0})
     qat = _prepared(fixed, seed=1)  # other initial weights: the state dict brings them
     qat.load_state_dict(state, strict=True)
-    qatkit.set_fake_quantize(qat, "qat")
+    qatkit.set_fake_quant_state(qat, "qat")
     qat.train()
     opt = torch.optim.SGD(qat.parameters(), lr=0.01)
     acts = {n: s for n, s in _scales(calib).items() if "weight" not in n}
@@ -135,6 +135,6 @@ def test_resuming_qat_restores_scales_states_and_bn_freeze(tmp_path) -> None:
     fresh = _prepared(qatkit.default_qat_8bit_fake_quant_qconfig, seed=3)
     fresh.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True), strict=True)
     assert fresh.get_submodule("conv").freeze_bn
-    assert qatkit.get_fake_quantize_state(fresh) == {qatkit.FakeQuantState.QAT: 6}
+    assert qatkit.get_fake_quant_state(fresh) == {qatkit.FakeQuantState.QAT: 6}
     for name, s in _scales(model).items():
         torch.testing.assert_close(fresh.get_submodule(name).scale, s, atol=0, rtol=0)

@@ -70,10 +70,10 @@ def test_compiled_calibration_then_validation_equal_eager():
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(qm)
     for model in (compiled, ref):
-        qatkit.set_fake_quantize(qm if model is compiled else ref, "calibration")
+        qatkit.set_fake_quant_state(qm if model is compiled else ref, "calibration")
         with torch.no_grad():
             model(x)
-        qatkit.set_fake_quantize(qm if model is compiled else ref, "validation")
+        qatkit.set_fake_quant_state(qm if model is compiled else ref, "validation")
     for a, b in zip(_fake_quants(qm), _fake_quants(ref), strict=True):
         assert torch.equal(a.scale, b.scale), a
     with torch.no_grad():
@@ -112,13 +112,13 @@ def test_histogram_calibration_under_compile_warns_once_and_matches_eager():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(qm)
-    qatkit.set_fake_quantize(qm, "calibration")
+    qatkit.set_fake_quant_state(qm, "calibration")
     with pytest.warns(UserWarning, match=r"MSEObserver is calibrated under torch.compile.*"
                                          r"qatkit.calibrate\(model, data\)") as record:
         with torch.no_grad():
             compiled(x)
     assert sum("torch.compile" in str(w.message) for w in record) == 1
-    qatkit.set_fake_quantize(qm, "validation")
+    qatkit.set_fake_quant_state(qm, "validation")
     for a, b in zip(_fake_quants(qm), _fake_quants(ref), strict=True):
         assert torch.equal(a.scale, b.scale), a
     histogram_fqs = [f for f in _fake_quants(qm) if getattr(f.observer, "is_histogram", False)]

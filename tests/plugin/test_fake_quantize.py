@@ -1,4 +1,4 @@
-"""FakeQuantize / LSQFakeQuantize numerics, FakeQuantState semantics, set_fake_quantize,
+"""FakeQuantize / LSQFakeQuantize numerics, FakeQuantState semantics, set_fake_quant_state,
 state_dict and deepcopy.
 
 The numerics are checked bit-exactly against a reference written here in numpy:
@@ -22,8 +22,8 @@ from qatkit import (
     FakeQuantize,
     FakeQuantState,
     LSQFakeQuantize,
-    get_fake_quantize_state,
-    set_fake_quantize,
+    get_fake_quant_state,
+    set_fake_quant_state,
 )
 from qatkit.observers import (
     FixedScaleObserver,
@@ -433,7 +433,7 @@ def test_calibration_passes_data_and_gradient_through_unchanged():
 def test_train_and_eval_never_change_the_state(state):
     model = nn.Sequential(FakeQuantize(observer=MinMaxObserver), nn.BatchNorm1d(4))
     model(torch.randn(8, 4, generator=_gen(15)))
-    set_fake_quantize(model, state)
+    set_fake_quant_state(model, state)
     fq = model[0]
     for mode in ("train", "eval", "train", "eval"):
         getattr(model, mode)()
@@ -486,7 +486,7 @@ def test_fixed_scale_fake_quant_needs_no_data():
     _exact(fq.scale, torch.tensor([1 / 64]))
 
 
-# -- set_fake_quantize --------------------------------------------------------------------------
+# -- set_fake_quant_state --------------------------------------------------------------------------
 class _TwoBranches(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -497,34 +497,34 @@ class _TwoBranches(nn.Module):
         return getattr(self, branch)(x)
 
 
-def test_set_fake_quantize_sets_every_fake_quant_and_counts_them():
+def test_set_fake_quant_state_sets_every_fake_quant_and_counts_them():
     model = _TwoBranches()
-    assert set_fake_quantize(model, "Calibration") == 2
-    assert get_fake_quantize_state(model) == {CAL: 2}
+    assert set_fake_quant_state(model, "Calibration") == 2
+    assert get_fake_quant_state(model) == {CAL: 2}
     model(torch.randn(3, 4, generator=_gen(40)), "used")
     model(torch.randn(3, 4, generator=_gen(41)), "unused")
-    assert set_fake_quantize(model, FakeQuantState.VALIDATION) == 2
-    assert get_fake_quantize_state(model) == {VAL: 2}
+    assert set_fake_quant_state(model, FakeQuantState.VALIDATION) == 2
+    assert get_fake_quant_state(model) == {VAL: 2}
     model.used[1].set_state(QAT)
-    assert get_fake_quantize_state(model) == {VAL: 1, QAT: 1}
+    assert get_fake_quant_state(model) == {VAL: 1, QAT: 1}
 
 
-def test_set_fake_quantize_errors():
+def test_set_fake_quant_state_errors():
     with pytest.raises(ValueError, match="no FakeQuantize module.*prepare"):
-        set_fake_quantize(nn.Sequential(nn.Linear(2, 2)), QAT)
+        set_fake_quant_state(nn.Sequential(nn.Linear(2, 2)), QAT)
     with pytest.raises(ValueError, match=r"unknown fake-quant state 'training'.*"
                                          r"\['QAT', 'CALIBRATION', 'VALIDATION'\]"):
-        set_fake_quantize(_TwoBranches(), "training")
+        set_fake_quant_state(_TwoBranches(), "training")
     with pytest.raises(ValueError, match="unknown fake-quant state"):
         FakeQuantize().set_state(3)
 
 
 def test_leaving_calibration_warns_about_fake_quants_that_saw_no_data():
     model = _TwoBranches()
-    set_fake_quantize(model, CAL)
+    set_fake_quant_state(model, CAL)
     model(torch.randn(3, 4, generator=_gen(42)))
     with pytest.warns(RuntimeWarning, match=r"1 fake quant\(s\) saw no data") as record:
-        set_fake_quantize(model, VAL)
+        set_fake_quant_state(model, VAL)
     message = str(record[0].message)
     assert "unused.1" in message and "used.1," not in message and " used.1" not in message
     # the used branch works, the unused one says which module and what to do
@@ -535,17 +535,17 @@ def test_leaving_calibration_warns_about_fake_quants_that_saw_no_data():
 
 def test_no_warning_when_every_fake_quant_saw_data():
     model = _TwoBranches()
-    set_fake_quantize(model, CAL)
+    set_fake_quant_state(model, CAL)
     model(torch.randn(3, 4, generator=_gen(45)), "used")
     model(torch.randn(3, 4, generator=_gen(46)), "unused")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        set_fake_quantize(model, VAL)
+        set_fake_quant_state(model, VAL)
 
 
 def test_qat_forward_without_any_finite_data_names_the_module():
     model = _TwoBranches()
-    set_fake_quantize(model, QAT)
+    set_fake_quant_state(model, QAT)
     with pytest.raises(RuntimeError, match=r"fake quant used\.1: .*never saw data"):
         with pytest.warns(RuntimeWarning, match="non-finite"):
             model.used[1](torch.full((3, 4), float("nan")))
@@ -615,7 +615,7 @@ def test_loading_a_state_dict_restores_the_state_and_keeps_the_lsq_parameter():
     model[2].set_state(CAL)
     fresh_model = nn.Sequential(FakeQuantize(), nn.ReLU(), FakeQuantize())
     fresh_model.load_state_dict(model.state_dict())
-    assert get_fake_quantize_state(fresh_model) == {VAL: 1, CAL: 1}
+    assert get_fake_quant_state(fresh_model) == {VAL: 1, CAL: 1}
     assert not fresh_model[2].has_scale and not fresh_model[2].observer.has_data
 
 
@@ -625,8 +625,8 @@ def test_docstring_examples_are_true():
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(verbose=False)
     tests = [t for t in finder.find(fake_quantize_module, globs=globs) if t.examples]
     assert {t.name.rsplit(".", 1)[-1] for t in tests} >= {
-        "FakeQuantize", "LSQFakeQuantize", "FakeQuantState", "set_fake_quantize",
-        "get_fake_quantize_state"}
+        "FakeQuantize", "LSQFakeQuantize", "FakeQuantState", "set_fake_quant_state",
+        "get_fake_quant_state"}
     torch.manual_seed(0)
     for t in tests:
         runner.run(t)

@@ -27,10 +27,10 @@ MA = MovingAverageMinMaxObserver
 #        weight fake quant, weight dtype)   weights: per channel 0, current range (MA, c=1)
 NAMED = {
     "default_qat_8bit_fake_quant_qconfig": (FakeQuantize, "qint8", MA, FakeQuantize, "qint8"),
-    "default_qat_out_8bit_fake_quant_qconfig": (FakeQuantize, "qint8", MA, FakeQuantize, "qint8"),
+    "default_qat_8bit_out_fake_quant_qconfig": (FakeQuantize, "qint8", MA, FakeQuantize, "qint8"),
     "default_calib_8bit_fake_quant_qconfig": (FakeQuantize, "qint8", MSEObserver, FakeQuantize,
                                               "qint8"),
-    "default_calib_out_8bit_fake_quant_qconfig": (FakeQuantize, "qint8", MSEObserver,
+    "default_calib_8bit_out_fake_quant_qconfig": (FakeQuantize, "qint8", MSEObserver,
                                                   FakeQuantize, "qint8"),
     "default_qat_8bit_lsq_quant_qconfig": (LSQFakeQuantize, "qint8", MA, LSQFakeQuantize,
                                            "qint8"),

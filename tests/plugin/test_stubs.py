@@ -87,7 +87,7 @@ def test_a_fixed_scale_quant_stub_follows_its_16_bit_qconfig():
         qm = qatkit.prepare_qat_fx(Grid(), {"": qatkit.default_qat_8bit_fake_quant_qconfig})
     fq = qm.quant_stub.activation_post_process
     assert fq.dtype == "qint16" and float(fq.scale) == 1 / 128
-    qatkit.set_fake_quantize(qm, "validation")
+    qatkit.set_fake_quant_state(qm, "validation")
     x = torch.tensor([3.0, -100.0])
     assert torch.equal(qm.quant_stub(x), x), "int16 at 1/128 holds +-256"
     ann = qatkit.annotation.annotation_by_name(qm)["quant_stub"]

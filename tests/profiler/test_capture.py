@@ -130,7 +130,7 @@ def test_model_is_not_mutated_and_calibration_state_warns(models) -> None:
     m, qm, _, x = models
     train = copy.deepcopy(m).train()
     calib = copy.deepcopy(qm)
-    qatkit.set_fake_quantize(calib, "calibration")
+    qatkit.set_fake_quant_state(calib, "calibration")
     before = copy.deepcopy(calib.state_dict())  # tensors, and the fused modules' extra state
     get_raw_features(train, x)
     assert train.training and all(mod.training for mod in train.modules())
@@ -139,7 +139,7 @@ def test_model_is_not_mutated_and_calibration_state_warns(models) -> None:
     after = calib.state_dict()
     assert all(torch.equal(before[k], after[k]) if isinstance(after[k], torch.Tensor)
                else before[k] == after[k] for k in before)
-    assert qatkit.get_fake_quantize_state(calib) == {qatkit.FakeQuantState.CALIBRATION: 10}
+    assert qatkit.get_fake_quant_state(calib) == {qatkit.FakeQuantState.CALIBRATION: 10}
     # float data (fake quantization off) shown with the calibrated scales
     assert _by(recs, "conv1").scale == pytest.approx(
         float(qm.conv1.activation_post_process.scale))

@@ -32,10 +32,10 @@ def _prepare(model: nn.Module, x, qconfig_dict: dict | None = None, **kwargs):
 
 def _calibrate(qm, x):
     qm.eval()
-    qatkit.set_fake_quantize(qm, "calibration")
+    qatkit.set_fake_quant_state(qm, "calibration")
     with torch.no_grad():
         qm(x)
-    qatkit.set_fake_quantize(qm, "validation")
+    qatkit.set_fake_quant_state(qm, "validation")
     return qm
 
 

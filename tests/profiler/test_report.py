@@ -120,7 +120,7 @@ def test_qvsq_against_the_integer_model(models, tmp_path) -> None:
 def test_models_are_not_changed(models, tmp_path) -> None:
     float_model, calib, _, x = models
     before = [copy.deepcopy(m.state_dict()) for m in (float_model, calib)]
-    states = qatkit.get_fake_quantize_state(calib)
+    states = qatkit.get_fake_quant_state(calib)
     training = [m.training for m in calib.modules()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -130,7 +130,7 @@ def test_models_are_not_changed(models, tmp_path) -> None:
         assert sd.keys() == after.keys()
         assert all(torch.equal(sd[k], after[k]) if isinstance(sd[k], torch.Tensor)
                    else sd[k] == after[k] for k in sd), type(m).__name__
-    assert qatkit.get_fake_quantize_state(calib) == states
+    assert qatkit.get_fake_quant_state(calib) == states
     assert [m.training for m in calib.modules()] == training
 
 
@@ -164,7 +164,7 @@ def test_kwargs_dict_reaches_the_tools(models, tmp_path) -> None:
 def test_calibration_state_is_refused_with_the_fix(models, tmp_path) -> None:
     float_model, calib, _, x = models
     off = copy.deepcopy(calib)
-    qatkit.set_fake_quantize(off, "calibration")
+    qatkit.set_fake_quant_state(off, "calibration")
     with pytest.raises(ValueError, match="VALIDATION"):
         model_profiler(float_model, off, x, out_dir=tmp_path)
 
@@ -172,7 +172,7 @@ def test_calibration_state_is_refused_with_the_fix(models, tmp_path) -> None:
 def test_cvsq_calibrated_against_qat(models, tmp_path) -> None:
     _, calib, _, x = models
     qat = copy.deepcopy(calib)
-    qatkit.set_fake_quantize(qat, "qat")
+    qatkit.set_fake_quant_state(qat, "qat")
     qat.train()
     opt = torch.optim.SGD(qat.parameters(), lr=1e-4)
     for _ in range(3):
@@ -180,7 +180,7 @@ def test_cvsq_calibrated_against_qat(models, tmp_path) -> None:
         qat(x / 255.0).square().mean().backward()
         opt.step()
     qat.eval()
-    qatkit.set_fake_quantize(qat, "validation")
+    qatkit.set_fake_quant_state(qat, "validation")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = model_profiler(calib, qat, x, mode="CvsQ", out_dir=tmp_path)

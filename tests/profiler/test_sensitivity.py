@@ -267,7 +267,7 @@ def test_the_model_passed_in_is_never_changed(calibrated, x):
 def test_qat_state_model_is_analysed_in_validation_on_a_copy(trained, x):
     data, float_model = trained
     calib = dw.calibrated(dw.with_fault(float_model, "outlier_channel"), data)
-    qatkit.set_fake_quantize(calib, "qat")
+    qatkit.set_fake_quant_state(calib, "qat")
     before = snapshot(calib)
     res = qp.get_sensitivity_of_nodes(calib, "cosine", x, node_type="activation",
                                       verbose=False)
@@ -316,10 +316,10 @@ def test_a_model_never_calibrated(trained, x):
     prepared = qatkit.prepare_qat_fx(copy.deepcopy(float_model),
                                      {"": qatkit.default_calib_8bit_fake_quant_qconfig},
                                      example_inputs=(x[:2],)).eval()
-    qatkit.set_fake_quantize(prepared, "validation")
+    qatkit.set_fake_quant_state(prepared, "validation")
     with pytest.raises(ValueError, match=r"never calibrated.*qatkit.calibrate"):
         qp.get_sensitivity_of_nodes(prepared, "cosine", x, verbose=False)
-    qatkit.set_fake_quantize(prepared, "calibration")
+    qatkit.set_fake_quant_state(prepared, "calibration")
     with pytest.raises(ValueError, match="CALIBRATION state"):
         qp.get_sensitivity_of_nodes(prepared, "cosine", x, verbose=False)
     with pytest.raises(ValueError, match="not made by qatkit.prepare_qat_fx"):

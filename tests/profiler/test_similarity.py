@@ -195,8 +195,8 @@ def test_models_that_do_not_correspond_name_the_layer(resnet_like) -> None:
 def test_calibration_state_raises_with_the_fix(resnet_like) -> None:
     m, qm, _, x = resnet_like
     calib = copy.deepcopy(qm)
-    qatkit.set_fake_quantize(calib, "calibration")
-    with pytest.raises(ValueError, match=r"model2 .* CALIBRATION state.*set_fake_quantize\("
+    qatkit.set_fake_quant_state(calib, "calibration")
+    with pytest.raises(ValueError, match=r"model2 .* CALIBRATION state.*set_fake_quant_state\("
                                          r"model2, qatkit.FakeQuantState.VALIDATION\)"):
         featuremap_similarity(m, calib, x)
 
@@ -204,7 +204,7 @@ def test_calibration_state_raises_with_the_fix(resnet_like) -> None:
 def _snapshot(model: nn.Module) -> tuple:
     return (copy.deepcopy(model.state_dict()),  # tensors and the fused modules' extra state
             [mod.training for mod in model.modules()],
-            qatkit.get_fake_quantize_state(model) if any(
+            qatkit.get_fake_quant_state(model) if any(
                 isinstance(mod, qatkit.FakeQuantize) for mod in model.modules()) else None)
 
 
@@ -223,7 +223,7 @@ def test_models_are_not_mutated(resnet_like) -> None:
     m, qm, im, x = resnet_like
     float_train = copy.deepcopy(m).train()            # train mode: BN would update
     qat = copy.deepcopy(qm).train()
-    qatkit.set_fake_quantize(qat, "qat")              # observers would update
+    qatkit.set_fake_quant_state(qat, "qat")              # observers would update
     snaps = [_snapshot(mod) for mod in (float_train, qat, im)]
     with pytest.warns(RuntimeWarning, match="QAT state"):
         featuremap_similarity(float_train, qat, x, method="PerLayer")

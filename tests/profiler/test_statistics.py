@@ -75,10 +75,10 @@ def test_defect_layer_has_the_largest_range_in_steps(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = qatkit.prepare_qat_fx(m, {"": qc}, example_inputs=(x,)).eval()
-    qatkit.set_fake_quantize(qm, "calibration")
+    qatkit.set_fake_quant_state(qm, "calibration")
     with torch.no_grad():
         qm(x)
-    qatkit.set_fake_quantize(qm, "validation")
+    qatkit.set_fake_quant_state(qm, "validation")
     # VALIDATION: a fake-quant op's output is described before its fake quant clamps it
     records = get_raw_features(qm, x)
     out = next(r for r in records if r.name == "conv2" and r.attr == "output")

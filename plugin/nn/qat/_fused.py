@@ -462,7 +462,7 @@ class FusedMixin(ExactInputs, AnnotatedOp):
                        ) -> tuple[str, tuple[Tensor, ...], Tensor, Tensor]:
         """``(plan, float weights for the plan, q_b, s_in * s_w)``, cached per call site
         (:func:`qatkit._exact.cached`) while the weights, BatchNorm, scales and input grid
-        stay the same; released by :func:`qatkit.release_exact_caches`."""
+        stay the same; released by :func:`qatkit.fake_quantize.release_exact_caches`."""
         settings, tensors = self._exact_key(in_fq, device)
         return cached(self, settings, tensors, lambda: self._build_exact_weights(in_fq, device),
                       slot=call_site)

@@ -59,7 +59,7 @@ def test_learned_rounding_is_floor_or_ceil_on_the_fake_quant_grid(algorithm, dig
         # the elements that set each channel's range keep it: observing again, same scale
         obs = mod.folded_weight_bias()[0].detach().abs().flatten(1).amax(1) / 4
         torch.testing.assert_close(obs, mod.weight_fake_quant.scale, rtol=1e-6, atol=0)
-    log = qatkit.ptq_log(out)
+    log = qatkit.algorithms.ptq_log(out)
     assert (log["error_learned"] <= log["error_nearest"]).all()
     assert (log["error_learned"] < 0.9 * log["error_nearest"]).any(), log
     assert log["flipped"].sum() > 0 and (log["unset"] == 0).all()

@@ -34,10 +34,10 @@ def test_result_is_exact_and_exports(name, digits_qat, calib, data, tmp_path):
     out = ALGORITHMS[name](digits_qat, calib, progress=False, **FAST.get(name, {}))
     after = _snapshot(digits_qat)
     assert all(torch.equal(before[k], after[k]) for k in before), "the caller's model changed"
-    assert qatkit.ptq_log(digits_qat).empty and not qatkit.ptq_log(out).empty
+    assert qatkit.algorithms.ptq_log(digits_qat).empty and not qatkit.algorithms.ptq_log(out).empty
     changed = [k for k, v in _snapshot(out).items() if not torch.equal(v, before[k])]
     assert changed, f"{name} changed nothing"
-    assert qatkit.get_fake_quantize_state(out) == {qatkit.FakeQuantState.VALIDATION: 12}
+    assert qatkit.get_fake_quant_state(out) == {qatkit.FakeQuantState.VALIDATION: 12}
     assert not out.training
 
     x = data.test_x[:64]
@@ -59,7 +59,7 @@ def test_inplace_changes_and_returns_the_model(name, digits_qat, calib):
     model = copy.deepcopy(digits_qat)
     out = ALGORITHMS[name](model, calib, progress=False, inplace=True, **FAST.get(name, {}))
     assert out is model
-    assert len(qatkit.ptq_log(model)) > 0
+    assert len(qatkit.algorithms.ptq_log(model)) > 0
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
@@ -71,11 +71,11 @@ def test_errors_name_the_fix(name, digits_float, digits_qat, calib, data):
         warnings.simplefilter("ignore")
         raw = qatkit.prepare_qat_fx(digits_float, {"": qatkit.default_qat_8bit_fake_quant_qconfig},
                                     example_inputs=(data.train_x[:8],)).eval()
-    qatkit.set_fake_quantize(raw, "validation")
+    qatkit.set_fake_quant_state(raw, "validation")
     with pytest.raises(ValueError, match="not calibrated"):
         fn(raw, calib, progress=False)
     calibrating = copy.deepcopy(digits_qat)
-    qatkit.set_fake_quantize(calibrating, "calibration")
+    qatkit.set_fake_quant_state(calibrating, "calibration")
     with pytest.raises(ValueError, match="CALIBRATION"):
         fn(calibrating, calib, progress=False)
 
@@ -83,14 +83,15 @@ def test_errors_name_the_fix(name, digits_float, digits_qat, calib, data):
 def test_ptq_log_keeps_every_run_in_order(digits_qat, calib):
     qm = qatkit.cross_layer_equalization(digits_qat, calib, threshold=0.0, progress=False)
     qm = qatkit.bias_correction(qm, calib, progress=False)
-    log = qatkit.ptq_log(qm)
+    log = qatkit.algorithms.ptq_log(qm)
     assert list(log.drop_duplicates("step")["algorithm"]) == ["cross_layer_equalization",
                                                              "bias_correction"]
     assert list(log[log.algorithm == "bias_correction"]["layer"]) == [
         "conv1", "conv2", "conv3", "conv4", "fc"]
     # a deep copy keeps the log, and the copy's further runs do not reach the original
     again = qatkit.refine_weight_range(qm, progress=False)
-    assert len(qatkit.ptq_log(again)) == len(log) + 5 and len(qatkit.ptq_log(qm)) == len(log)
+    assert len(qatkit.algorithms.ptq_log(again)) == len(log) + 5
+    assert len(qatkit.algorithms.ptq_log(qm)) == len(log)
 
 
 def test_progress_bar_is_shown_and_silenced(digits_qat, capsys):

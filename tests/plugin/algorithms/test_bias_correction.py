@@ -35,7 +35,7 @@ def test_mean_shift_removed_and_accuracy_recovers(separable_float, make_calibrat
     after = _mean_errors(qm, out, calib)
     assert max(before.values()) > 0.05, before
     assert max(after.values()) < 1e-4, after
-    log = qatkit.ptq_log(out).set_index("layer")
+    log = qatkit.algorithms.ptq_log(out).set_index("layer")
     assert (log["max_shift"] > 0).all() and list(log.index) == list(after)
     f, c, b = accuracy(separable_float), accuracy(qm), accuracy(out)
     assert c < 0.95 * f and b >= 0.97 * f, (f, c, b)

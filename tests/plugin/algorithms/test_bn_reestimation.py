@@ -60,7 +60,7 @@ def test_statistics_are_the_quantized_outputs():
     new_fold = out.conv.folded_weight_bias()[0]
     torch.testing.assert_close(out.conv.weight_fake_quant.scale,
                                new_fold.abs().flatten(1).amax(1) / 128)
-    log = qatkit.ptq_log(out)
+    log = qatkit.algorithms.ptq_log(out)
     assert log.loc[0, "layer"] == "conv" and log.loc[0, "max_mean_change"] > 0.1
     with torch.no_grad():
         assert torch.equal(qatkit.convert_fx(out)(x), out(x))
@@ -69,11 +69,11 @@ def test_statistics_are_the_quantized_outputs():
 def test_qat_state_and_freeze_bn_are_restored():
     x = torch.randn(8, 3, 10, 10)
     qm = _prepared(x)
-    qatkit.set_fake_quantize(qm, "qat")
+    qatkit.set_fake_quant_state(qm, "qat")
     qatkit.freeze_bn_stats(qm)
     qm.train()
     out = qatkit.bn_reestimation(qm, x, progress=False, recalibrate_activations=False)
-    assert qatkit.get_fake_quantize_state(out) == {qatkit.FakeQuantState.QAT: 5}
+    assert qatkit.get_fake_quant_state(out) == {qatkit.FakeQuantState.QAT: 5}
     assert out.conv.freeze_bn and out.training and out.conv.bn.training
     assert torch.equal(out.conv.activation_post_process.scale,
                        qm.conv.activation_post_process.scale)

@@ -30,7 +30,7 @@ def test_unequal_depthwise_ranges_recover(separable_float, make_calibrated, cali
                                atol=1e-5 * float(ref.abs().max()))
     # every equalized pair -- conv -> depthwise (pw1 -> dw2) and pointwise -> pool -> fc
     # included -- ends with equal ranges: r1 = r2 = sqrt(r1 * r2) per channel
-    log = qatkit.ptq_log(out).set_index("producer")
+    log = qatkit.algorithms.ptq_log(out).set_index("producer")
     assert log.loc[["dw1.0", "pw1.0", "dw2.0"], "applied"].all()
     layers = {lay.path: lay for lay in qatkit.algorithms._common.prepared_layers(out, "t")}
     for producer, row in log[log.applied].iterrows():
@@ -43,7 +43,7 @@ def test_unequal_depthwise_ranges_recover(separable_float, make_calibrated, cali
 
 def test_threshold_leaves_balanced_pairs_alone(digits_qat, calib):
     out = qatkit.cross_layer_equalization(digits_qat, calib, progress=False)
-    log = qatkit.ptq_log(out).set_index("layer")
+    log = qatkit.algorithms.ptq_log(out).set_index("layer")
     assert not log["applied"].any()
     assert log.loc["conv3", "reason"].startswith("range imbalance 0.")
     assert log.loc["conv3", "imbalance_before"] < 2 and log["imbalance_after"].isna().all()

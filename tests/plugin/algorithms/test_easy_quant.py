@@ -10,7 +10,7 @@ import torch
 def test_cosines_improve_at_low_bits(digits_float, make_calibrated, calib, accuracy):
     qm = make_calibrated(digits_float, weight_bits=3)
     out = qatkit.easy_quant(qm, calib, search_steps=10, iterations=2, progress=False)
-    log = qatkit.ptq_log(out).set_index("layer")
+    log = qatkit.algorithms.ptq_log(out).set_index("layer")
     assert (log["cosine_after"] >= log["cosine_before"] - 1e-9).all(), log
     gain = log["cosine_after"] - log["cosine_before"]
     assert gain.max() > 1e-3, log
@@ -38,4 +38,4 @@ def test_weights_only(digits_qat, calib):
     for name in ("conv1", "conv2", "conv3", "conv4", "pool"):
         fq = out.get_submodule(name).activation_post_process
         assert torch.equal(fq.scale, digits_qat.get_submodule(name).activation_post_process.scale)
-    assert (qatkit.ptq_log(out)["input"] == "").all()
+    assert (qatkit.algorithms.ptq_log(out)["input"] == "").all()

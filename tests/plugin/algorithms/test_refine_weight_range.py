@@ -20,7 +20,7 @@ def test_pruned_channel_bias_no_longer_saturates(digits_float, make_calibrated, 
     for name in ("conv1", "conv2", "conv3", "fc"):
         assert torch.equal(out.get_submodule(name).weight_fake_quant.scale,
                            qm.get_submodule(name).weight_fake_quant.scale)
-    log = qatkit.ptq_log(out).set_index("layer")
+    log = qatkit.algorithms.ptq_log(out).set_index("layer")
     assert log.loc["conv4", "floored"] == 1 and log["floored"].sum() == 1
     # the integer bias of channel 0: saturated at int32 before, its true value after
     limit = 2**31 - 1

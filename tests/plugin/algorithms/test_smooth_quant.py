@@ -38,7 +38,7 @@ def test_outlier_model_recovers_at_int8(token_float, make_calibrated, calib, dat
     ref = _float_out(qm, x)
     torch.testing.assert_close(_float_out(smoothed, x), ref, rtol=0,
                                atol=1e-5 * float(ref.abs().max()))
-    log = qatkit.ptq_log(smoothed).set_index("layer")
+    log = qatkit.algorithms.ptq_log(smoothed).set_index("layer")
     assert log.loc["fc1", "applied"] and log.loc["fc1", "producer"] == "norm"
     assert log.loc["fc1", "level_before"] > 7 and log.loc["fc1", "level_after"] < 1
     # the LayerNorm output's scale shrank with its range: 256x outlier, alpha 0.5 -> ~16x
@@ -55,10 +55,11 @@ def test_threshold_and_alpha(token_float, make_calibrated, calib):
     assert torch.equal(untouched.norm.weight, qm.norm.weight)
     assert torch.equal(untouched.norm.activation_post_process.scale,
                        qm.norm.activation_post_process.scale)
-    assert "< threshold 20.0" in qatkit.ptq_log(untouched).set_index("layer").loc["fc1", "reason"]
+    reason = qatkit.algorithms.ptq_log(untouched).set_index("layer").loc["fc1", "reason"]
+    assert "< threshold 20.0" in reason
     # alpha 1: every channel's activation max becomes its weight column's max (times 1)
     full = qatkit.smooth_quant(qm, calib, alpha=1.0, progress=False)
-    assert qatkit.ptq_log(full).set_index("layer").loc["fc1", "level_after"] < 0.8
+    assert qatkit.algorithms.ptq_log(full).set_index("layer").loc["fc1", "level_after"] < 0.8
     with pytest.raises(ValueError, match="alpha"):
         qatkit.smooth_quant(qm, calib, alpha=1.5)
     with pytest.raises(ValueError, match="threshold"):
@@ -94,7 +95,7 @@ def test_shared_producer_and_grouped_consumer_keep_the_float_function():
     x = torch.randn(4, 3, 8, 8)
     qm = _prepared(model, x)
     out = qatkit.smooth_quant(qm, x, threshold=0.0, progress=False)
-    log = qatkit.ptq_log(out).set_index("producer")
+    log = qatkit.algorithms.ptq_log(out).set_index("producer")
     assert sorted(log.loc["norm", "layer"].split(", ")) == ["k", "q", "v"]
     assert log.loc["norm", "applied"]
     assert log.loc["conv", "layer"] == "conv2" and log.loc["conv", "applied"]
@@ -109,7 +110,7 @@ def test_shared_producer_and_grouped_consumer_keep_the_float_function():
 
 
 def test_layers_that_cannot_be_smoothed_say_why(digits_qat, calib):
-    log = qatkit.ptq_log(qatkit.smooth_quant(digits_qat, calib, threshold=0.0,
+    log = qatkit.algorithms.ptq_log(qatkit.smooth_quant(digits_qat, calib, threshold=0.0,
                                              progress=False)).set_index("layer")
     assert "also feeds conv 'conv3' (as 'other')" in log.loc["conv2", "reason"]
     assert "includes a residual add" in log.loc["conv4", "reason"]
@@ -119,7 +120,7 @@ def test_layers_that_cannot_be_smoothed_say_why(digits_qat, calib):
 def test_relu6_producer_is_left_alone():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(2, 3, 8, 8)
-    log = qatkit.ptq_log(qatkit.smooth_quant(_prepared(model, x), x, threshold=0.0,
+    log = qatkit.algorithms.ptq_log(qatkit.smooth_quant(_prepared(model, x), x, threshold=0.0,
                                              progress=False)).set_index("layer")
     assert "relu6" in log.loc["2", "reason"] and not log.loc["2", "applied"]
 

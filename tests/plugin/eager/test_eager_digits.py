@@ -20,14 +20,14 @@ MAX_ACCURACY_GAP = 0.0112  # four images: eager rounds conv3's output before the
 
 
 def _qat_epoch(model: nn.Module, d, data) -> None:
-    qatkit.set_fake_quantize(model, "qat")
+    qatkit.set_fake_quant_state(model, "qat")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for x, y in d.batches(data.train_x, data.train_y, 64, shuffle=True, seed=d.SEED):
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-    qatkit.set_fake_quantize(model, "validation")
+    qatkit.set_fake_quant_state(model, "validation")
     model.eval()
 
 

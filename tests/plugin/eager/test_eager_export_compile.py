@@ -87,7 +87,7 @@ def test_compiled_eager_model_trains_and_evaluates_in_one_graph(backend):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 12, 12)
     qm = calibrated_eager(settle_batchnorm(SmallNet(), x), [["conv_a", "bn_a", "relu_a"]], x)
-    qatkit.set_fake_quantize(qm, "qat")
+    qatkit.set_fake_quant_state(qm, "qat")
     qm.train()
     eager = copy.deepcopy(qm)
     torch._dynamo.reset()
@@ -110,7 +110,7 @@ def test_compiled_eager_model_trains_and_evaluates_in_one_graph(backend):
             assert cos > 0.9999, (name, float(cos))
     # evaluation (frozen scales) compiles once more, then runs without recompiling
     for m in (qm, eager):
-        qatkit.set_fake_quantize(m, "validation")
+        qatkit.set_fake_quant_state(m, "validation")
         m.eval()
     with torch.no_grad():
         for _ in range(2):
@@ -127,7 +127,7 @@ def test_tools_read_an_eager_model_through_its_trace():
     gm = qatkit.eager.eager_graph(qm)
     assert qatkit.get_provenance(qm) == qatkit.get_provenance(gm)
     assert qatkit.get_provenance(qm)["conv1"] == "relu1"
-    assert qatkit.eager.annotated_graph(gm) is gm
+    assert qatkit.model_graph.annotated_graph(gm) is gm
     with torch.no_grad():
         assert torch.equal(qatkit.export.onnx.integer_model_for_export(qm)(x),
                            qatkit.convert(qm)(x))

@@ -67,7 +67,7 @@ def test_prepare_swaps_in_the_qat_modules_of_prepare_qat_fx():
     for name in ("conv1", "conv2", "conv4", "fc"):  # a fused chain reproduces its last op
         assert prov[name] == fx_prov[name], name
     assert prov["skip"] == "skip.add"
-    assert set(qatkit.get_fake_quantize_state(qm)) == {qatkit.FakeQuantState.QAT}
+    assert set(qatkit.get_fake_quant_state(qm)) == {qatkit.FakeQuantState.QAT}
 
 
 def test_same_model_eager_and_fx_agree_to_the_bit_in_validation():
@@ -86,7 +86,7 @@ def test_same_model_eager_and_fx_agree_to_the_bit_in_validation():
         m.eval()
     with torch.no_grad():
         torch.testing.assert_close(qm(x), fx_qm(x), rtol=0, atol=0)
-        qatkit.set_fake_quantize(qm, "calibration")  # data flows in float
+        qatkit.set_fake_quant_state(qm, "calibration")  # data flows in float
         torch.testing.assert_close(qm(x), model(x), rtol=1e-5, atol=1e-6)
 
 
@@ -133,7 +133,7 @@ def test_states_calibrate_and_fake_quant_switches_are_the_shared_ones():
     qm = qatkit.prepare_qat(qatkit.fuse_modules(model, DIGITS_GROUPS), {"": QCONFIG})
     summary = qatkit.calibrate(qm, x, progress=False)
     assert summary is not None
-    assert set(qatkit.get_fake_quantize_state(qm)) == {qatkit.FakeQuantState.VALIDATION}
+    assert set(qatkit.get_fake_quant_state(qm)) == {qatkit.FakeQuantState.VALIDATION}
     qm.eval()
     with torch.no_grad():
         quantized = qm(x)
@@ -143,7 +143,7 @@ def test_states_calibrate_and_fake_quant_switches_are_the_shared_ones():
         qatkit.set_fake_quant_enabled(qm, True)
         torch.testing.assert_close(qm(x), quantized, rtol=0, atol=0)
     qm.train()  # train()/eval() never change the fake-quant state
-    assert set(qatkit.get_fake_quantize_state(qm)) == {qatkit.FakeQuantState.VALIDATION}
+    assert set(qatkit.get_fake_quant_state(qm)) == {qatkit.FakeQuantState.VALIDATION}
 
 
 def test_cat_add_relu_mul_are_quantized_ops_with_their_own_scales():
@@ -182,7 +182,7 @@ def test_torch_ao_eager_models_prepare_unchanged(check_convert):
     qatkit.calibrate(qm, x, progress=False, state="qat")
     assert qm.layer1[0].add_relu.qatkit_op_kind == "add_relu"
     if check_convert:
-        qatkit.set_fake_quantize(qm, "validation")
+        qatkit.set_fake_quant_state(qm, "validation")
         im = qatkit.convert(qm)
         with torch.no_grad():
             torch.testing.assert_close(im(x), qm(x), rtol=0, atol=0)

@@ -53,11 +53,11 @@ def _calibrated(model: nn.Module, calib: list[torch.Tensor], qconfig_dict: dict 
         warnings.simplefilter("ignore")
         qm = qatkit.prepare_qat_fx(model, qconfig_dict or {"": Q8},
                                    example_inputs=(calib[0],), **kwargs).eval()
-    qatkit.set_fake_quantize(qm, "calibration")
+    qatkit.set_fake_quant_state(qm, "calibration")
     with torch.no_grad():
         for x in calib:
             qm(x)
-    qatkit.set_fake_quantize(qm, "validation")
+    qatkit.set_fake_quant_state(qm, "validation")
     return qm
 
 
@@ -489,7 +489,7 @@ def test_bad_inputs_name_the_fix(digits_float, digits_qat, data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fresh = qatkit.prepare_qat_fx(digits_float, {"": Q8}, example_inputs=(x,))
-    with pytest.raises(ValueError, match="never calibrated.*set_fake_quantize"):
+    with pytest.raises(ValueError, match="never calibrated.*set_fake_quant_state"):
         qatkit.export_onnx(fresh, (x,), tmp_path / "u.onnx")
     missing = tmp_path / "no_such_folder" / "m.onnx"
     with pytest.raises(FileNotFoundError, match="does not exist"):

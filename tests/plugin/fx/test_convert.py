@@ -157,7 +157,7 @@ def test_exact_evaluation_only_in_validation_without_gradients(calibrate) -> Non
     qm(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert qm.get_submodule("fc1").weight.grad is not None
-    qatkit.set_fake_quantize(qm, "qat")
+    qatkit.set_fake_quant_state(qm, "qat")
     with torch.no_grad():
         assert not evaluates_exactly(fq)
     # prepare linked the fake quants that made each input of the exact ops

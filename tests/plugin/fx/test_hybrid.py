@@ -61,9 +61,9 @@ def _prepare(model: nn.Module, hybrid_dict: dict, qconfig_dict: dict | None = No
 
 def _calibrated(gm: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
     gm.eval()
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     gm(x)
-    qatkit.set_fake_quantize(gm, "validation")
+    qatkit.set_fake_quant_state(gm, "validation")
     return gm
 
 
@@ -83,7 +83,7 @@ def test_module_name_island_stays_float_with_quant_stub_at_its_exit():
     assert [str(u.target) for u in users[0].users] == ["b2.conv"]
     # numbers: in calibration the whole model is the float model ...
     x = torch.randn(2, 3, 8, 8)
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
     # ... and in validation the island computes in float on its quantized input
     _calibrated(gm, x)
@@ -118,7 +118,7 @@ def test_activation_island_is_not_fused_into_a_quantized_conv():
         assert type(gm.get_submodule(f"{name}.relu")) is nn.ReLU
         assert isinstance(gm.get_submodule(f"{name}.relu_quant"), qat.QuantStub)
     x = torch.randn(2, 3, 8, 8)
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
 
 
@@ -139,7 +139,7 @@ def test_qat_step_trains_through_an_island():
     gm = _prepare(_net(), {"module_name": ["b1"]})
     x = torch.randn(4, 3, 8, 8)
     gm.train()
-    qatkit.set_fake_quantize(gm, "qat")
+    qatkit.set_fake_quant_state(gm, "qat")
     opt = torch.optim.SGD(gm.parameters(), lr=0.1)
     before = {k: v.detach().clone() for k, v in gm.named_parameters()}
     F.mse_loss(gm(x), torch.randn(4, 2, 8, 8)).backward()

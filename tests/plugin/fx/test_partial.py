@@ -13,7 +13,7 @@ from qatkit import (
     default_qat_8bit_fake_quant_qconfig,
     get_provenance,
     prepare_qat_fx,
-    set_fake_quantize,
+    set_fake_quant_state,
     set_preserve_qat_mode,
 )
 from qatkit.fx import TraceFailure
@@ -107,10 +107,10 @@ def _prepare(model: nn.Module, inputs: tuple, qconfig_dict: dict | None = None, 
 
 
 def _calibrate(qat: nn.Module, inputs: tuple) -> torch.Tensor:
-    set_fake_quantize(qat, FakeQuantState.CALIBRATION)
+    set_fake_quant_state(qat, FakeQuantState.CALIBRATION)
     with torch.no_grad():
         out = qat(*inputs)
-    set_fake_quantize(qat, FakeQuantState.VALIDATION)
+    set_fake_quant_state(qat, FakeQuantState.VALIDATION)
     return out
 
 
@@ -126,7 +126,7 @@ def _check_whole_life(model: nn.Module, inputs: tuple, qat: nn.Module) -> None:
     assert is_partially_traced(int_model)
     with torch.no_grad():
         torch.testing.assert_close(int_model(*inputs), val, rtol=1e-5, atol=1e-5)
-    set_fake_quantize(qat, FakeQuantState.QAT)
+    set_fake_quant_state(qat, FakeQuantState.QAT)
     qat.train()
     qat(*inputs).square().sum().backward()
     grads = [p.grad for p in qat.parameters() if p.requires_grad]

@@ -62,18 +62,18 @@ def _assert_close_rel(out, ref, rel: float = 1e-5) -> None:
 
 def _calibration_output(gm: fx.GraphModule, *args, **kwargs):
     gm.eval()
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     with torch.no_grad():
         return gm(*args, **kwargs)
 
 
 def _calibrate_then_validate(gm: fx.GraphModule, batches) -> fx.GraphModule:
     gm.eval()
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     with torch.no_grad():
         for b in batches:
             gm(*b)
-    qatkit.set_fake_quantize(gm, "validation")
+    qatkit.set_fake_quant_state(gm, "validation")
     return gm
 
 
@@ -143,7 +143,7 @@ def test_the_float_model_is_never_modified():
     # use the prepared model hard: calibrate, train a QAT step, validate
     _calibrate_then_validate(gm, [(x, z)])
     gm.train()
-    qatkit.set_fake_quantize(gm, "qat")
+    qatkit.set_fake_quant_state(gm, "qat")
     out = gm(x, z)
     (out["y"].sum() + out["w"].sum()).backward()
     torch.optim.SGD(gm.parameters(), lr=0.5).step()
@@ -690,8 +690,8 @@ def test_one_qat_step_changes_weights_with_finite_gradients():
     gm, _ = _prepare(model)
     _calibrate_then_validate(gm, [(b,) for b in data])
     gm.train()
-    qatkit.set_fake_quantize(gm, "qat")
-    assert qatkit.get_fake_quantize_state(gm) == {qatkit.FakeQuantState.QAT: 11}
+    qatkit.set_fake_quant_state(gm, "qat")
+    assert qatkit.get_fake_quant_state(gm) == {qatkit.FakeQuantState.QAT: 11}
     before = {k: v.detach().clone() for k, v in gm.named_parameters()}
     opt = torch.optim.SGD(gm.parameters(), lr=0.1)
     loss = F.cross_entropy(gm(data[0]), torch.arange(8) % 4)
@@ -721,7 +721,7 @@ def test_state_dict_loads_into_another_prepared_copy():
     result = gm2.load_state_dict(gm.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
     gm2.eval()
-    assert qatkit.get_fake_quantize_state(gm2) == {qatkit.FakeQuantState.VALIDATION: 11}
+    assert qatkit.get_fake_quant_state(gm2) == {qatkit.FakeQuantState.VALIDATION: 11}
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(gm2(x), gm(x), rtol=0, atol=0)
 

@@ -68,19 +68,19 @@ def check_model(name: str) -> None:
                                    example_inputs=(x,))
     assert isinstance(qm, torch.fx.GraphModule)
     qm.eval()
-    qatkit.set_fake_quantize(qm, qatkit.FakeQuantState.CALIBRATION)
+    qatkit.set_fake_quant_state(qm, qatkit.FakeQuantState.CALIBRATION)
     with torch.no_grad():
         out = qm(x)
     rel = _rel(ref, out)
     assert rel <= 1e-5, f"{name}: CALIBRATION output differs from float by {rel:.2e}"
-    qatkit.set_fake_quantize(qm, qatkit.FakeQuantState.VALIDATION)
+    qatkit.set_fake_quant_state(qm, qatkit.FakeQuantState.VALIDATION)
     with torch.no_grad():
         val = qm(x)
     cos = torch.nn.functional.cosine_similarity(ref.flatten(), val.flatten(), dim=0)
     assert torch.isfinite(val).all(), f"{name}: non-finite VALIDATION output"
     assert cos > 0.5, f"{name}: VALIDATION output cosine {cos:.3f} vs float"
     qm.train()
-    qatkit.set_fake_quantize(qm, qatkit.FakeQuantState.QAT)
+    qatkit.set_fake_quant_state(qm, qatkit.FakeQuantState.QAT)
     qm(x).sum().backward()
     grads = [p.grad for p in qm.parameters() if p.requires_grad]
     assert any(g is not None for g in grads), f"{name}: no gradient reached the parameters"

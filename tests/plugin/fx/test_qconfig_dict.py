@@ -127,7 +127,7 @@ def test_none_keeps_ops_float():
     assert isinstance(gm.stem_quant, qat.QuantStub)
     assert isinstance(gm.b2.mul_quant, qat.QuantStub)
     x = torch.randn(2, 3, 8, 8)
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
 
 

@@ -179,7 +179,7 @@ def test_iteration_in_root_forward_says_wrap():
 
 # -- the three fixes work --------------------------------------------------------------------
 def _assert_same_as_float(gm: fx.GraphModule, model: nn.Module, *args, **kwargs) -> None:
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     gm.eval()
     model.eval()
     torch.testing.assert_close(gm(*args, **kwargs), model(*args, **kwargs), rtol=1e-5, atol=1e-6)

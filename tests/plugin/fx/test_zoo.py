@@ -34,7 +34,7 @@ from qatkit import (  # noqa: E402
     convert_fx,
     default_qat_8bit_fake_quant_qconfig,
     prepare_qat_fx,
-    set_fake_quantize,
+    set_fake_quant_state,
 )
 from qatkit.fx.partial import partial_trace_of  # noqa: E402
 
@@ -103,11 +103,11 @@ def measure(name: str, profile: bool = True, out_dir: Path | None = None) -> dic
         (p.path or "(root)", p.reason) for p in plan.parts if p.status == "float"]
     paths = [] if plan is None else [r.path for r in plan.regions]
     qat.eval()
-    set_fake_quantize(qat, FakeQuantState.CALIBRATION)
+    set_fake_quant_state(qat, FakeQuantState.CALIBRATION)
     ref = _region_outputs(model, paths, inputs)
     got = _region_outputs(qat, paths, inputs)
     row["calibration_rel"] = max(_rel(got[p], ref[p]) for p in ref)
-    set_fake_quantize(qat, FakeQuantState.VALIDATION)
+    set_fake_quant_state(qat, FakeQuantState.VALIDATION)
     with torch.no_grad():
         val = qat(*inputs)
     int_model = convert_fx(qat)
@@ -123,7 +123,7 @@ def measure(name: str, profile: bool = True, out_dir: Path | None = None) -> dic
         row["profiler"] = report.verdict.final_similarity
     # QAT: forward + backward (detection models in eval mode: training needs targets)
     detector = name.startswith(DETECTORS)
-    set_fake_quantize(qat, FakeQuantState.QAT)
+    set_fake_quant_state(qat, FakeQuantState.QAT)
     qat.train(not detector)
     model.train(not detector)
     for m, which in ((model, "float"), (qat, "qat")):

@@ -96,7 +96,7 @@ def test_accumulation_plan_picks_the_cheapest_exact_kernel():
 
 def test_integer_weights_cache_has_an_explicit_lifetime(calibrate):
     """The cache (integer weights as float kernels) is built by the first exact evaluation,
-    never freed by a forward, and released by set_fake_quantize, set_exact_evaluation, the
+    never freed by a forward, and released by set_fake_quant_state, set_exact_evaluation, the
     exact_evaluation context and release_exact_caches; copies never carry it."""
     import copy
 
@@ -115,11 +115,11 @@ def test_integer_weights_cache_has_an_explicit_lifetime(calibrate):
     assert exact_cache_size(copy.deepcopy(qm)) == 0, "a copy does not carry the cache"
     qm(x)  # a forward with gradients enabled (float32) does not free it
     assert exact_cache_size(qm) == 1
-    qatkit.set_fake_quantize(qm, "qat")
+    qatkit.set_fake_quant_state(qm, "qat")
     assert exact_cache_size(qm) == 0
     qm.train()
     qm(x).sum().backward()
-    qatkit.set_fake_quantize(qm, "validation")
+    qatkit.set_fake_quant_state(qm, "validation")
     qm.eval()
     with qatkit.exact_evaluation(qm):
         ref = qm(x)
@@ -127,7 +127,7 @@ def test_integer_weights_cache_has_an_explicit_lifetime(calibrate):
     assert exact_cache_size(qm) == 0 and torch.is_grad_enabled()
     with torch.no_grad():
         assert torch.equal(qm(x), ref), "no_grad VALIDATION is exact by default"
-    assert qatkit.release_exact_caches(qm) == 1 and exact_cache_size(qm) == 0
+    assert qatkit.fake_quantize.release_exact_caches(qm) == 1 and exact_cache_size(qm) == 0
 
 
 def test_exact_evaluation_is_a_switch(calibrate):
@@ -147,7 +147,7 @@ def test_exact_evaluation_is_a_switch(calibrate):
         assert all(evaluates_exactly(fq) for fq in fqs)
     with torch.no_grad():
         assert not any(evaluates_exactly(fq) for fq in fqs), "the context restores the flags"
-    qatkit.set_fake_quantize(qm, "qat")
+    qatkit.set_fake_quant_state(qm, "qat")
     with pytest.raises(ValueError, match="VALIDATION"):
         with qatkit.exact_evaluation(qm):
             pass

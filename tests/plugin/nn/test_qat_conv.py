@@ -103,7 +103,7 @@ def _op_ref(conv, x, w, b):
 def test_eval_calibration_matches_float(case, act, add):
     conv, bn, qat, x, other = _build(case, act, add)
     conv.eval(), bn.eval(), qat.eval()
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     args = (x, other) if add else (x,)
     with torch.no_grad():
         torch.testing.assert_close(qat(*args), _float_forward(conv, bn, x, other, act),
@@ -114,7 +114,7 @@ def test_eval_calibration_matches_float(case, act, add):
 def test_train_calibration_matches_float_outputs_stats_grads(case):
     conv, bn, qat, x, other = _build(case, act="relu", add=True)
     conv.train(), bn.train(), qat.train()
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     xf, xq = x.clone().requires_grad_(), x.clone().requires_grad_()
     yf = _float_forward(conv, bn, xf, other, "relu")
     yq = qat(xq, other)
@@ -144,7 +144,7 @@ def test_zero_gamma_no_nan(case, state):
     with torch.no_grad():
         qat.bn.weight[1] = 0.0
     qat.train()
-    qatkit.set_fake_quantize(qat, state)
+    qatkit.set_fake_quant_state(qat, state)
     x.requires_grad_()
     y = qat(x)
     assert torch.isfinite(y).all(), "output has NaN/inf with gamma == 0"
@@ -160,11 +160,11 @@ def test_zero_gamma_no_nan(case, state):
 def test_validation_is_bit_exact_with_reference(case):
     conv, bn, qat, x, other = _build(case, act="relu", add=True)
     conv.eval(), bn.eval(), qat.eval()
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     with torch.no_grad():
         qat(x, other)
         qat(x * 1.5, other)
-        qatkit.set_fake_quantize(qat, VAL)
+        qatkit.set_fake_quant_state(qat, VAL)
         out = qat(x, other)
         w, b = _fold_ref(conv, bn)
         wfq, afq = qat.weight_fake_quant, qat.activation_post_process
@@ -178,7 +178,7 @@ def test_validation_is_bit_exact_with_reference(case):
 def test_freeze_bn_stats_uses_folded_path_and_stops_stats():
     _, _, qat, x, _ = _build("conv2d_g2_reflect", act="relu")
     model = nn.Sequential(qat, nn.Sequential(from_float(nn.Conv2d(6, 6, 1), QC)))
-    qatkit.set_fake_quantize(model, CAL)
+    qatkit.set_fake_quant_state(model, CAL)
     model.train()
     assert freeze_bn_stats(model) == 1
     assert qat.freeze_bn and "freeze_bn=True" in repr(qat)
@@ -197,9 +197,9 @@ def test_32bit_out_has_no_output_fake_quant():
         "conv2d_nobias", qconfig=qatkit.default_qat_8bit_weight_32bit_out_fake_quant_qconfig)
     assert qat.activation_post_process is None
     qat.eval()
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     qat(x)
-    qatkit.set_fake_quantize(qat, VAL)
+    qatkit.set_fake_quant_state(qat, VAL)
     with torch.no_grad():
         out = qat(x)
         w, b = _fold_ref(conv.eval(), bn.eval())
@@ -223,9 +223,9 @@ def test_conv_transpose_weight_fake_quant_is_per_channel_on_axis_1():
 def test_state_dict_round_trip_and_deepcopy(case):
     _, _, qat, x, other = _build(case, act="relu6", add=True)
     qat.eval()
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     qat(x, other)
-    qatkit.set_fake_quantize(qat, VAL)
+    qatkit.set_fake_quant_state(qat, VAL)
     out = qat(x, other)
     conv2, bn2, _ = _float_pair(case, seed=1)
     fresh = from_float(conv2, QC, bn=bn2, act="relu6", add=True)
@@ -288,14 +288,14 @@ def test_cuda_matches_cpu():
     qat_gpu = copy.deepcopy(qat).cuda()
     for m in (qat, qat_gpu):
         m.train()
-        qatkit.set_fake_quantize(m, CAL)
+        qatkit.set_fake_quant_state(m, CAL)
     y_cpu, y_gpu = qat(x, other), qat_gpu(x.cuda(), other.cuda())
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(qat_gpu.bn.running_var.cpu(), qat.bn.running_var,
                                rtol=1e-4, atol=1e-6)
     for m in (qat, qat_gpu):
         m.eval()
-        qatkit.set_fake_quantize(m, VAL)
+        qatkit.set_fake_quant_state(m, VAL)
     y_cpu, y_gpu = qat(x, other), qat_gpu(x.cuda(), other.cuda())
     assert y_gpu.is_cuda
     scale = float(qat.activation_post_process.scale)
@@ -313,7 +313,7 @@ def test_bias_is_fake_quantized_on_the_accumulator_grid_when_the_input_is_linked
     qconv.link_input_fake_quant(in_fq)
     x = in_fq(torch.randn(2, 3, 8, 8))  # QAT state: observe, quantize the input
     qconv(x)
-    qatkit.set_fake_quantize(qconv, "validation")
+    qatkit.set_fake_quant_state(qconv, "validation")
     in_fq.set_state("validation")
     w, b = qconv.folded_weight_bias()
     s_acc = in_fq.scale.double() * qconv.weight_fake_quant.scale.double()

@@ -55,7 +55,7 @@ def test_calibration_matches_float(bn, act, add, training):
     lin.train(training), qat.train(training)
     if norm is not None:
         norm.train(training)
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     xf, xq = x.clone().requires_grad_(), x.clone().requires_grad_()
     yf = _float_forward(lin, norm, xf, other, act)
     yq = qat(xq, other) if add else qat(xq)
@@ -87,10 +87,10 @@ def test_zero_gamma_no_nan_in_training():
 def test_validation_is_bit_exact_with_reference(bias):
     lin, norm, qat, x, other = _build(act="relu", add=True, bias=bias)
     lin.eval(), norm.eval(), qat.eval()
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     with torch.no_grad():
         qat(x, other)
-        qatkit.set_fake_quantize(qat, VAL)
+        qatkit.set_fake_quant_state(qat, VAL)
         out = qat(x, other)
         sf = norm.weight / torch.sqrt(norm.running_var + norm.eps)
         w = lin.weight * sf[:, None]
@@ -110,14 +110,14 @@ def test_freeze_bn_and_32bit_out():
         qconfig=qatkit.default_qat_8bit_weight_32bit_out_fake_quant_qconfig)
     assert qat.activation_post_process is None
     qat.train()
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     assert freeze_bn_stats(qat) == 1
     mean = qat.bn.running_mean.clone()
     y = qat(x)
     torch.testing.assert_close(qat.bn.running_mean, mean, rtol=0, atol=0)
     # frozen: the folded path, i.e. the float modules in eval mode
     torch.testing.assert_close(y, norm.eval()(lin(x)), rtol=1e-5, atol=1e-5)
-    qatkit.set_fake_quantize(qat, VAL)
+    qatkit.set_fake_quant_state(qat, VAL)
     y = qat(x)
     assert y.dtype == torch.float32 and y.unique().numel() == y.numel(), "output was quantized"
 
@@ -131,9 +131,9 @@ def test_names_state_dict_and_errors():
                       add=True).fused_name == "LinearBnAddReLU61d"
     _, _, qat, x, _ = _build(act="relu")
     qat.eval()
-    qatkit.set_fake_quantize(qat, CAL)
+    qatkit.set_fake_quant_state(qat, CAL)
     qat(x)
-    qatkit.set_fake_quantize(qat, VAL)
+    qatkit.set_fake_quant_state(qat, VAL)
     out = qat(x)
     _, _, fresh, _, _ = _build(act="relu", seed=3)
     fresh.load_state_dict(qat.state_dict())

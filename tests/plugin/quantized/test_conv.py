@@ -88,11 +88,11 @@ def _build(case: str, qconfig, bits: int, seed: int = 0):
         x = _grid(shape, in_qp, std, gen)
         return (x, _grid(out_shape, add_qp, std, gen)) if add else (x,)
 
-    qatkit.set_fake_quantize(qat, "calibration")
+    qatkit.set_fake_quant_state(qat, "calibration")
     with torch.no_grad():
         for _ in range(3):
             qat(*sample())
-    qatkit.set_fake_quantize(qat, "validation")
+    qatkit.set_fake_quant_state(qat, "validation")
     return qat, [in_qp, add_qp] if add else [in_qp], sample
 
 
@@ -177,10 +177,10 @@ def test_accumulation_plans_agree_bit_for_bit_at_their_bounds():
         conv = nn.Conv2d(in_ch, 8, 3, padding=1)
         qat = from_float(conv, Q8).eval()
         in_qp = TensorQParams(torch.tensor([0.02]), 8)
-        qatkit.set_fake_quantize(qat, "calibration")
+        qatkit.set_fake_quant_state(qat, "calibration")
         with torch.no_grad():
             qat(torch.randn(2, in_ch, 6, 6))
-        qatkit.set_fake_quantize(qat, "validation")
+        qatkit.set_fake_quant_state(qat, "validation")
         with torch.no_grad():
             qat.weight.copy_(torch.randint(-127, 128, qat.weight.shape) * qat.weight_fake_quant
                              .scale.view(-1, 1, 1, 1))
@@ -327,11 +327,11 @@ def test_converter_finds_input_and_other_from_the_prepared_node():
         bn.running_var.uniform_(0.5, 2.0)
     gm = qatkit.prepare_qat_fx(model, {"": Q8}, example_inputs=(torch.randn(1, 3, 8, 8),))
     gm.eval()
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     with torch.no_grad():
         for _ in range(3):
             gm(torch.randn(4, 3, 8, 8))
-    qatkit.set_fake_quantize(gm, "validation")
+    qatkit.set_fake_quant_state(gm, "validation")
     modules = dict(gm.named_modules())
     seen = {}
     for name in ("conv", "conv2", "up", "fc"):

@@ -59,11 +59,11 @@ def _prepared(fn, qconfig=Q8, seed: int = 0) -> fx.GraphModule:
     torch.manual_seed(seed)
     gm = qatkit.prepare_qat_fx(_Apply(fn), {"": qconfig}, example_inputs=(torch.randn(2, 8),))
     gm.eval()
-    qatkit.set_fake_quantize(gm, "calibration")
+    qatkit.set_fake_quant_state(gm, "calibration")
     with torch.no_grad():
         for _ in range(3):
             gm(torch.randn(16, 32) * 2)
-    qatkit.set_fake_quantize(gm, "validation")
+    qatkit.set_fake_quant_state(gm, "validation")
     return gm
 
 

@@ -81,9 +81,9 @@ def _run(mod: nn.Module, inputs: _Inputs, args: tuple, kwargs: dict | None = Non
          ) -> tuple[Tensor, Tensor, Tensor, nn.Module]:
     """Calibrate ``mod`` on the inputs; (fake-quant out, integer out, out scale, int module)."""
     kwargs = kwargs or {}
-    qatkit.set_fake_quantize(mod, CAL)
+    qatkit.set_fake_quant_state(mod, CAL)
     mod(*args, **kwargs)
-    qatkit.set_fake_quantize(mod, VAL)
+    qatkit.set_fake_quant_state(mod, VAL)
     ref = mod(*args, **kwargs)
     qmod = _convert(mod, inputs, args, kwargs, inputs.bits)
     return ref, qmod(*args, **kwargs), mod.activation_post_process.scale, qmod
@@ -266,9 +266,9 @@ def test_state_dict_round_trip(name: str, tmp_path) -> None:
     other_mod, _, _, _ = CASES[name](8)
     scaled = fx.node.map_aggregate(args, lambda a: a * 3 if isinstance(a, Tensor) else a)
     scaled_kw = fx.node.map_aggregate(kwargs, lambda a: a * 3 if isinstance(a, Tensor) else a)
-    qatkit.set_fake_quantize(other_mod, CAL)
+    qatkit.set_fake_quant_state(other_mod, CAL)
     other_mod(*scaled, **scaled_kw)
-    qatkit.set_fake_quantize(other_mod, VAL)
+    qatkit.set_fake_quant_state(other_mod, VAL)
     other_inputs = _Inputs(8)
     other_inputs.qparams = {k: TensorQParams(qp.scale * 3, 8) for k, qp in inputs.qparams.items()}
     fresh = _convert(other_mod, other_inputs, args, kwargs, 8)
@@ -279,9 +279,9 @@ def test_state_dict_round_trip(name: str, tmp_path) -> None:
 
 def _expect_error(mod: nn.Module, inputs: _Inputs, args: tuple, kwargs: dict,
                   match: str) -> None:
-    qatkit.set_fake_quantize(mod, CAL)
+    qatkit.set_fake_quant_state(mod, CAL)
     mod(*args, **kwargs)
-    qatkit.set_fake_quantize(mod, VAL)
+    qatkit.set_fake_quant_state(mod, VAL)
     with pytest.raises(NotImplementedError, match=match) as info:
         _convert(mod, inputs, args, kwargs, 8)
     assert f"({mod.qatkit_op_kind})" in str(info.value), f"name the op: {info.value}"
@@ -330,9 +330,9 @@ def test_transformer_block() -> None:
         t["res"] = m["res"](t["av"], x)
         return t
 
-    qatkit.set_fake_quantize(nn.ModuleDict(mods), CAL)
+    qatkit.set_fake_quant_state(nn.ModuleDict(mods), CAL)
     block(mods, x)
-    qatkit.set_fake_quantize(nn.ModuleDict(mods), VAL)
+    qatkit.set_fake_quant_state(nn.ModuleDict(mods), VAL)
     ref = block(mods, x)
     for name, t in ref.items():  # the qparams of every fake-quant tensor
         inputs.qparams[id(t)] = TensorQParams(mods[name].activation_post_process.scale, 8)
