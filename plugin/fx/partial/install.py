@@ -14,7 +14,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
@@ -27,7 +26,7 @@ from ..qconfig_dict import check_keys, present_types
 from ..tracer import TraceFailure
 from .plan import PartialTrace, TracedPart, attach_plan, region_inputs
 from .planner import Planner, Region, glue_calls
-from .recording import record_calls
+from .recording import record_calls, run_example
 
 __all__ = ["prepare_partial"]
 
@@ -45,16 +44,7 @@ def _region_example(root: nn.Module, regions: list[Region], example_inputs: tupl
                 found[r.path] = region_inputs(r.gm, args, kwargs)
 
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    was_training = {m: m.training for m in root.modules()}
-    root.eval()
-    try:
-        with torch.no_grad():
-            root(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in was_training.items():
-            m.training = t
+    run_example(root, example_inputs, handles)
     return found
 
 

@@ -58,6 +58,13 @@ class Holder(fx.GraphModule):
 
 
 def holder_region(mod: nn.Module, leaf: str, params: tuple) -> fx.GraphModule:
+    """The region of ``mod``, a conv / linear called by float glue, holding it as its child
+    ``leaf`` (a :class:`Holder` whose placeholders are ``mod.forward``'s ``params``).
+
+    Example::
+
+        >>> holder_region(detector.roi_heads.box_predictor.cls_score, "cls_score", params)
+    """
     holder = nn.Module()
     holder.add_module(leaf, mod)
     graph = fx.Graph()
@@ -77,6 +84,9 @@ def holder_region(mod: nn.Module, leaf: str, params: tuple) -> fx.GraphModule:
 
 @dataclasses.dataclass
 class Region:
+    """A planned region: the float module's trace ``gm`` at ``path``, its :class:`RegionSpec`
+    and why each of its leaves stays float."""
+
     path: str
     gm: fx.GraphModule
     spec: RegionSpec
@@ -84,6 +94,15 @@ class Region:
 
 
 class Planner:
+    """The top-down plan of one model over its recorded calls (see the module docstring):
+    :meth:`plan` fills ``regions``, ``floats`` (path, module, reason) and ``glue``.
+
+    Example::
+
+        >>> planner = Planner(model, *record_calls(model, (x,)), trace_kwargs={})
+        >>> planner.plan(model, "")
+    """
+
     def __init__(self, root: nn.Module, calls: list[Call], macs: dict[str, int],
                  by_module: dict[int, list[int]], trace_kwargs: dict) -> None:
         self.root, self.calls, self.macs, self.by_module = root, calls, macs, by_module
@@ -207,7 +226,7 @@ def restore_output_type(gm: fx.GraphModule, out_type: type | None) -> bool:
 
 
 def glue_calls(calls: list[Call], region_paths: set[str], glue: set[str]
-                ) -> dict[tuple[str, int], tuple[tuple[str, int], ...]]:
+               ) -> dict[tuple[str, int], tuple[tuple[str, int], ...]]:
     """For each call of a float-glue module, the region calls it makes directly."""
     count: dict[str, int] = {}
     index: list[tuple[str, int]] = []

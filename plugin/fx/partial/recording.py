@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .plan import WEIGHTED_TYPES
 
-__all__ = ["Call", "record_calls", "same_value"]
+__all__ = ["Call", "record_calls", "run_example", "same_value"]
 
 #: argument values a region can fix as constants (anything else holding state is not)
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.Size,
@@ -29,6 +29,8 @@ _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device,
 
 @dataclasses.dataclass
 class Call:
+    """One module call of the example run."""
+
     module: nn.Module
     path: str
     parent: int  # index of the enclosing call, -1 for the outermost
@@ -75,6 +77,14 @@ def _describe_call(mod: nn.Module, args: tuple, kwargs: dict
 
 
 def same_value(a: Any, b: Any) -> bool:
+    """Whether two recorded argument values are equal (containers element by element;
+    values that cannot be compared are different).
+
+    Example::
+
+        >>> same_value({"k": [1, PH]}, {"k": [1, PH]}), same_value(1, 1.0)
+        (True, False)
+    """
     if a is b:
         return True
     if type(a) is not type(b):
@@ -103,7 +113,7 @@ def _macs(mod: nn.Module, inputs: tuple, out: Any) -> int:
 
 
 def record_calls(root: nn.Module, example_inputs: tuple
-            ) -> tuple[list[Call], dict[str, int], dict[int, list[int]]]:
+                 ) -> tuple[list[Call], dict[str, int], dict[int, list[int]]]:
     """Every module call of one run (in order), the MACs per weighted module path, and the
     call indices of each module (by ``id``)."""
     calls: list[Call] = []
@@ -117,7 +127,7 @@ def record_calls(root: nn.Module, example_inputs: tuple
         concrete, params, why = _describe_call(mod, args, kwargs)
         by_module.setdefault(id(mod), []).append(len(calls))
         calls.append(Call(mod, paths[id(mod)], stack[-1] if stack else -1, concrete, params,
-                           why))
+                          why))
         stack.append(len(calls) - 1)
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -129,22 +139,34 @@ def record_calls(root: nn.Module, example_inputs: tuple
     for m in {id(m): m for m in root.modules()}.values():
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
+    try:
+        run_example(root, example_inputs, handles)
+    except Exception as e:
+        raise RuntimeError(f"prepare_qat_fx (partial tracing): running example_inputs through "
+                           f"{type(root).__name__} failed: {e}. Check that example_inputs match "
+                           "the model's forward() arguments") from e
+    return calls, macs, by_module
+
+
+def run_example(root: nn.Module, example_inputs: tuple, handles: list[Any]) -> None:
+    """Run ``example_inputs`` through ``root`` once (eval mode, no gradients) for the caller's
+    hooks ``handles``, then remove them and restore every module's training flag.
+
+    Example::
+
+        >>> handles = [model.register_forward_pre_hook(pre, with_kwargs=True)]
+        >>> run_example(model, (x,), handles)
+    """
     was_training = {m: m.training for m in root.modules()}
     root.eval()
     try:
         with torch.no_grad():
             root(*example_inputs)
-    except Exception as e:
-        raise RuntimeError(f"prepare_qat_fx (partial tracing): running example_inputs through "
-                           f"{type(root).__name__} failed: {e}. Check that example_inputs match "
-                           "the model's forward() arguments") from e
     finally:
         for h in handles:
             h.remove()
         for m, t in was_training.items():
             m.training = t
-    return calls, macs, by_module
-
 
 
 def _concrete_key(name: str, kind: int) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import fx, nn
 
 from ...annotation import get_annotations, has_annotations, set_annotations
@@ -25,6 +24,7 @@ from .plan import (
     regions,
 )
 from .planner import Holder, holder_region, restore_output_type
+from .recording import run_example
 
 __all__ = ["float_region", "region_pairs"]
 
@@ -75,16 +75,7 @@ def region_pairs(model1: nn.Module, model2: nn.Module, example_inputs: tuple
                     *region_inputs(parts1[r.path], args, kwargs)))
 
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    flags = [(m, m.training) for m in model1.modules()]
-    model1.eval()
-    try:
-        with torch.no_grad():
-            model1(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in flags:
-            m.training = t
+    run_example(model1, example_inputs, handles)
     return [(r, _flat_view(parts1[r.path]), _flat_view(parts2[r.path]), found[r.path])
             for r in plan.regions if r.path in found]
 
