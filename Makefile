@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) examples/quickstart.py
 
-# headless Chromium for tests/profiler/test_browser.py (the HTML report in a real browser):
+# headless Chromium for tests/profiler/report/test_browser.py (the HTML report in a real browser):
 # Debian's package, installed when missing and apt-get can run (root or password-less sudo);
 # otherwise that test file skips and says why.
 browser:
@@ -31,9 +31,9 @@ browser:
 	    echo "installing chromium (apt-get) for the browser tests"; \
 	    { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
 	        apt-get install -y -qq --no-install-recommends chromium; } >/dev/null \
-	      || echo "could not install chromium: tests/profiler/test_browser.py will be skipped"; \
+	      || echo "could not install chromium: tests/profiler/report/test_browser.py will be skipped"; \
 	  else \
-	    echo "no chromium and no apt-get as root: tests/profiler/test_browser.py will be skipped"; \
+	    echo "no chromium and no apt-get as root: tests/profiler/report/test_browser.py will be skipped"; \
 	  fi; }
 
 # -q still ends with pytest's summary line ("N passed, M deselected in Xs")

@@ -22,7 +22,7 @@ import torch
 import torchvision
 from _common import calibrated, interleaved_medians, parse_args
 from qatkit.profiler import featuremap_similarity
-from qatkit.profiler import similarity as similarity_module
+from qatkit.profiler.core import similarity as similarity_module
 from torch import Tensor, fx
 
 

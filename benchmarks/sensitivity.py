@@ -26,7 +26,7 @@ import qatkit.profiler as qp
 import torch
 import torchvision
 from _common import calibrated, parse_args, settle_batchnorm
-from qatkit.profiler.quantizers import list_quantizers
+from qatkit.profiler.causal.switches import list_quantizers
 
 
 def _timed(fn, device: torch.device) -> tuple[float, object]:

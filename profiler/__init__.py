@@ -12,29 +12,29 @@ Example::
 from __future__ import annotations
 
 # --- profiler core (capture, metrics, similarity, statistics, weights) ---
-from .alignment import align_names as align_names
-from .capture import Capture as Capture
-from .capture import FeatureRecord as FeatureRecord
-from .capture import capture_model as capture_model
-from .capture import get_raw_features as get_raw_features
-from .metrics import METRICS as METRICS
-from .metrics import Metric as Metric
-from .metrics import cosine_similarity as cosine_similarity
-from .metrics import error_in_scale as error_in_scale
-from .metrics import get_metric as get_metric
-from .metrics import kl_divergence as kl_divergence
-from .metrics import l1 as l1
-from .metrics import list_metrics as list_metrics
-from .metrics import max_abs_error as max_abs_error
-from .metrics import mse as mse
-from .metrics import register_metric as register_metric
-from .metrics import sqnr as sqnr
-from .similarity import featuremap_similarity as featuremap_similarity
-from .statistics import FeatureProfile as FeatureProfile
-from .statistics import outlier_channels as outlier_channels
-from .statistics import profile_featuremap as profile_featuremap
-from .weights import check_weight_correspondence as check_weight_correspondence
-from .weights import compare_weights as compare_weights
+from .core.alignment import align_names as align_names
+from .core.capture import Capture as Capture
+from .core.capture import FeatureRecord as FeatureRecord
+from .core.capture import capture_model as capture_model
+from .core.capture import get_raw_features as get_raw_features
+from .core.metrics import METRICS as METRICS
+from .core.metrics import Metric as Metric
+from .core.metrics import cosine_similarity as cosine_similarity
+from .core.metrics import error_in_scale as error_in_scale
+from .core.metrics import get_metric as get_metric
+from .core.metrics import kl_divergence as kl_divergence
+from .core.metrics import l1 as l1
+from .core.metrics import list_metrics as list_metrics
+from .core.metrics import max_abs_error as max_abs_error
+from .core.metrics import mse as mse
+from .core.metrics import register_metric as register_metric
+from .core.metrics import sqnr as sqnr
+from .core.similarity import featuremap_similarity as featuremap_similarity
+from .core.statistics import FeatureProfile as FeatureProfile
+from .core.statistics import outlier_channels as outlier_channels
+from .core.statistics import profile_featuremap as profile_featuremap
+from .core.weights import check_weight_correspondence as check_weight_correspondence
+from .core.weights import compare_weights as compare_weights
 
 __all__: list[str] = []
 __all__ += ["get_raw_features", "FeatureRecord", "Capture", "capture_model",
@@ -46,63 +46,63 @@ __all__ += ["get_raw_features", "FeatureRecord", "Capture", "capture_model",
 # --- end profiler core ---
 
 # --- checks and advisor ---
-from .advisor import ADVICE_COLUMNS as ADVICE_COLUMNS  # noqa: E402
-from .advisor import advise as advise  # noqa: E402
-from .checks import check_unfused_operations as check_unfused_operations  # noqa: E402
-from .checks import get_module_called_count as get_module_called_count  # noqa: E402
-from .qconfig_check import check_qconfig as check_qconfig  # noqa: E402
+from .report.advisor import ADVICE_COLUMNS as ADVICE_COLUMNS  # noqa: E402
+from .report.advisor import advise as advise  # noqa: E402
+from .report.checks import check_unfused_operations as check_unfused_operations  # noqa: E402
+from .report.checks import get_module_called_count as get_module_called_count  # noqa: E402
+from .report.qconfig_check import check_qconfig as check_qconfig  # noqa: E402
 
 __all__ += ["get_module_called_count", "check_unfused_operations", "check_qconfig", "advise",
             "ADVICE_COLUMNS"]
 # --- end checks and advisor ---
 
 # --- report ---
-from .html import FINAL_SIMILARITY_THRESHOLD as FINAL_SIMILARITY_THRESHOLD  # noqa: E402
-from .html import REPORT_SECTIONS as REPORT_SECTIONS  # noqa: E402
-from .html import Verdict as Verdict  # noqa: E402
-from .html import build_verdict as build_verdict  # noqa: E402
-from .html import render_html as render_html  # noqa: E402
-from .mermaid import write_similarity_mermaid as write_similarity_mermaid  # noqa: E402
+from .report.html import FINAL_SIMILARITY_THRESHOLD as FINAL_SIMILARITY_THRESHOLD  # noqa: E402
+from .report.html import REPORT_SECTIONS as REPORT_SECTIONS  # noqa: E402
+from .report.html import Verdict as Verdict  # noqa: E402
+from .report.html import build_verdict as build_verdict  # noqa: E402
+from .report.html import render_html as render_html  # noqa: E402
+from .report.mermaid import write_similarity_mermaid as write_similarity_mermaid  # noqa: E402
 
 __all__ += ["render_html", "build_verdict", "Verdict", "REPORT_SECTIONS",
             "FINAL_SIMILARITY_THRESHOLD", "write_similarity_mermaid"]
 # --- end report ---
 
 # --- deployment alignment ---
-from .dumps import compare_dumps as compare_dumps  # noqa: E402
-from .dumps import dump_layers as dump_layers  # noqa: E402
-from .dumps import dump_tensors as dump_tensors  # noqa: E402
+from .core.dumps import compare_dumps as compare_dumps  # noqa: E402
+from .core.dumps import dump_layers as dump_layers  # noqa: E402
+from .core.dumps import dump_tensors as dump_tensors  # noqa: E402
 
 __all__ += ["dump_tensors", "dump_layers", "compare_dumps"]
 # --- end deployment alignment ---
 
 # --- model_profiler ---
-from .report import MODES as MODES  # noqa: E402
-from .report import ProfilerReport as ProfilerReport  # noqa: E402
-from .report import model_kind as model_kind  # noqa: E402
-from .report import model_profiler as model_profiler  # noqa: E402
+from .report.model_report import MODES as MODES  # noqa: E402
+from .report.model_report import ProfilerReport as ProfilerReport  # noqa: E402
+from .report.model_report import model_kind as model_kind  # noqa: E402
+from .report.model_report import model_profiler as model_profiler  # noqa: E402
 
 __all__ += ["model_profiler", "ProfilerReport", "MODES", "model_kind"]
 # --- end model_profiler ---
 
 # --- sensitivity, partial un-quantization, distributions, bad cases, mixed precision ---
-from .bad_cases import BadCases as BadCases  # noqa: E402
-from .bad_cases import find_bad_cases as find_bad_cases  # noqa: E402
-from .distribution import DistributionResult as DistributionResult  # noqa: E402
-from .distribution import plot_distribution as plot_distribution  # noqa: E402
-from .incremental import IncrementalRunner as IncrementalRunner  # noqa: E402
-from .metrics import BatchMetric as BatchMetric  # noqa: E402
-from .metrics import chebyshev as chebyshev  # noqa: E402
-from .metrics import mre as mre  # noqa: E402
-from .mixed_precision import MixedPrecisionResult as MixedPrecisionResult  # noqa: E402
-from .mixed_precision import MixedPrecisionStep as MixedPrecisionStep  # noqa: E402
-from .mixed_precision import suggest_mixed_precision as suggest_mixed_precision  # noqa: E402
-from .plots import AccErrorResult as AccErrorResult  # noqa: E402
-from .plots import plot_acc_error as plot_acc_error  # noqa: E402
-from .quantizers import Quantizer as Quantizer  # noqa: E402
-from .quantizers import list_quantizers as list_quantizers  # noqa: E402
-from .sensitivity import NodeSensitivity as NodeSensitivity  # noqa: E402
-from .sensitivity import get_sensitivity_of_nodes as get_sensitivity_of_nodes  # noqa: E402
+from .causal.bad_cases import BadCases as BadCases  # noqa: E402
+from .causal.bad_cases import find_bad_cases as find_bad_cases  # noqa: E402
+from .causal.distribution import DistributionResult as DistributionResult  # noqa: E402
+from .causal.distribution import plot_distribution as plot_distribution  # noqa: E402
+from .causal.incremental import IncrementalRunner as IncrementalRunner  # noqa: E402
+from .causal.mixed_precision import MixedPrecisionResult as MixedPrecisionResult  # noqa: E402
+from .causal.mixed_precision import MixedPrecisionStep as MixedPrecisionStep  # noqa: E402
+from .causal.mixed_precision import suggest_mixed_precision as suggest_mixed_precision  # noqa: E402
+from .causal.plots import AccErrorResult as AccErrorResult  # noqa: E402
+from .causal.plots import plot_acc_error as plot_acc_error  # noqa: E402
+from .causal.sensitivity import NodeSensitivity as NodeSensitivity  # noqa: E402
+from .causal.sensitivity import get_sensitivity_of_nodes as get_sensitivity_of_nodes  # noqa: E402
+from .causal.switches import Quantizer as Quantizer  # noqa: E402
+from .causal.switches import list_quantizers as list_quantizers  # noqa: E402
+from .core.metrics import BatchMetric as BatchMetric  # noqa: E402
+from .core.metrics import chebyshev as chebyshev  # noqa: E402
+from .core.metrics import mre as mre  # noqa: E402
 
 __all__ += ["get_sensitivity_of_nodes", "NodeSensitivity", "plot_acc_error", "AccErrorResult",
             "plot_distribution", "DistributionResult", "find_bad_cases", "BadCases",

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_TREES = {"plugin": "qatkit", "profiler": "qatkit.profiler"}
 #: data files every wheel must carry, besides the .py files
 REQUIRED_DATA = ["qatkit/py.typed", "qatkit/profiler/py.typed",
-                 "qatkit/profiler/templates/profiler.html.j2"]
+                 "qatkit/profiler/report/templates/profiler.html.j2"]
 
 
 def _setup_cfg() -> configparser.ConfigParser:
@@ -47,7 +47,7 @@ def _source_files() -> dict[str, Path]:
             rel = path.relative_to(ROOT / tree)
             if "__pycache__" in rel.parts or not path.is_file():
                 continue
-            if path.suffix == ".py" or rel.parts[0] == "templates" or path.name == "py.typed":
+            if path.suffix == ".py" or "templates" in rel.parts[:-1] or path.name == "py.typed":
                 files[f"{prefix}/{rel.as_posix()}"] = path
     return files
 

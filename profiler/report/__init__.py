@@ -1,0 +1,8 @@
+"""The profiler's report: :func:`~.model_report.model_profiler` and what its page shows.
+
+The report of two models (:mod:`.model_report`), the structural checks (:mod:`.checks`), the
+qconfig check (:mod:`.qconfig_check`), the advisor (:mod:`.advisor`), the HTML page and its
+verdict (:mod:`.html`, ``templates/``) and the mermaid graph (:mod:`.mermaid`).  It reads the
+core (:mod:`qatkit.profiler.core`) and, for its optional sensitivity section, the causal tools
+(:mod:`qatkit.profiler.causal`); neither imports the report.
+"""
