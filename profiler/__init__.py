@@ -86,6 +86,8 @@ __all__ += ["model_profiler", "ProfilerReport", "MODES", "model_kind"]
 # --- end model_profiler ---
 
 # --- sensitivity, partial un-quantization, distributions, bad cases, mixed precision ---
+from .causal.acc_error import AccErrorResult as AccErrorResult  # noqa: E402
+from .causal.acc_error import plot_acc_error as plot_acc_error  # noqa: E402
 from .causal.bad_cases import BadCases as BadCases  # noqa: E402
 from .causal.bad_cases import find_bad_cases as find_bad_cases  # noqa: E402
 from .causal.distribution import DistributionResult as DistributionResult  # noqa: E402
@@ -94,8 +96,6 @@ from .causal.incremental import IncrementalRunner as IncrementalRunner  # noqa: 
 from .causal.mixed_precision import MixedPrecisionResult as MixedPrecisionResult  # noqa: E402
 from .causal.mixed_precision import MixedPrecisionStep as MixedPrecisionStep  # noqa: E402
 from .causal.mixed_precision import suggest_mixed_precision as suggest_mixed_precision  # noqa: E402
-from .causal.plots import AccErrorResult as AccErrorResult  # noqa: E402
-from .causal.plots import plot_acc_error as plot_acc_error  # noqa: E402
 from .causal.sensitivity import NodeSensitivity as NodeSensitivity  # noqa: E402
 from .causal.sensitivity import get_sensitivity_of_nodes as get_sensitivity_of_nodes  # noqa: E402
 from .causal.switches import Quantizer as Quantizer  # noqa: E402

@@ -80,7 +80,7 @@ class PrecisionSpace:
     """The layers of a private copy and how a configuration sets their fake quants.
 
     Args:
-        work: the private copy (:func:`~qatkit.profiler.causal._debug_inputs.private_model`).
+        work: the private copy (:func:`~qatkit.profiler.core.running.private_model`).
 
     Attributes:
         layers: the layers (quantizers of node type ``"node"`` that prepare did not insert),

@@ -29,10 +29,16 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from ..core.running import analysis_model, model_device, to_device
+from ..core.running import (
+    analysis_model,
+    check_fits,
+    collect_batches,
+    load_model,
+    model_device,
+    to_device,
+)
 from ..core.tables import write_table
-from ._debug_inputs import check_fits, collect_batches, load_model
-from ._evaluator import metric_list
+from .incremental import metric_list
 
 __all__ = ["find_bad_cases", "BadCases"]
 

@@ -38,9 +38,9 @@ from qatkit.fake_quantize import FakeQuantize
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
+from ..core.running import check_fits, collect_batches, private_model
 from ..core.tables import write_table
-from ._debug_inputs import check_fits, collect_batches, private_model
-from ._figures import new_figure, safe_stem, save_figure
+from ._figures import distribution_figure, safe_stem, save_figure
 from .switches import list_quantizers, resolve_quantizers
 
 __all__ = ["plot_distribution", "DistributionResult", "count_modes", "SPREAD_RISK_LOG2",
@@ -52,7 +52,6 @@ SPREAD_RISK_LOG2 = 3.0
 RESOLUTION_RISK_LEVELS = 2.0
 _BINS = 128
 _PER_CHANNEL = 2048  # values kept per channel for the box plot
-_BOX_CHANNELS = 64  # channels drawn (the widest ranges first beyond this)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -299,8 +298,8 @@ def _summarize(name: str, path: str, c: _Collector, fq: FakeQuantize) -> tuple[d
            "Per-Tensor Risk": risk, "Median Value Levels": value_levels,
            "Resolution Risk": value_levels < RESOLUTION_RISK_LEVELS,
            "Verdict": "; ".join(parts)}
-    return row, _figure(name, path, hist, lo, hi, modes, c.channels(), c.ch_absmax, spread,
-                        risk)
+    return row, distribution_figure(name, path, hist, lo, hi, modes, c.channels(),
+                                    c.ch_absmax, spread, risk)
 
 
 def _median_value_levels(c: _Collector, values: Tensor, fq: FakeQuantize) -> float:
@@ -321,38 +320,3 @@ def _median_value_levels(c: _Collector, values: Tensor, fq: FakeQuantize) -> flo
     if not mags.numel() or not amax > 0:
         return math.nan
     return fq.quant_max * float(mags.median()) / amax
-
-
-def _figure(name: str, path: str, hist: Tensor, lo: float, hi: float, modes: int,
-            channels: Tensor | None, absmax: Tensor | None, spread: float, risk: bool) -> Any:
-    from matplotlib.ticker import LogFormatter, NullFormatter
-
-    fig, axes = new_figure(12, 4, cols=2)
-    ax = axes[0]
-    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-12, hist.numel() + 1)
-    ax.stairs(hist.numpy(), edges.numpy(), fill=True, baseline=0.8, color="#2563eb")
-    ax.set_yscale("log")
-    ax.set_ylim(0.8, max(float(hist.max()), 1.0) * 1.5)
-    # plain-text log labels: mathtext ones take seconds to draw
-    ax.yaxis.set_major_formatter(LogFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_title(f"{name}: {'unimodal' if modes <= 1 else f'{modes} modes'}", fontsize=10)
-    ax.set_xlabel(path, fontsize=8)
-    ax.set_ylabel("count (log)")
-    ax = axes[1]
-    if channels is not None and absmax is not None:
-        order = torch.arange(channels.shape[0])
-        if channels.shape[0] > _BOX_CHANNELS:
-            order = torch.argsort(absmax, descending=True)[:_BOX_CHANNELS].sort().values
-        ax.boxplot([channels[i].numpy() for i in order.tolist()], whis=(0, 100),
-                   showfliers=False, widths=0.6)
-        ax.set_xticks(range(1, len(order) + 1))
-        ax.set_xticklabels([str(i) for i in order.tolist()], fontsize=6, rotation=90)
-        verdict = "per-tensor at risk" if risk else "ok"
-        ax.set_title(f"per channel: range spread 2^{spread:.1f} ({verdict})", fontsize=10,
-                     color="#c62828" if risk else "black")
-        ax.set_xlabel("channel")
-    else:
-        ax.text(0.5, 0.5, "no channel axis", ha="center", va="center")
-        ax.set_axis_off()
-    return fig

@@ -41,10 +41,10 @@ from qatkit.qconfig import QConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.running import collect_batches, private_model
 from ..core.tables import qconfig_key
-from ._debug_inputs import collect_batches, private_model
-from ._evaluator import Evaluator, metric_list
 from ._precision_space import LayerPrecision, PrecisionSpace
+from .incremental import Evaluator, metric_list
 
 __all__ = ["suggest_mixed_precision", "MixedPrecisionResult", "MixedPrecisionStep",
            "PRECISION_OPTIONS"]

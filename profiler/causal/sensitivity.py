@@ -37,9 +37,9 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..core.running import collect_batches, private_model
 from ..core.tables import write_table
-from ._debug_inputs import collect_batches, private_model
-from ._evaluator import Evaluator, metric_list
+from .incremental import Evaluator, metric_list
 from .switches import NODE_TYPES, Quantizer, list_quantizers, resolve_quantizers
 
 __all__ = ["get_sensitivity_of_nodes", "NodeSensitivity", "SENSITIVITY_MODES"]

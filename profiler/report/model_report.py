@@ -28,7 +28,7 @@ from qatkit.fx.partial import is_partially_traced, region_pairs
 from qatkit.quantized import QuantizedModule
 from torch import fx, nn
 
-from ..causal.plots import plot_acc_error
+from ..causal.acc_error import plot_acc_error
 from ..causal.sensitivity import get_sensitivity_of_nodes
 from ..core.alignment import shared_traces
 from ..core.capture import get_raw_features

@@ -36,11 +36,10 @@ from torch import Tensor, fx
 from tqdm.auto import tqdm
 
 from ..core.metrics import BatchMetric, Metric
+from ..core.running import collect_batches, private_model
 from ..core.tables import write_table
-from ._debug_inputs import collect_batches, private_model
-from ._evaluator import Evaluator, metric_list
-from ._figures import new_figure, save_figure, tick_labels
-from .incremental import flat_output
+from ._figures import cumulative_error_figure, sweep_figure
+from .incremental import Evaluator, flat_output, metric_list
 from .switches import NODE_TYPES, list_quantizers, resolve_quantizers
 
 __all__ = ["plot_acc_error", "AccErrorResult"]
@@ -167,7 +166,8 @@ def plot_acc_error(save_dir: str | os.PathLike, calibrated_data: Any, model_or_f
         table = _curves(ev, curves, mets[0], average_mode, verbose)
         ev.set_flags(ev.given)  # the copy as given again, for the sweep below
         tables["quantize"] = table
-        figures["quantize"] = _plot_curves(table, [c[0] for c in curves], mets[0], save_dir)
+        figures["quantize"] = cumulative_error_figure(table, [c[0] for c in curves], mets[0],
+                                                      save_dir)
     if non_quantize_node:
         sets = [[s] if isinstance(s, str) else list(s) for s in non_quantize_node]
         if node_type not in NODE_TYPES:
@@ -194,7 +194,7 @@ def plot_acc_error(save_dir: str | os.PathLike, calibrated_data: Any, model_or_f
                          **scores})
         table = pd.DataFrame(rows)
         tables["non_quantize"] = table
-        figures["non_quantize"] = _plot_sweep(table, mets[0], save_dir)
+        figures["non_quantize"] = sweep_figure(table, mets[0], save_dir)
     for key, table in tables.items():
         paths += [Path(p) for p in write_table(table, save_dir, f"acc_error_{key}",
                                                f"plot_acc_error ({key}, {mets[0].name})")]
@@ -243,39 +243,3 @@ def _curves(ev: Evaluator, curves: list[tuple[str, list[str]]], metric: Metric,
     kinds = [kind for _, _, kind in ops] + ["output"]
     return pd.DataFrame({"Index": range(len(names)), "Node": names, "Op Kind": kinds,
                          **columns})
-
-
-def _plot_curves(table: pd.DataFrame, labels: list[str], metric: Metric,
-                 save_dir: str | os.PathLike) -> tuple[Path, Path]:
-    fig, ax = new_figure(max(8.0, min(24.0, 0.22 * len(table) + 4)), 4.8)
-    for label in labels:
-        ax.plot(table["Index"], table[label], marker="o", markersize=3, label=label)
-    ax.set_ylabel(f"{metric.name} vs float")
-    ax.set_title(f"Cumulative error along the model ({metric.name}, "
-                 f"{'higher' if metric.higher_is_better else 'lower'} is better)")
-    tick_labels(ax, [str(n) for n in table["Node"]])
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(fig, save_dir, "acc_error_quantize")
-
-
-def _plot_sweep(table: pd.DataFrame, metric: Metric, save_dir: str | os.PathLike
-                ) -> tuple[Path, Path]:
-    fig, ax = new_figure(max(6.0, min(20.0, 0.5 * len(table) + 4)), 4.2)
-    values = table[metric.name].astype(float)
-    ax.plot(table["Set"], values, marker="o", color="#2563eb")
-    ax.axhline(float(values.iloc[0]), color="#c62828", linestyle="--", linewidth=1,
-               label="all quantized")
-    labels = ["none"] + [_short(str(names)) for names in table["Left Float"].iloc[1:]]
-    ax.set_xticks(list(table["Set"]))
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"{metric.name} of the output vs float")
-    ax.set_title("Partial un-quantization: nodes left float")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(fig, save_dir, "acc_error_non_quantize")
-
-
-def _short(names: str, width: int = 28) -> str:
-    """A sweep set's tick label: its names, cut to ``width`` characters."""
-    return names if len(names) <= width else "..." + names[-(width - 3):]
