@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
-from qatkit.annotation import get_annotations, has_annotations
-from qatkit.fx.naming import float_node_names, op_base_name
+from qatkit.annotation import NodeAnnotation, get_annotations, has_annotations
+from qatkit.fx.naming import float_node_names
 from qatkit.fx.tracer import symbolic_trace
 from qatkit.model_graph import annotated_graph
 from torch import fx, nn
 
 __all__ = ["trace_model", "shared_traces", "is_prepared", "op_names", "reference_names",
-           "node_type", "align_names"]
+           "op_label", "align_names", "CALL_OPS"]
 
-_OPS = ("call_module", "call_function", "call_method")
+#: the FX opcodes of the nodes that call an op (a module, a function or a method)
+CALL_OPS = ("call_module", "call_function", "call_method")
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -123,26 +124,28 @@ def reference_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
     if has_annotations(gm):
         return {node: (node.name if ann.role == "input" else ann.float_name)
                 for node, ann in get_annotations(gm).items()
-                if node.op == "placeholder" or node.op in _OPS}
+                if node.op == "placeholder" or node.op in CALL_OPS}
     names = float_node_names(gm)
     return {node: names[node] for node in gm.graph.nodes
-            if node.op == "placeholder" or node.op in _OPS}
+            if node.op == "placeholder" or node.op in CALL_OPS}
 
 
-def node_type(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """The "Module Type" of a node: ``_get_name()`` of a module (``ConvBnReLU2d``,
-    ``FunctionalOp[add]``, ``Quantized[conv2d]``), the op name of a function (``add``).
+def op_label(ann: NodeAnnotation, modules: Mapping[str, nn.Module]) -> str:
+    """What a node is, as every table ("Module Type", the checks' "Pattern"), the HTML page and
+    ``similarity.mmd`` spell it: the class of the module it calls (``_get_name()``:
+    ``ConvBnReLU2d``, ``FunctionalOp[add]``, ``Quantized[conv2d]``), else the op kind of its
+    quantization annotation (``add``, ``reshape``; a float model's trace is annotated too,
+    :func:`~qatkit.profiler.core.capture.model_annotations`).
 
     Example::
 
-        >>> node_type(conv_node, dict(qat_model.named_modules()))
-        'ConvBnReLU2d'
+        >>> anns = model_annotations(qat_model)
+        >>> op_label(anns[conv_node], dict(qat_model.named_modules())), op_label(anns[add], {})
+        ('ConvBnReLU2d', 'add')
     """
-    if node.op == "call_module":
-        return modules[str(node.target)]._get_name()
-    if node.op in ("call_function", "call_method"):
-        return op_base_name(node)
-    return node.op
+    if ann.module is not None:
+        return modules[ann.module]._get_name()
+    return ann.kind
 
 
 def placeholders(gm: fx.GraphModule) -> tuple[list[str], int]:

@@ -38,13 +38,12 @@ from qatkit.fx import annotate
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .alignment import check_inputs, node_type, op_names
+from .alignment import CALL_OPS, check_inputs, op_label, op_names
 from .running import analysis_model, as_tuple, model_device, positional_inputs, to_device
 
 __all__ = ["FeatureRecord", "Capture", "capture_model", "run_capture", "get_raw_features",
            "node_qparams", "model_annotations"]
 
-_OPS = ("call_module", "call_function", "call_method")
 #: ``on_output(interpreter, node, value) -> value``: sees (and may replace) each op's output
 OnOutput = Callable[[fx.Interpreter, fx.Node, Any], Any]
 
@@ -287,7 +286,7 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         cap = self.cap
         name = cap.names[n.name]
-        if n.op not in _OPS:
+        if n.op not in CALL_OPS:
             out = super().run_node(n)
             if n.op != "output":
                 cap.tensors[name] = isinstance(out, Tensor) and out.is_floating_point()
@@ -300,7 +299,7 @@ class _Recorder(fx.Interpreter):
         mod = self.modules.get(str(n.target)) if n.op == "call_module" else None
         keep = False
         if self.record_on:
-            mtype = node_type(n, self.modules)
+            mtype = op_label(ann, self.modules)
             keep = _matches(n, ann.name, mod, mtype, ann.kind, self.prefixes, self.types)
         if keep:
             in_nodes = [a for a in tree_flatten((n.args, n.kwargs))[0] if isinstance(a, fx.Node)]

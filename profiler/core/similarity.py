@@ -31,8 +31,8 @@ import torch
 from qatkit.fx.naming import float_node_names
 from torch import Tensor, fx, nn
 
-from .alignment import check_inputs, is_prepared, node_type, op_names, reference_names
-from .capture import Capture, node_qparams, run_capture
+from .alignment import CALL_OPS, check_inputs, is_prepared, op_label, op_names, reference_names
+from .capture import Capture, model_annotations, node_qparams, run_capture
 from .metrics import Metric, chunk_pairs, cosine_and_max_abs, cosine_similarity, get_metric
 from .running import analysis_model, as_tuple, device_pair, model_device, to_device
 from .tables import write_table
@@ -44,7 +44,6 @@ SIMILARITY_COLUMNS = ["Index", "Module Name", "Module Type", "Similarity", "qsca
                       "Acc Error (float atol)", "Acc Error (N out_qscale)",
                       "Op Error with Same Input (N out_qscale)"]
 METHODS = ("EndToEnd", "PerLayer")
-_OPS = ("call_module", "call_function", "call_method")
 
 # Set by benchmarks/profiler.py (``_MemoryMeter``) to measure the bytes the profiler holds.
 _METER: _MemoryMeter | None = None
@@ -109,7 +108,7 @@ def _align(gm1: fx.GraphModule, gm2: fx.GraphModule) -> dict[fx.Node, tuple[str,
     constants1 = {f for n, f in float_node_names(gm1).items() if n.op == "get_attr"}
     missing = [names2[n] + (f" (float name '{f}')" if f != names2[n] else "")
                for n, (f, _) in occ2.items()
-               if n.op in _OPS and f not in count1 and f not in constants1]
+               if n.op in CALL_OPS and f not in count1 and f not in constants1]
     if missing and is_prepared(gm2):
         raise ValueError(
             f"featuremap_similarity: model2 ({type(gm2).__name__}) has {len(missing)} op(s) with "
@@ -121,7 +120,7 @@ def _align(gm1: fx.GraphModule, gm2: fx.GraphModule) -> dict[fx.Node, tuple[str,
         if fname not in count1:
             continue
         out[node] = (fname, k if count1[fname] == count2[fname] else count1[fname] - 1)
-    if not any(n.op in _OPS for n in out):
+    if not any(n.op in CALL_OPS for n in out):
         raise ValueError(f"featuremap_similarity: no op of model2 ({type(gm2).__name__}) "
                          f"matches an op of model1 ({type(gm1).__name__}); the models do not "
                          "correspond")
@@ -142,7 +141,7 @@ class _Comparison:
 
     def __call__(self, interp: fx.Interpreter, n: fx.Node, out: Any) -> Any:
         key = self.keys.get(n.name)
-        if n.op not in _OPS or key not in self.kept or not isinstance(out, Tensor):
+        if n.op not in CALL_OPS or key not in self.kept or not isinstance(out, Tensor):
             return out
         ref = self.kept[key]
         if tuple(out.shape) != tuple(ref.shape):
@@ -279,6 +278,7 @@ def compare_models(model1: nn.Module, model2: nn.Module, inputs: Any, metric: Me
         qp1 = {k: qparams1[n][0] for n, k in occ1.items()}
         qp2 = node_qparams(gm2)
         modules2 = dict(gm2.named_modules())
+        anns2 = model_annotations(gm2)
         tables = {}
         for method in methods:
             main = runs["e2e" if method == "EndToEnd" else "same"]
@@ -292,7 +292,7 @@ def compare_models(model1: nn.Module, model2: nn.Module, inputs: Any, metric: Me
                 scale = math.nan if scale is None else float(scale)
                 atol = main.atol[node.name]
                 rows.append({"Index": len(rows), "Module Name": names2[node.name],
-                             "Module Type": node_type(node, modules2),
+                             "Module Type": op_label(anns2[node], modules2),
                              "Similarity": main.sim[node.name], "qscale": scale,
                              "Acc Error (float atol)": atol,
                              "Acc Error (N out_qscale)": _steps(atol, scale),

@@ -18,13 +18,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import pandas as pd
-from qatkit.fx.naming import op_base_name
-from torch import fx, nn
 
-__all__ = ["write_table", "print_table", "qconfig_key", "op_label"]
+__all__ = ["write_table", "print_table", "qconfig_key"]
 
 _CALL_SUFFIX = re.compile(r"\(\d+\)$")
 
@@ -92,19 +90,3 @@ def qconfig_key(name: object) -> str:
         ('layer1.0.relu', 'layer1.0.add')
     """
     return _CALL_SUFFIX.sub("", str(name))
-
-
-def op_label(node: fx.Node, modules: Mapping[str, nn.Module]) -> str:
-    """How the checks' tables spell a node's op: the module class (``Conv2d``), ``.view()``
-    for a method, ``add()`` for a function.
-
-    Example::
-
-        >>> op_label(add_node, dict(gm.named_modules())), op_label(view_node, {})
-        ('add()', '.view()')
-    """
-    if node.op == "call_module":
-        return type(modules[str(node.target)]).__name__
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return f"{op_base_name(node)}()" if node.op == "call_function" else node.op

@@ -30,10 +30,10 @@ from qatkit.fx.tracer import symbolic_trace
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
-from ..core.alignment import trace_model
-from ..core.capture import Capture
+from ..core.alignment import op_label, trace_model
+from ..core.capture import Capture, model_annotations
 from ..core.running import positional_inputs
-from ..core.tables import op_label, print_table
+from ..core.tables import print_table
 
 __all__ = ["get_module_called_count", "check_unfused_operations"]
 
@@ -277,6 +277,7 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node]
 def _unfused_rows(gm: fx.GraphModule, names: dict[fx.Node, str], example_inputs: Any
                   ) -> list[tuple[str, str, str, str]]:
     modules = dict(gm.named_modules())
+    labels = {n: op_label(ann, modules) for n, ann in model_annotations(gm).items()}
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # prepare's own warnings; reported as rows here
@@ -302,11 +303,11 @@ def _unfused_rows(gm: fx.GraphModule, names: dict[fx.Node, str], example_inputs:
                     nxt == "add" and len(users) > 1):  # the identity side of a residual
                 continue
             reason = _why_unfused(weighted, last, user, nxt, chain, users, non_tensor,
-                                  wmod, calls, names, modules)
+                                  wmod, calls, names, labels, modules)
             if reason is None:  # not a pattern prepare could fuse (x + x, x + constant, ...)
                 continue
             mods = ", ".join(names[n] for n in nodes + chain + [user])
-            pattern = " + ".join(op_label(n, modules) for n in nodes + chain + [user])
+            pattern = " + ".join(labels[n] for n in nodes + chain + [user])
             rows.append((mods, pattern, *reason))
     return rows
 
@@ -314,7 +315,8 @@ def _unfused_rows(gm: fx.GraphModule, names: dict[fx.Node, str], example_inputs:
 def _why_unfused(weighted: fx.Node, last: fx.Node, user: fx.Node, nxt: str,
                  chain: list[fx.Node], users: list[fx.Node], non_tensor: list[fx.Node],
                  wmod: nn.Module | None, calls: Counter, names: dict[fx.Node, str],
-                 modules: dict[str, nn.Module]) -> tuple[str, str] | None:
+                 labels: dict[fx.Node, str], modules: dict[str, nn.Module]
+                 ) -> tuple[str, str] | None:
     w, lst, u = names[weighted], names[last], names[user]
     if wmod is None:
         return (f"'{w}' is a functional {op_base_name(weighted)}() call, not a module: prepare "
@@ -339,11 +341,11 @@ def _why_unfused(weighted: fx.Node, last: fx.Node, user: fx.Node, nxt: str,
                 f"call the {kind} in the traced forward (outside {what}), or move '{w}' into "
                 "the same leaf")
     if chain:
-        moves = ", ".join(f"'{names[n]}' ({op_label(n, modules)})" for n in chain)
+        moves = ", ".join(f"'{names[n]}' ({labels[n]})" for n in chain)
         why = (f"{moves} between '{lst}' and '{u}' splits the pattern: prepare fuses only "
                "directly connected ops")
-        if any("dropout" in op_label(n, modules).lower() or "stochastic" in op_label(
-                n, modules).lower() for n in chain):
+        if any("dropout" in labels[n].lower() or "stochastic" in labels[n].lower()
+               for n in chain):
             return why, (f"{moves} is an identity at inference: leave it out of the forward "
                          "used for quantization (e.g. behind a flag), or for a dropout before a "
                          f"ReLU apply it after '{u}'")

@@ -27,9 +27,11 @@ import re
 from pathlib import Path
 
 import pandas as pd
-from qatkit.fx.naming import float_node_names, op_base_name
+from qatkit.fx.naming import float_node_names
 from torch import fx
 
+from ..core.alignment import CALL_OPS, op_label
+from ..core.capture import model_annotations
 from ..core.metrics import FINAL_SIMILARITY_THRESHOLD
 
 __all__ = ["GOOD_SIMILARITY", "OK_SIMILARITY", "similarity_class", "write_similarity_mermaid"]
@@ -47,7 +49,6 @@ CLASS_STYLES: dict[str, str] = {
     "nodata": "fill:#f1f1f1,stroke:#9e9e9e,color:#424242",
     "io": "fill:#e3ecfa,stroke:#3f6fb5,color:#173462",
 }
-_OP_NODES = ("call_module", "call_function", "call_method")
 _SAFE_LABEL = re.compile(r"[A-Za-z0-9 _.,:/+=-]")
 
 
@@ -104,15 +105,6 @@ def _similarity_lookup(similarity: pd.DataFrame, column: str) -> dict[str, float
     return dict(zip(similarity["Module Name"].astype(str), values.tolist(), strict=True))
 
 
-def _op_label(model: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        try:
-            return model.get_submodule(str(node.target))._get_name()
-        except AttributeError:
-            return str(node.target)
-    return f"function: {op_base_name(node)}"
-
-
 def write_similarity_mermaid(model: fx.GraphModule, similarity: pd.DataFrame,
                              path: str | os.PathLike, *, column: str = "Similarity",
                              direction: str = "TD") -> Path:
@@ -145,6 +137,7 @@ def write_similarity_mermaid(model: fx.GraphModule, similarity: pd.DataFrame,
                         "model)")
     values = _similarity_lookup(similarity, column)
     names = float_node_names(model)
+    anns, modules = model_annotations(model), dict(model.named_modules())
     ids = _Ids()
     node_ids: dict[fx.Node, str] = {}
     lines = [f"flowchart {direction}",
@@ -161,14 +154,15 @@ def write_similarity_mermaid(model: fx.GraphModule, similarity: pd.DataFrame,
             ident = ids("out", node.name)
             lines.append(f'    {ident}(["output"])')
             classes["io"].append(ident)
-        elif node.op in _OP_NODES:
+        elif node.op in CALL_OPS:
             name = names.get(node, node.name)
             value = values.get(name, values.get(node.name))
             if value is None and node.op == "call_module":
                 value = values.get(str(node.target))
             shown = "n/a" if value is None or not math.isfinite(value) else f"{value:.6f}"
             ident = ids("n", name)
-            label = "<br/>".join(_escape_label(t) for t in (name, _op_label(model, node), shown))
+            label = "<br/>".join(_escape_label(t)
+                                 for t in (name, op_label(anns[node], modules), shown))
             lines.append(f'    {ident}["{label}"]')
             classes[similarity_class(value)].append(ident)
         else:  # get_attr: constants, drawn as part of the op that uses them

@@ -25,8 +25,9 @@ from qatkit.annotation import (
 from qatkit.fake_quantize import FakeQuantize
 from torch import fx, nn
 
+from ..core.alignment import op_label
 from ..core.capture import Capture, capture_model
-from ..core.tables import op_label, print_table, qconfig_key, write_table
+from ..core.tables import print_table, qconfig_key, write_table
 
 __all__ = ["check_qconfig", "QCONFIG_COLUMNS", "QCONFIG_WARNING_COLUMNS"]
 
@@ -146,14 +147,12 @@ def _layer_warnings(ann: NodeAnnotation, graph: _Graph) -> list[str]:
     return out
 
 
-def _row(ann: NodeAnnotation, mod: nn.Module | None, node: fx.Node, graph: _Graph,
-         modules: Mapping[str, nn.Module]) -> tuple:
+def _row(ann: NodeAnnotation, graph: _Graph, modules: Mapping[str, nn.Module]) -> tuple:
     ins = sorted({d for _, d in graph.inputs(ann)}, key=lambda d: (
         _DTYPE_ORDER.index(d) if d in _DTYPE_ORDER else len(_DTYPE_ORDER), d))
     weighted = ann.kind in _WEIGHTED_KINDS and ann.is_quantized
     spec = ann.output
-    return (ann.name, mod._get_name() if mod is not None else op_label(node, modules),
-            ", ".join(ins), _dtype(spec),
+    return (ann.name, op_label(ann, modules), ", ".join(ins), _dtype(spec),
             _dtype(ann.weight) if weighted else None,
             ann.weight.ch_axis if ann.weight is not None else None,
             spec.fixed_scale if spec is not None and spec.fixed_scale is not None
@@ -227,7 +226,7 @@ def check_qconfig(model: fx.GraphModule, example_inputs: Any = None,
         mod = modules[str(node.target)] if node.op == "call_module" else None
         if not _matches(ann, mod, prefixes, types):
             continue
-        rows.append(_row(ann, mod, node, graph, modules))
+        rows.append(_row(ann, graph, modules))
         texts = _layer_warnings(ann, graph)
         if custom_check_func is not None and mod is not None:
             try:

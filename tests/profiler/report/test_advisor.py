@@ -204,7 +204,7 @@ def test_called_count_unfused_and_qconfig_warnings() -> None:
                            "Module Type": ["ReLU", "Conv2d", "Linear", "Conv2d"],
                            "Called Count": [2, 3, 0, 1]})
     unfused = pd.DataFrame({"Modules": ["conv, reshape, bn"],
-                            "Pattern": ["Conv2d + .reshape() + BatchNorm2d"],
+                            "Pattern": ["Conv2d + reshape + BatchNorm2d"],
                             "Reason": ["split"], "Fix": ["apply 'bn' before"]})
     warns = pd.DataFrame({"Module Name": ["quant", "fc"], "Warning": [
         "fixed output scale 0.0078 (covers [-1, 1]). Fix: normalize",

@@ -72,7 +72,7 @@ def test_small_model_graph(tmp_path: Path) -> None:
     assert set(ident) == {"input: x", "output", *ops}
     assert nodes[ident["conv2"]] == "conv2<br/>Conv2d<br/>0.985000"
     assert nodes[ident["relu(1)"]] == "relu#40;1#41;<br/>ReLU<br/>0.970000"
-    assert nodes[ident["add"]] == "add<br/>function: add<br/>0.990000"
+    assert nodes[ident["add"]] == "add<br/>add<br/>0.990000"
     assert nodes[ident["fc"]] == "fc<br/>Linear<br/>n/a"
     assert {k: classes[ident[k]] for k in ident} == {
         "input: x": "io", "output": "io", "conv": "good", "relu(0)": "good", "conv2": "ok",
