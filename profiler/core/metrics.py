@@ -3,7 +3,7 @@
 Every metric takes ``(reference, other)`` -- the reference is model1's tensor (usually the
 float model), ``other`` model2's -- and returns a python float accumulated in float64 (the
 cosine of large float32 tensors is computed in float32 in a form whose error stays below
-~1e-9, see :func:`cosine_similarity`), in chunks of :data:`CHUNK` elements so that no
+~1e-9, see :func:`cosine`), in chunks of :data:`CHUNK` elements so that no
 full-size float64 copy is made.  Edge cases are defined, not left to chance:
 
 ==============  ===========  ======================  ====================  ==========
@@ -27,22 +27,24 @@ follow IEEE arithmetic.  Tensors of different shapes raise ``ValueError``.
 case-insensitive) to :class:`Metric` objects that know whether higher is better;
 :func:`get_metric` looks names up (also the spellings of the NPU debug guides,
 :data:`METRIC_ALIASES`: ``"cosine-similarity"``, ``"mre"``, ``"chebyshev"``...) and turns a
-plain callable into a metric.
+plain callable into a metric.  Each metric function is named by its key in snake case
+(``"MaxAbs"``: :func:`max_abs`); the older names of :data:`RENAMED` warn until qatkit 0.2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Callable, Iterator, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["Metric", "METRICS", "register_metric", "get_metric", "list_metrics",
-           "cosine_similarity", "mse", "l1", "max_abs_error", "sqnr", "kl_divergence",
-           "error_in_scale", "FINAL_SIMILARITY_THRESHOLD", "chunk_pairs", "CHUNK",
-           "cosine_and_max_abs", "mre", "chebyshev", "METRIC_ALIASES", "BatchMetric"]
+           "cosine", "mse", "l1", "max_abs", "sqnr", "kl", "error_in_scale",
+           "FINAL_SIMILARITY_THRESHOLD", "chunk_pairs", "CHUNK", "cosine_and_max_abs", "mre",
+           "chebyshev", "METRIC_ALIASES", "BatchMetric", "RENAMED"]
 
 MetricFn = Callable[[Tensor, Tensor], float]
 
@@ -204,7 +206,7 @@ def chunk_pairs(reference: Tensor, other: Tensor, dtype: torch.dtype | None = to
 
 #: below this, float32 squares of a tensor may underflow: float64 instead
 _TINY_SQUARES = 1e-20
-#: from this many elements float32 tensors are compared in float32 (see cosine_similarity)
+#: from this many elements float32 tensors are compared in float32 (see cosine)
 _F32_SUMS = 1 << 16
 #: below this cosine the float32 comparison is redone in float64 (its error is ~1e-7 times
 #: ``1 - cosine``: 1e-9 at 0.99)
@@ -282,7 +284,7 @@ def _cosine(reference: Tensor, other: Tensor) -> tuple[float, float | None]:
 
 
 @register_metric("Cosine", higher_is_better=True)
-def cosine_similarity(reference: Tensor, other: Tensor) -> float:
+def cosine(reference: Tensor, other: Tensor) -> float:
     """Cosine similarity of the flattened tensors, in [-1, 1].
 
     Both all-zero: 1.0; exactly one all-zero: 0.0; NaN anywhere: NaN.  Tensors under 65536
@@ -295,14 +297,14 @@ def cosine_similarity(reference: Tensor, other: Tensor) -> float:
 
     Example::
 
-        >>> cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+        >>> cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
         0.7071067811865475
     """
     return _cosine(reference, other)[0]
 
 
 def cosine_and_max_abs(reference: Tensor, other: Tensor) -> tuple[float, float]:
-    """``(cosine_similarity(reference, other), max |other - reference|)`` from one pass over
+    """``(cosine(reference, other), max |other - reference|)`` from one pass over
     the two tensors (the difference in ``reference``'s dtype, float64 for integers; NaN if
     either holds a NaN): what featuremap_similarity computes for every op.
 
@@ -368,12 +370,12 @@ def l1(reference: Tensor, other: Tensor) -> float:
 
 
 @register_metric("MaxAbs", higher_is_better=False)
-def max_abs_error(reference: Tensor, other: Tensor) -> float:
+def max_abs(reference: Tensor, other: Tensor) -> float:
     """Largest absolute difference (0.0 for empty tensors; NaN if either has a NaN).
 
     Example::
 
-        >>> max_abs_error(torch.zeros(3), torch.tensor([0.5, -2.0, 1.0]))
+        >>> max_abs(torch.zeros(3), torch.tensor([0.5, -2.0, 1.0]))
         2.0
     """
     worst = 0.0
@@ -388,14 +390,14 @@ def max_abs_error(reference: Tensor, other: Tensor) -> float:
 @register_metric("Chebyshev", higher_is_better=False)
 def chebyshev(reference: Tensor, other: Tensor) -> float:
     """Chebyshev distance: the largest absolute difference (the NPU guides' name for
-    :func:`max_abs_error`; 0.0 for empty tensors, NaN if either has a NaN).
+    :func:`max_abs`; 0.0 for empty tensors, NaN if either has a NaN).
 
     Example::
 
         >>> chebyshev(torch.zeros(3), torch.tensor([0.5, -2.0, 1.0]))
         2.0
     """
-    return max_abs_error(reference, other)
+    return max_abs(reference, other)
 
 
 @register_metric("MRE", higher_is_better=False)
@@ -448,7 +450,7 @@ def sqnr(reference: Tensor, other: Tensor) -> float:
 
 
 @register_metric("KL", higher_is_better=False)
-def kl_divergence(reference: Tensor, other: Tensor) -> float:
+def kl(reference: Tensor, other: Tensor) -> float:
     """``KL(P || Q)`` with ``P = softmax(ref)``, ``Q = softmax(other)`` over all elements.
 
     The tensors are flattened and each turned into one distribution by a softmax
@@ -456,7 +458,7 @@ def kl_divergence(reference: Tensor, other: Tensor) -> float:
 
     Example::
 
-        >>> kl_divergence(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
+        >>> kl(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
         0.0
     """
     a, b = _pair(reference, other)
@@ -480,7 +482,7 @@ def error_in_scale(reference: Tensor, other: Tensor, scale: float | None) -> flo
     """
     if scale is None or math.isnan(scale):
         return math.nan
-    err = max_abs_error(reference, other)
+    err = max_abs(reference, other)
     if scale == 0:
         return 0.0 if err == 0 else math.inf
     return err / scale
@@ -575,3 +577,29 @@ class BatchMetric:
         if math.isnan(sad) or math.isnan(sa):  # MRE
             return math.nan
         return 0.0 if sad == 0 else (sad / sa if sa else math.inf)
+
+
+#: old metric function name -> the name of its key (a DeprecationWarning until qatkit 0.2)
+RENAMED = {"cosine_similarity": "cosine", "max_abs_error": "max_abs", "kl_divergence": "kl"}
+
+
+def renamed_function(where: str, name: str, stacklevel: int = 1) -> MetricFn:
+    """The function the old ``name`` (:data:`RENAMED`) is now, with a DeprecationWarning
+    naming ``where.name`` (``stacklevel`` counted from the caller).
+
+    Example::
+
+        >>> renamed_function("qatkit.profiler", "max_abs_error") is max_abs   # warns
+        True
+    """
+    new = RENAMED[name]
+    warnings.warn(f"{where}.{name} is deprecated and goes in qatkit 0.2: use {new} (each "
+                  f"metric function is named by its key, '{get_metric(new).name}')",
+                  DeprecationWarning, stacklevel=stacklevel + 1)
+    return globals()[new]
+
+
+def __getattr__(name: str) -> MetricFn:
+    if name in RENAMED:
+        return renamed_function(__name__, name, stacklevel=2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

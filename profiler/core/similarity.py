@@ -33,7 +33,7 @@ from torch import Tensor, fx, nn
 
 from .alignment import CALL_OPS, check_inputs, is_prepared, op_label, op_names, reference_names
 from .capture import Capture, model_annotations, node_qparams, run_capture
-from .metrics import Metric, chunk_pairs, cosine_and_max_abs, cosine_similarity, get_metric
+from .metrics import Metric, chunk_pairs, cosine, cosine_and_max_abs, get_metric
 from .running import analysis_model, as_tuple, device_pair, model_device, to_device
 from .tables import write_table
 
@@ -151,7 +151,7 @@ class _Comparison:
                 f"'{self.names2[n.name]}' outputs {list(out.shape)}: the models do not "
                 "correspond at this layer (was model2 made from model1?)")
         cpu = out.detach().to("cpu")
-        if self.metric is not None and self.metric.fn is cosine_similarity:
+        if self.metric is not None and self.metric.fn is cosine:
             self.sim[n.name], self.atol[n.name] = cosine_and_max_abs(ref, cpu)  # one pass
         else:
             if self.metric is not None:

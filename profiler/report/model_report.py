@@ -32,7 +32,7 @@ from ..causal.acc_error import plot_acc_error
 from ..causal.sensitivity import get_sensitivity_of_nodes
 from ..core.alignment import shared_traces
 from ..core.capture import get_raw_features
-from ..core.metrics import cosine_similarity, get_metric
+from ..core.metrics import cosine, get_metric
 from ..core.running import device_pair, model_device
 from ..core.similarity import compare_models, featuremap_similarity
 from ..core.statistics import outlier_channels, profile_featuremap
@@ -207,7 +207,7 @@ def _final_similarity(out1: Any, out2: Any) -> float | None:
     a, b = _flat_outputs(out1), _flat_outputs(out2)
     if a.numel() == 0 or a.shape != b.shape:
         return None
-    return float(cosine_similarity(a, b))
+    return float(cosine(a, b))
 
 
 def _same_device(a: Any, b: Any) -> bool:

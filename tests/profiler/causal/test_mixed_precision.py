@@ -13,7 +13,7 @@ import pytest
 import qatkit
 import qatkit.profiler as qp
 import torch
-from qatkit.profiler.core.metrics import cosine_similarity
+from qatkit.profiler.core.metrics import cosine
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def data():
 
 def _cosine(float_model, qmodel, x):
     with torch.no_grad():
-        return cosine_similarity(float_model(x), qmodel(x))
+        return cosine(float_model(x), qmodel(x))
 
 
 def test_cosine_target_and_the_qconfig_it_returns(faulty, data):

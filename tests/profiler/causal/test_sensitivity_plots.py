@@ -8,7 +8,7 @@ import debug_walkthrough as dw  # noqa: E402  (tests/profiler/conftest.py: examp
 import pytest
 import qatkit.profiler as qp
 import torch
-from qatkit.profiler.core.metrics import cosine_similarity
+from qatkit.profiler.core.metrics import cosine
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,7 @@ def test_curve_value_is_the_metric_of_that_op_output(setup, tmp_path):
     with torch.no_grad():
         out = model(x)
     got = table.iloc[-1]["everything quantized"]
-    assert got == pytest.approx(cosine_similarity(ref, out), abs=1e-6)
+    assert got == pytest.approx(cosine(ref, out), abs=1e-6)
 
 
 def qatkit_enabled(model, value):

@@ -15,7 +15,7 @@ import pytest
 import qatkit
 import torch
 from qatkit.profiler import ProfilerReport, model_profiler
-from qatkit.profiler.core.metrics import cosine_similarity
+from qatkit.profiler.core.metrics import cosine
 from torch import nn
 
 
@@ -77,7 +77,7 @@ def test_fvsq_writes_every_table_the_page_and_the_graph(fvsq: ProfilerReport) ->
 def test_verdict_is_the_final_output_cosine(models, fvsq: ProfilerReport) -> None:
     float_model, calib, _, x = models
     with torch.no_grad():
-        expected = float(cosine_similarity(float_model(x).reshape(-1), calib(x).reshape(-1)))
+        expected = float(cosine(float_model(x).reshape(-1), calib(x).reshape(-1)))
     assert fvsq.verdict.final_similarity == pytest.approx(expected, abs=1e-6)
     assert fvsq.verdict.passed == (expected >= 0.98)
 
@@ -194,9 +194,10 @@ def test_cvsq_calibrated_against_qat(models, tmp_path) -> None:
 
 
 def test_model_kind_and_similarity_tables_agree_with_the_tools(models) -> None:
-    from qatkit.profiler import featuremap_similarity, model_kind
+    from qatkit.profiler import featuremap_similarity
     from qatkit.profiler.core.metrics import get_metric
     from qatkit.profiler.core.similarity import similarity_tables
+    from qatkit.profiler.report.model_report import model_kind
 
     float_model, calib, integer, x = models
     assert [model_kind(m) for m in models[:3]] == ["float", "fake_quant", "integer"]
