@@ -107,7 +107,7 @@ def cumulative_error_figure(table: pd.DataFrame, labels: list[str], metric: Metr
     ax.set_ylabel(f"{metric.name} vs float")
     ax.set_title(f"Cumulative error along the model ({metric.name}, "
                  f"{'higher' if metric.higher_is_better else 'lower'} is better)")
-    tick_labels(ax, [str(n) for n in table["Node"]])
+    tick_labels(ax, [str(n) for n in table["Module Name"]])
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, save_dir, "acc_error_quantize")

@@ -241,5 +241,5 @@ def _curves(ev: Evaluator, curves: list[tuple[str, list[str]]], metric: Metric,
             columns[label] = [a.value() for a in accs]
     names = [name for _, name, _ in ops] + ["output"]
     kinds = [kind for _, _, kind in ops] + ["output"]
-    return pd.DataFrame({"Index": range(len(names)), "Node": names, "Op Kind": kinds,
+    return pd.DataFrame({"Index": range(len(names)), "Module Name": names, "Op Kind": kinds,
                          **columns})

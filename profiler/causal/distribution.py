@@ -21,7 +21,7 @@ Two plots per tensor (PNG and SVG) and three verdicts:
 Example::
 
     >>> res = plot_distribution("out", calib_model, data, nodes_list=["mid", "cat"])
-    >>> res.table[["Node", "Modes", "Channel Spread (log2)", "Per-Tensor Risk"]]
+    >>> res.table[["Module Name", "Modes", "Channel Spread (log2)", "Per-Tensor Risk"]]
 """
 
 from __future__ import annotations
@@ -291,7 +291,8 @@ def _summarize(name: str, path: str, c: _Collector, fq: FakeQuantize) -> tuple[d
         parts.append(f"per-channel scales absorb a channel spread of 2^{spread:.1f}")
     elif not math.isnan(spread):
         parts.append(f"channel spread 2^{spread:.1f}: per-tensor ok")
-    row = {"Node": name, "Fake Quant": path, "Tensor": "weight" if is_weight else "activation",
+    row = {"Module Name": name, "Fake Quant": path,
+           "Tensor": "weight" if is_weight else "activation",
            "Shape": str(list(c.shape)), "Min": lo, "Max": hi, "Mean": mean, "Std": std,
            "Modes": modes, "Unimodal": modes <= 1, "Channels": channels,
            "Channel Spread (log2)": spread, "Median Channel Levels": levels,

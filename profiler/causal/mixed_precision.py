@@ -141,11 +141,11 @@ class MixedPrecisionResult:
 
     @property
     def table(self) -> pd.DataFrame:
-        """The steps: Step, Layer, Change, score after, candidates tried."""
-        return pd.DataFrame([{"Step": i + 1, "Layer": s.layer, "Change": s.change,
+        """The steps: Step, Module Name (the layer), Change, score after, candidates tried."""
+        return pd.DataFrame([{"Step": i + 1, "Module Name": s.layer, "Change": s.change,
                               self.key: s.score, "Candidates": s.candidates}
                              for i, s in enumerate(self.steps)],
-                            columns=["Step", "Layer", "Change", self.key, "Candidates"])
+                            columns=["Step", "Module Name", "Change", self.key, "Candidates"])
 
     def __repr__(self) -> str:
         return (f"MixedPrecisionResult(reached={self.reached}, {self.key}: "
@@ -263,7 +263,7 @@ def suggest_mixed_precision(model: Any, calibrated_data: Any, target: float,
     Example::
 
         >>> res = suggest_mixed_precision(calib_model, data, target=0.999, metric="cosine")
-        >>> res.table                   # Step, Layer, Change, Cosine, Candidates
+        >>> res.table                   # Step, Module Name, Change, Cosine, Candidates
     """
     allowed = _allowed(options)
     if max_layers is not None and (not isinstance(max_layers, int) or max_layers < 1):

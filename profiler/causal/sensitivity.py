@@ -212,7 +212,7 @@ def _table(quantizers: Sequence[Quantizer], scores: Sequence[dict[str, float]]
            ) -> pd.DataFrame:
     rows = []
     for rank, (q, s) in enumerate(zip(quantizers, scores, strict=True)):
-        rows.append({"Rank": rank, "Node": q.name, "Type": q.node_type, "Op Kind": q.kind,
+        rows.append({"Rank": rank, "Module Name": q.name, "Type": q.node_type, "Op Kind": q.kind,
                      "Fake Quants": ", ".join(q.fake_quants), "Dtype": q.dtype,
                      "Calls": len(q.nodes), "Float Name": q.float_name, **s})
     return pd.DataFrame(rows)

@@ -39,11 +39,20 @@ from torch import Tensor, fx, nn
 from .alignment import trace_model
 
 __all__ = ["analysis_model", "to_device", "model_device", "as_tuple", "positional_inputs",
-           "device_pair", "load_model", "private_model", "collect_batches", "check_fits"]
+           "device_pair", "private_copy", "load_model", "private_model", "collect_batches",
+           "check_fits"]
 
 
-def _private_copy(model: nn.Module, label: str) -> nn.Module:
-    """A deep copy to run: BatchNorm statistics, observers and hooks of ``model`` stay as is."""
+def private_copy(model: nn.Module, label: str = "model") -> nn.Module:
+    """A deep copy to run: BatchNorm statistics, observers and hooks of ``model`` stay as is.
+
+    Raises:
+        RuntimeError: ``model`` cannot be deep-copied (the message says how to fix it).
+
+    Example::
+
+        >>> runner = private_copy(model, "model1").eval()
+    """
     try:
         return copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
@@ -155,7 +164,7 @@ def analysis_model(model: nn.Module, label: str = "model", device: Any = None,
         ...     out = gm(x)
     """
     if float_flow:
-        copied = _private_copy(model, label)
+        copied = private_copy(model, label)
         if any(isinstance(m, FakeQuantize) for m in copied.modules()):
             set_fake_quant_state(copied, FakeQuantState.CALIBRATION)
         if device is not None:
@@ -297,7 +306,7 @@ def private_model(model_or_file: Any, label: str = "model_or_file",
         raise ValueError(f"{label} was never calibrated: {len(missing)} fake quant(s) have no "
                          f"scale ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
                          "). Fix: qatkit.calibrate(model, calibration_data) first")
-    work = _private_copy(model, label)
+    work = private_copy(model, label)
     if device is not None:
         work.to(torch.device(device))
     work.eval()

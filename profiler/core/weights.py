@@ -30,7 +30,7 @@ from .tables import write_table
 
 __all__ = ["compare_weights", "check_weight_correspondence", "WEIGHT_COLUMNS"]
 
-WEIGHT_COLUMNS = ["Weight Name", "Module Type", "Similarity", "Max Abs Error", "Weight Scale",
+WEIGHT_COLUMNS = ["Module Name", "Module Type", "Similarity", "Max Abs Error", "Weight Scale",
                   "Error (N weight scale)"]
 
 
@@ -141,8 +141,8 @@ def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_fun
         out_dir: also write ``<out_dir>/weight_comparison.csv`` and ``.txt``.
 
     Returns:
-        one row per conv / conv-transpose / linear of ``qat_model``: "Weight Name"
-        (``<module>.weight``), "Module Type" (``ConvBnReLU2d``, ``Quantized[conv2d]``),
+        one row per conv / conv-transpose / linear of ``qat_model``: "Module Name"
+        (the layer whose ``weight`` it is), "Module Type" (``ConvBnReLU2d``, ``Quantized[conv2d]``),
         "Similarity", "Max Abs Error", "Weight Scale" (the largest per-channel scale),
         "Error (N weight scale)" (max over channels of the channel's max error in steps of
         its own scale: <= 0.5 for a weight quantized from the float model, 1.0 where the
@@ -186,7 +186,7 @@ def compare_weights(float_model: nn.Module, qat_model: nn.Module, similarity_fun
                 bn = mod.bn  # float model not traceable: the BatchNorm prepare copied
         ref = _reference_weight(name, fmod, bn, None if is_int else mod).float().cpu()
         got_q = _quantized_weight(name, mod, specs, qat_model)
-        row = {"Weight Name": f"{name}.weight", "Module Type": mod._get_name(),
+        row = {"Module Name": name, "Module Type": mod._get_name(),
                "Similarity": math.nan, "Max Abs Error": math.nan, "Weight Scale": math.nan,
                "Error (N weight scale)": math.nan}
         if got_q is not None:
@@ -308,7 +308,7 @@ def check_weight_correspondence(float_model: nn.Module, model2: nn.Module,
             row = far.iloc[0]
             raise ValueError(f"model2 ({type(model2).__name__}) does not correspond to model1 "
                              f"({type(float_model).__name__}): the integer weight of "
-                             f"'{row['Weight Name']}' is {row['Error (N weight scale)']:.3g} "
+                             f"'{row['Module Name']}' is {row['Error (N weight scale)']:.3g} "
                              "steps of its scale from model1's (BN-folded) weight; a model "
                              f"converted from model1 is within {_INTEGER_MAX_STEPS:.3g}. {fix}")
     called = _called_modules(float_model)

@@ -27,7 +27,7 @@ from ..core.tables import qconfig_key
 
 __all__ = ["advise", "ADVICE_COLUMNS"]
 
-ADVICE_COLUMNS = ["Severity", "Layer", "Problem", "Evidence", "Advice"]
+ADVICE_COLUMNS = ["Severity", "Module Name", "Problem", "Evidence", "Advice"]
 SEVERITIES = ("error", "warning", "info")
 
 # -- thresholds ------------------------------------------------------------------------------
@@ -109,8 +109,8 @@ def _step(row: pd.Series) -> float:
 
 
 def _finding(severity: str, layer: object, problem: str, evidence: str, advice: str) -> dict:
-    return {"Severity": severity, "Layer": str(layer), "Problem": problem, "Evidence": evidence,
-            "Advice": advice}
+    return {"Severity": severity, "Module Name": str(layer), "Problem": problem,
+            "Evidence": evidence, "Advice": advice}
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ def _check_called_count(called: pd.DataFrame) -> Iterable[dict]:
 
 def _check_unfused(unfused: pd.DataFrame) -> Iterable[dict]:
     for _, row in unfused.iterrows():
-        yield _finding("warning", row["Modules"], f"unfused {row['Pattern']}", row["Reason"],
+        yield _finding("warning", row["Module Name"], f"unfused {row['Pattern']}", row["Reason"],
                        row["Fix"])
 
 
@@ -417,7 +417,7 @@ def advise(statistics: pd.DataFrame | None = None, similarity: pd.DataFrame | No
         qconfig_warnings: the second table of :func:`check_qconfig`.
 
     Returns:
-        DataFrame with columns "Severity" ("error"/"warning"/"info"), "Layer", "Problem",
+        DataFrame with columns "Severity" ("error"/"warning"/"info"), "Module Name", "Problem",
         "Evidence", "Advice"; errors first, then warnings, then infos, each group in the
         order the checks found them.
 
@@ -428,7 +428,7 @@ def advise(statistics: pd.DataFrame | None = None, similarity: pd.DataFrame | No
 
         >>> findings = advise(statistics=profile_featuremap(records).table,
         ...                   called_count=get_module_called_count(model, x, print_tabulate=False))
-        >>> findings[findings.Severity == "error"][["Layer", "Advice"]]
+        >>> findings[findings.Severity == "error"][["Module Name", "Advice"]]
     """
     found: list[dict] = []
     stats = _rows(statistics, ["Module Name", "Module Type", "Op Kind", "Attr", "Arg", "Source",
@@ -451,7 +451,7 @@ def advise(statistics: pd.DataFrame | None = None, similarity: pd.DataFrame | No
          _check_per_layer),
         (called_count, ["Module Name", "Module Type", "Called Count"], "called_count",
          _check_called_count),
-        (unfused, ["Modules", "Pattern", "Reason", "Fix"], "unfused", _check_unfused),
+        (unfused, ["Module Name", "Pattern", "Reason", "Fix"], "unfused", _check_unfused),
         (qconfig_warnings, ["Module Name", "Warning"], "qconfig_warnings",
          _check_qconfig_warnings),
     ]

@@ -8,7 +8,6 @@ None of them modifies the model: forward passes run on a deep copy.
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections import Counter
 from typing import Any, Callable
@@ -32,13 +31,13 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.alignment import op_label, trace_model
 from ..core.capture import Capture, model_annotations
-from ..core.running import positional_inputs
+from ..core.running import positional_inputs, private_copy
 from ..core.tables import print_table
 
 __all__ = ["get_module_called_count", "check_unfused_operations"]
 
 CALLED_COUNT_COLUMNS = ["Module Name", "Module Type", "Called Count"]
-UNFUSED_COLUMNS = ["Modules", "Pattern", "Reason", "Fix"]
+UNFUSED_COLUMNS = ["Module Name", "Pattern", "Reason", "Fix"]
 
 #: functional forms of weighted layers: never fused (prepare fuses modules only)
 _FUNCTIONAL_WEIGHTED = {torch.nn.functional.conv1d, torch.nn.functional.conv2d,
@@ -57,16 +56,6 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
             else (example_inputs,)), {}
 
 
-def _private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy to run: BatchNorm statistics, observers and hooks of ``model`` stay as is."""
-    try:
-        return copy.deepcopy(model)
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix
-        raise RuntimeError(f"cannot deep-copy {type(model).__name__} to run it without side "
-                           f"effects: {e}. Fix: make the model deep-copyable (no open files, "
-                           "locks or generators as attributes)") from e
-
-
 class _Interpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, on_node: Callable) -> None:
         super().__init__(gm)
@@ -80,7 +69,7 @@ def _run_copy(gm: fx.GraphModule, example_inputs: Any, caller: str,
               on_node: Callable[[fx.Interpreter, fx.Node, Callable], Any]) -> None:
     """Run a copy of ``gm`` (eval mode, fake quants in CALIBRATION: float data flow that never
     needs a scale) node by node through ``on_node(interpreter, node, run)``."""
-    runner = _private_copy(gm).eval()
+    runner = private_copy(gm).eval()
     if any(isinstance(m, FakeQuantize) for m in runner.modules()):
         set_fake_quant_state(runner, FakeQuantState.CALIBRATION)
     try:
@@ -175,7 +164,7 @@ def _run_counting(model: nn.Module, example_inputs: Any, names: list[str]) -> di
     """Calls of the modules ``names`` in one forward of a deep copy of ``model``."""
     counts = {name: 0 for name in names}
     args, kwargs = _split_inputs(example_inputs)
-    runner = _private_copy(model).eval()
+    runner = private_copy(model).eval()
     if any(isinstance(m, FakeQuantize) for m in runner.modules()):  # never needs a scale
         set_fake_quant_state(runner, FakeQuantState.CALIBRATION)
     copies = dict(runner.named_modules(remove_duplicate=False))
@@ -381,7 +370,8 @@ def check_unfused_operations(model: nn.Module, example_inputs: Any = None,
             ``wrapped_functions``).
 
     Returns:
-        DataFrame with columns "Modules" (float names, comma-separated, in data order),
+        DataFrame with columns "Module Name" (the group's float names, comma-separated, in
+        data order),
         "Pattern" (their types), "Reason", "Fix"; empty when everything fuses.
 
     Example::

@@ -103,8 +103,9 @@ OPTIONAL_SECTIONS: dict[str, tuple[str, str]] = {
 
 _TEMPLATE = "profiler.html.j2"
 _SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
-#: columns that name a module, checked against the shared-module set (in this order)
-_NAME_COLUMNS = ("Module Name", "Layer", "Weight Name", "Modules")
+#: the column every profiler table names its layers in (several, comma-separated, in a group),
+#: checked against the shared-module set
+_NAME_COLUMN = "Module Name"
 _CALL_SUFFIX = re.compile(r"\(\d+\)$")
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                 ".svg": "image/svg+xml", ".gif": "image/gif"}
@@ -215,7 +216,7 @@ def build_verdict(tables: Mapping[str, pd.DataFrame | None], *,
         sev = findings["Severity"].astype(str).str.lower()
         rank = sev.map(lambda s: _SEVERITY_RANK.get(s, len(_SEVERITY_RANK)))
         ordered = findings.assign(_rank=rank).sort_values("_rank", kind="stable")
-        cols = ("Severity", "Layer", "Problem", "Evidence", "Advice")
+        cols = ("Severity", _NAME_COLUMN, "Problem", "Evidence", "Advice")
         top = tuple(
             Finding(*(_cell_text(row.get(c, "")) for c in cols))
             for _, row in ordered.head(max(n_findings, 0)).iterrows())
@@ -279,30 +280,19 @@ def _json_number(value: Any) -> float | int | str | None:
     return number
 
 
-def _base_names(value: Any, column: str) -> list[str]:
+def _base_names(value: Any) -> list[str]:
     """The module names a cell refers to, with call suffixes "(k)" stripped."""
-    text = _cell_text(value)
-    parts = [p for p in re.split(r"[,\s]+", text) if p] if column == "Modules" else [text]
-    names = []
-    for part in parts:
-        base = _CALL_SUFFIX.sub("", part)
-        names.append(base)
-        if column == "Weight Name" and "." in base:
-            names.append(base.rsplit(".", 1)[0])  # conv1.weight -> conv1
-    return names
+    return [_CALL_SUFFIX.sub("", part) for part in _cell_text(value).split(", ") if part]
 
 
 def _shared_rows(df: pd.DataFrame, shared: frozenset[str]) -> list[int]:
     if not shared:
         return []
-    rows: set[int] = set()
     columns = [str(c) for c in df.columns]
-    for column in _NAME_COLUMNS:
-        if column in columns:
-            for i, value in enumerate(df.iloc[:, columns.index(column)].tolist()):
-                if any(n in shared for n in _base_names(value, column)):
-                    rows.add(i)
-    return sorted(rows)
+    if _NAME_COLUMN not in columns:
+        return []
+    values = df.iloc[:, columns.index(_NAME_COLUMN)].tolist()
+    return [i for i, value in enumerate(values) if any(n in shared for n in _base_names(value))]
 
 
 def _shared_from_counts(df: pd.DataFrame | None) -> frozenset[str]:

@@ -136,7 +136,7 @@ class ProfilerReport:
 
     @property
     def findings(self) -> pd.DataFrame:
-        """The advisor's findings (Severity, Layer, Problem, Evidence, Advice)."""
+        """The advisor's findings (Severity, Module Name, Problem, Evidence, Advice)."""
         return self.tables["findings"]
 
     def __repr__(self) -> str:
@@ -276,7 +276,7 @@ def model_profiler(model1: nn.Module, model2: nn.Module, example_inputs: Any,
         ...                         out_dir="float_calib")
         >>> report.html                   # open in a browser
         PosixPath('float_calib/profiler.html')
-        >>> report.findings.head()        # Severity, Layer, Problem, Evidence, Advice
+        >>> report.findings.head()        # Severity, Module Name, Problem, Evidence, Advice
     """
     if is_partially_traced(model2) or is_partially_traced(model1):
         return _profile_regions(model1, model2, example_inputs, mode, out_dir, kwargs_dict,
@@ -315,9 +315,9 @@ def _profile_regions(model1: nn.Module, model2: nn.Module, example_inputs: Any, 
                                 kw, devices)
         for key, table in report.tables.items():
             table = table.copy()
-            for col in ("Module Name", "Layer"):
-                if col in table.columns:
-                    table[col] = [spec.name(str(v)) for v in table[col]]
+            if "Module Name" in table.columns:  # a group of names: "conv, bn"
+                table["Module Name"] = [", ".join(spec.name(n) for n in str(v).split(", "))
+                                        for v in table["Module Name"]]
             table.insert(0, "Region", spec.path or "(root)")
             parts.setdefault(key, []).append(table)
         for key, t in report.seconds.items():

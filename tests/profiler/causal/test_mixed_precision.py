@@ -52,7 +52,7 @@ def test_cosine_target_and_the_qconfig_it_returns(faulty, data):
     assert res.steps[0].change == "int16 weight", res.steps
     assert res.hybrid_dict is None and res.prepare_kwargs["hybrid"] is False
     assert res.key == "Cosine" and res.float_score == pytest.approx(1.0)
-    assert list(res.table.columns) == ["Step", "Layer", "Change", "Cosine", "Candidates"]
+    assert list(res.table.columns) == ["Step", "Module Name", "Change", "Cosine", "Candidates"]
     # the qconfig_dict, given to prepare_qat_fx and calibrated, gives what was emulated
     fixed = dw.calibrated(float_model, data, **res.prepare_kwargs)
     assert fixed.conv2.weight_fake_quant.dtype == "qint16"

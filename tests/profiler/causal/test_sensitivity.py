@@ -100,7 +100,7 @@ def test_ranking_order_table_and_scores(calibrated, x):
                                       node_type="activation", verbose=False)
     cos = [v["Cosine"] for v in res.values()]
     assert cos == sorted(cos), "most sensitive (lowest cosine) first"
-    assert list(res.table["Node"]) == list(res.keys())
+    assert list(res.table["Module Name"]) == list(res.keys())
     assert list(res.table["Rank"]) == list(range(len(res)))
     assert res.key == "Cosine" and res.node_type == "activation"
     assert res.float_scores["Cosine"] == pytest.approx(1.0) and res.float_scores["MSE"] == 0

@@ -38,11 +38,11 @@ def test_weight_vs_activation_curves_show_which_kind_dominates(setup, tmp_path):
                             average_mode=False, verbose=False)
     table = res.tables["quantize"]
     w, a = "only weights quantized", "only activations quantized"
-    assert list(table.columns) == ["Index", "Node", "Op Kind", w, a]
-    assert table["Node"].iloc[-1] == "output"
+    assert list(table.columns) == ["Index", "Module Name", "Op Kind", w, a]
+    assert table["Module Name"].iloc[-1] == "output"
     out = table.iloc[-1]
     assert out[w] < 0.5 < 0.95 < out[a], "the weight outlier: weights dominate"
-    conv2 = table[table["Node"] == "conv2"].iloc[0]
+    conv2 = table[table["Module Name"] == "conv2"].iloc[0]
     assert conv2[w] < 0.5, "the error appears at conv2's output"
     before = table[table["Index"] < conv2["Index"]]
     assert (before[w] > 0.99).all(), "and not before it"

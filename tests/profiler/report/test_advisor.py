@@ -49,7 +49,7 @@ def _clean_rows() -> list[dict]:
 def _layers(df: pd.DataFrame, severity: str | None = None) -> list[str]:
     if severity is not None:
         df = df[df["Severity"] == severity]
-    return df["Layer"].tolist()
+    return df["Module Name"].tolist()
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_saturation_only_when_data_lies_beyond_the_grid() -> None:
                 steps=128.0)  # values at 6 sit at the end of the grid: not clipped
     df = advise(statistics=pd.DataFrame(rows))
     sat = df[df["Problem"].str.contains("saturation")]
-    assert sat[["Severity", "Layer"]].values.tolist() == [["error", "clip_hard"],
+    assert sat[["Severity", "Module Name"]].values.tolist() == [["error", "clip_hard"],
                                                           ["warning", "clip"]]
     assert "3.00% of values clipped" in sat["Evidence"].iloc[1]
     assert "+-0.9922" in sat["Evidence"].iloc[1]
@@ -128,7 +128,7 @@ def test_multi_input_ranges_large_eats_small() -> None:
         _stat("mul", "FunctionalOp[mul]", "input", -1000.0, 1000.0, arg=1, kind="mul")]
     df = advise(statistics=pd.DataFrame(rows))
     multi = df[df["Problem"].str.contains("large numbers eat small numbers")]
-    assert multi["Layer"].tolist() == ["cat"]
+    assert multi["Module Name"].tolist() == ["cat"]
     assert "(1000x)" in multi["Evidence"].iloc[0] and "~0.1 int8 levels" in multi[
         "Evidence"].iloc[0]
 
@@ -146,7 +146,7 @@ def test_nonlinear_steep_region() -> None:
              _stat("root", "sqrt", "input", 2.0, 12.8, kind="sqrt")]  # 20 steps from 0: fine
     df = advise(statistics=pd.DataFrame(rows))
     nl = df[df["Problem"].str.startswith("non-linear")]
-    assert nl["Layer"].tolist() == ["sig", "soft", "inv"]
+    assert nl["Module Name"].tolist() == ["sig", "soft", "inv"]
     sig = nl.iloc[0]
     assert "only 16 input levels" in sig["Evidence"]
     assert "('fc')" in sig["Advice"] and '[("fc", ' in sig["Advice"]  # the producer: Source
@@ -177,7 +177,7 @@ def test_outlier_levels_and_consumers() -> None:
         _outlier("few", "Conv2d", "conv", "output", 8, 1, 1, 1, 1),  # one dwarfed channel: fine
     ])
     df = advise(outliers=table)
-    assert df[["Severity", "Layer"]].values.tolist() == [["error", "ln"], ["error", "fc1"],
+    assert df[["Severity", "Module Name"]].values.tolist() == [["error", "ln"], ["error", "fc1"],
                                                          ["warning", "mid"]]
     assert "7 of 8 channels" in df["Evidence"][0] and "64x" in df["Evidence"][0]
     assert "SmoothQuant" in df["Advice"][1] and "input of 'fc1'" in df["Advice"][1]
@@ -203,14 +203,14 @@ def test_called_count_unfused_and_qconfig_warnings() -> None:
     called = pd.DataFrame({"Module Name": ["layer1.0.relu", "head.conv", "unused", "ok"],
                            "Module Type": ["ReLU", "Conv2d", "Linear", "Conv2d"],
                            "Called Count": [2, 3, 0, 1]})
-    unfused = pd.DataFrame({"Modules": ["conv, reshape, bn"],
+    unfused = pd.DataFrame({"Module Name": ["conv, reshape, bn"],
                             "Pattern": ["Conv2d + reshape + BatchNorm2d"],
                             "Reason": ["split"], "Fix": ["apply 'bn' before"]})
     warns = pd.DataFrame({"Module Name": ["quant", "fc"], "Warning": [
         "fixed output scale 0.0078 (covers [-1, 1]). Fix: normalize",
         "32-bit (unquantized) output on a layer that is not the last: x. Fix: 8-bit"]})
     df = advise(called_count=called, unfused=unfused, qconfig_warnings=warns)
-    got = df[["Severity", "Layer"]].values.tolist()
+    got = df[["Severity", "Module Name"]].values.tolist()
     assert got == [["warning", "head.conv"], ["warning", "conv, reshape, bn"],
                    ["warning", "fc"], ["info", "layer1.0.relu"], ["info", "unused"],
                    ["info", "quant"]]
@@ -273,14 +273,14 @@ def test_end_to_end_defects_point_at_the_right_layers() -> None:
     big = (torch.rand(4, 8) * 2 - 1) * 1000
     stats, outliers = _tables(Defects().eval(), (x, big))
     df = advise(statistics=stats, outliers=outliers)
-    by_problem = {p: sorted(set(g["Layer"])) for p, g in df.groupby(
+    by_problem = {p: sorted(set(g["Module Name"])) for p, g in df.groupby(
         df["Problem"].str.extract(r"^(model input|inputs of a multi-input|outlier)")[0])}
     assert by_problem["model input"] == ["conv"]  # float model: its first input
     assert by_problem["inputs of a multi-input"] == ["cat"]
     assert by_problem["outlier"] == ["cat", "fc1", "fc2"]  # cat: 8 channels at 1000x the rest
-    assert "output of 'fc1'" in df[df["Layer"] == "fc1"]["Evidence"].iloc[0]
-    assert "input of 'fc2'" in df[df["Layer"] == "fc2"]["Evidence"].iloc[0]
-    assert set(df["Layer"]) == {"conv", "cat", "fc1", "fc2"}, df.to_string()
+    assert "output of 'fc1'" in df[df["Module Name"] == "fc1"]["Evidence"].iloc[0]
+    assert "input of 'fc2'" in df[df["Module Name"] == "fc2"]["Evidence"].iloc[0]
+    assert set(df["Module Name"]) == {"conv", "cat", "fc1", "fc2"}, df.to_string()
 
 
 class MidStub(nn.Module):
@@ -306,8 +306,8 @@ def test_end_to_end_only_real_model_inputs_are_inputs(calibrate) -> None:
         "x_quant": "input", "abs_quant": "abs"}  # x_quant: through flatten and reshape
     df = advise(statistics=stats)
     inputs = df[df["Problem"].str.startswith("model input")]
-    assert inputs["Layer"].tolist() == ["x_quant"], df.to_string()
-    assert "abs_quant" not in set(df["Layer"])
+    assert inputs["Module Name"].tolist() == ["x_quant"], df.to_string()
+    assert "abs_quant" not in set(df["Module Name"])
 
 
 def test_end_to_end_clean_model_and_working_snippet() -> None:

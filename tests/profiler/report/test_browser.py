@@ -197,4 +197,4 @@ def test_findings_sort_by_severity(page, report) -> None:
     page.locator(f"#{sec} th", has_text="Severity").click()
     page.locator(f"#{sec} th", has_text="Severity").click()
     assert _column(page, sec, "Severity") == ["info", "warning", "warning", "error"]
-    assert _column(page, sec, "Layer")[-1] == XSS_SCRIPT  # the error finding
+    assert _column(page, sec, "Module Name")[-1] == XSS_SCRIPT  # the error finding

@@ -273,13 +273,13 @@ def test_unfused_clean_resnet18_reports_nothing() -> None:
     before = _state(model)
     df = check_unfused_operations(model, torch.randn(1, 3, 32, 32), print_tabulate=False)
     assert df.empty, df.to_string()
-    assert list(df.columns) == ["Modules", "Pattern", "Reason", "Fix"]
+    assert list(df.columns) == ["Module Name", "Pattern", "Reason", "Fix"]
     _assert_unchanged(model, before)
 
 
 def test_unfused_reshape_split_matches_prepare(capsys) -> None:
     df = check_unfused_operations(ViewSplit(), X)
-    assert df["Modules"].tolist() == ["conv, reshape, bn"]
+    assert df["Module Name"].tolist() == ["conv, reshape, bn"]
     assert df["Pattern"].tolist() == ["Conv2d + reshape + BatchNorm2d"]
     assert "'reshape'" in df["Reason"][0] and "splits the pattern" in df["Reason"][0]
     assert "apply 'bn' before" in df["Fix"][0]
@@ -290,7 +290,7 @@ def test_unfused_reshape_split_matches_prepare(capsys) -> None:
 
 def test_unfused_shared_batchnorm_matches_prepare() -> None:
     df = check_unfused_operations(SharedBN(), X, print_tabulate=False)
-    assert df["Modules"].tolist() == ["conv_a, bn(0)", "conv_b, bn(1)"]
+    assert df["Module Name"].tolist() == ["conv_a, bn(0)", "conv_b, bn(1)"]
     assert all("'bn' is called 2 times" in r for r in df["Reason"])
     assert _fused_names(_prepare(SharedBN(), X)) == {"conv_a": "Conv2d", "conv_b": "Conv2d",
                                                      "conv_c": "ConvBn2d"}
@@ -298,7 +298,7 @@ def test_unfused_shared_batchnorm_matches_prepare() -> None:
 
 def test_unfused_shared_conv_matches_prepare() -> None:
     df = check_unfused_operations(SharedConv(), X, print_tabulate=False)
-    assert df["Modules"].tolist() == ["conv(0), relu", "conv(1), add"]
+    assert df["Module Name"].tolist() == ["conv(0), relu", "conv(1), add"]
     assert all("called 2 times" in r for r in df["Reason"])
     assert "copy.deepcopy(self.conv)" in df["Fix"][0]
     assert _fused_names(_prepare(SharedConv(), X))["conv"] == "Conv2d"
@@ -306,7 +306,7 @@ def test_unfused_shared_conv_matches_prepare() -> None:
 
 def test_unfused_second_user_size_matches_prepare() -> None:
     df = check_unfused_operations(SizeUser(), X, print_tabulate=False)
-    assert df["Modules"].tolist() == ["conv, bn"]
+    assert df["Module Name"].tolist() == ["conv, bn"]
     assert "also used by ['size']" in df["Reason"][0]
     assert _fused_names(_prepare(SizeUser(), X)) == {"conv": "Conv2d"}
 
@@ -315,7 +315,7 @@ def test_unfused_hidden_in_wrapped_function_and_leaf_module() -> None:
     custom = {"wrapped_functions": [relu_unless_empty]}
     df = check_unfused_operations(WrappedAct(), X, print_tabulate=False,
                                   prepare_custom_config_dict=custom)
-    assert df["Modules"].tolist() == ["conv, relu_unless_empty"]
+    assert df["Module Name"].tolist() == ["conv, relu_unless_empty"]
     assert "wrapped function relu_unless_empty()" in df["Reason"][0]
     assert "ReLU" in df["Reason"][0]
     qm = _prepare(WrappedAct(), X, prepare_custom_config_dict=custom)
@@ -327,7 +327,7 @@ def test_unfused_hidden_in_wrapped_function_and_leaf_module() -> None:
     custom = {"leaf_module_types": [BNLeaf]}
     df = check_unfused_operations(LeafBN(), X, print_tabulate=False,
                                   prepare_custom_config_dict=custom)
-    assert df["Modules"].tolist() == ["conv, post"]
+    assert df["Module Name"].tolist() == ["conv, post"]
     assert "leaf module 'post' (BNLeaf)" in df["Reason"][0] and "BatchNorm" in df["Reason"][0]
     assert _fused_names(_prepare(LeafBN(), X, prepare_custom_config_dict=custom)) == {
         "conv": "Conv2d"}
@@ -336,11 +336,11 @@ def test_unfused_hidden_in_wrapped_function_and_leaf_module() -> None:
 def test_unfused_dropout_split_and_functional_conv() -> None:
     x = torch.randn(2, 12)
     df = check_unfused_operations(DropoutSplit(), x, print_tabulate=False)
-    assert df["Modules"].tolist() == ["fc1, drop, relu"]
+    assert df["Module Name"].tolist() == ["fc1, drop, relu"]
     assert df["Pattern"][0] == "Linear + Dropout + relu"
     assert _fused_names(_prepare(DropoutSplit(), x)) == {"fc1": "Linear", "fc2": "Linear"}
     df = check_unfused_operations(FunctionalConv(), X, print_tabulate=False)
-    assert df["Modules"].tolist() == ["conv2d, relu"]
+    assert df["Module Name"].tolist() == ["conv2d, relu"]
     assert "functional conv2d() call" in df["Reason"][0]
 
 
@@ -357,7 +357,7 @@ def test_unfused_report_matches_prepare_on_torchvision(name: str) -> None:
     df = check_unfused_operations(model, x, print_tabulate=False)
     assert len(df) == {"mobilenet_v2": 0, "efficientnet_b0": 9}[name], df.to_string()
     fused = _fused_names(_prepare(model, x))
-    for mods, pattern in zip(df["Modules"], df["Pattern"], strict=True):
+    for mods, pattern in zip(df["Module Name"], df["Pattern"], strict=True):
         stage = next(v for k, v in _STAGE_IN_FUSED_NAME.items()
                      if pattern.split(" + ")[-1].startswith(k))
         assert stage not in fused[mods.split(", ")[0]], (mods, fused[mods.split(", ")[0]])

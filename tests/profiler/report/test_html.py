@@ -92,7 +92,7 @@ def resnet_like_tables(n_layers: int = 40, seed: int = 0, bad: str | None = "lay
             **{f"Level>={k}": rng.integers(0, 9 - k, n) for k in (3, 4, 5, 6)},
             "Max Level": rng.uniform(0.5, 7.5, n)}),
         "weights": pd.DataFrame({
-            "Weight Name": [f"{nm}.weight" for nm, _ in conv], "Module Type": [t for _, t in conv],
+            "Module Name": [nm for nm, _ in conv], "Module Type": [t for _, t in conv],
             "Similarity": 1 - 10 ** rng.uniform(-6, -4, len(conv)),
             "Max Abs Error": rng.uniform(1e-4, 4e-3, len(conv)),
             "Weight Scale": rng.uniform(1e-3, 2e-2, len(conv)),
@@ -101,7 +101,7 @@ def resnet_like_tables(n_layers: int = 40, seed: int = 0, bad: str | None = "lay
             "Module Name": modules, "Module Type": "Module",
             "Called Count": [2 if m.endswith(".relu") else 1 for m in modules]}),
         "unfused": pd.DataFrame({
-            "Modules": [["layer1.0.conv2", "layer1.0.relu"], ["fc", "relu_out"]],
+            "Module Name": [["layer1.0.conv2", "layer1.0.relu"], ["fc", "relu_out"]],
             "Pattern": ["conv+bn+add+relu", "linear+relu"],
             "Reason": ["relu module shared by two call sites", "relu is a functional call"],
             "Fix": ["use one nn.ReLU per call site", "use nn.ReLU and the fused pattern"]}),
@@ -115,7 +115,7 @@ def resnet_like_tables(n_layers: int = 40, seed: int = 0, bad: str | None = "lay
             "Module Name": ["fc"], "Warning": ["32-bit output: the next op must take float"]}),
         "findings": pd.DataFrame({
             "Severity": ["info", "warning", "error", "warning"],
-            "Layer": ["quant", "layer1.0.relu", bad or "fc", "layer3.1.conv2"],
+            "Module Name": ["quant", "layer1.0.relu", bad or "fc", "layer3.1.conv2"],
             "Problem": ["input not normalized", "shared module", "low similarity", "saturation"],
             "Evidence": ["input range [0, 255]", "called 2 times", "per-layer similarity 0.9312",
                          "0.8% of values outside int8"],
@@ -233,7 +233,7 @@ def test_shared_rows_from_call_counts(tmp_path: Path) -> None:
     shared = set(tables["called_count"].query("`Called Count` > 1")["Module Name"])
     assert shared and all(s.endswith(".relu") for s in shared)
     for key, column in [("similarity_end_to_end", "Module Name"), ("statistics", "Module Name"),
-                        ("findings", "Layer"), ("called_count", "Module Name")]:
+                        ("findings", "Module Name"), ("called_count", "Module Name")]:
         spec = _table(data, key)  # rows in the order served (findings: most severe first)
         names = [row[spec["columns"].index(column)] for row in spec["rows"]]
         assert sorted(names) == sorted(tables[key][column])
@@ -244,8 +244,8 @@ def test_shared_rows_from_call_counts(tmp_path: Path) -> None:
     assert _table(data, "weights")["shared"] == []
     # an explicit set wins over the call counts
     data = _data(render_html(tables, tmp_path / "q.html", shared={"fc"}).read_text())
-    weights = tables["weights"]["Weight Name"].tolist()
-    assert _table(data, "weights")["shared"] == [weights.index("fc.weight")]
+    weights = tables["weights"]["Module Name"].tolist()
+    assert _table(data, "weights")["shared"] == [weights.index("fc")]
     assert _table(data, "unfused")["shared"] == [1]
 
 
@@ -279,7 +279,7 @@ def test_500_layers_stay_under_5_mb(tmp_path: Path) -> None:
 
 
 def test_missing_empty_and_no_similarity(tmp_path: Path) -> None:
-    empty = pd.DataFrame(columns=["Modules", "Pattern", "Reason", "Fix"])
+    empty = pd.DataFrame(columns=["Module Name", "Pattern", "Reason", "Fix"])
     html = render_html({"unfused": empty, "weights": None}, tmp_path / "p.html").read_text()
     assert "No rows: nothing to report here." in html
     assert 'id="sec-weights"' not in html and 'id="chart"' not in html

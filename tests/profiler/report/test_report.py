@@ -62,7 +62,9 @@ def test_fvsq_writes_every_table_the_page_and_the_graph(fvsq: ProfilerReport) ->
                 "statistics_by_range", "outliers", "weights", "called_count", "unfused",
                 "qconfig", "qconfig_warnings", "findings"}
     assert set(fvsq.tables) == expected
-    for key in expected:
+    for key in expected:  # the layer names: one column, one spelling, in every table
+        assert "Module Name" in fvsq.tables[key].columns, key
+        assert not {"Layer", "Node", "Weight Name", "Modules"} & set(fvsq.tables[key].columns)
         path = fvsq.paths[key]
         assert path.suffix == ".csv" and path.exists(), key
         assert len(pd.read_csv(path)) == len(fvsq.tables[key]), key
@@ -85,7 +87,7 @@ def test_verdict_is_the_final_output_cosine(models, fvsq: ProfilerReport) -> Non
 def test_report_points_at_the_defects(fvsq: ProfilerReport) -> None:
     findings = fvsq.findings
     problems = " ".join(findings["Problem"]).lower()
-    layers = set(findings["Layer"])
+    layers = set(findings["Module Name"])
     assert "x_quant" in layers or any("conv1" in str(n) for n in layers), layers  # raw input
     assert "not normalized" in problems
     assert "relu" in layers, "the shared relu is a finding"  # shared module
@@ -98,7 +100,7 @@ def test_report_points_at_the_defects(fvsq: ProfilerReport) -> None:
     widest = out.loc[out["Max"].abs().idxmax(), "Module Name"]
     assert str(widest).startswith("conv2"), widest
     weights = fvsq.tables["weights"]
-    assert set(weights["Weight Name"]) == {"conv1.weight", "conv2.weight", "fc.weight"}
+    assert set(weights["Module Name"]) == {"conv1", "conv2", "fc"}
     # <= 0.5 step, except the channel maximum: amax/128 scales clamp it from 128 to 127 steps
     assert (weights["Error (N weight scale)"] <= 1.0 + 1e-5).all(), weights
 
@@ -271,7 +273,7 @@ def test_fvsq_refuses_a_model_not_prepared_from_model1(models, calibrate, tmp_pa
     with pytest.raises(ValueError, match=r"layer 'conv2' has weight shape \[16, 8, 3, 3\]"):
         model_profiler(float_model, other_arch, x, out_dir=tmp_path / "a")
     integer = qatkit.convert_fx(other_weights)                # FvsQ against an integer model
-    with pytest.raises(ValueError, match=r"integer weight of 'conv1.weight' is .* steps"):
+    with pytest.raises(ValueError, match=r"integer weight of 'conv1' is .* steps"):
         model_profiler(float_model, integer, x, out_dir=tmp_path / "i")
     assert not any(tmp_path.iterdir()), "the check runs before anything is written"
     # a QAT-trained model2 differs on purpose: the check can be skipped

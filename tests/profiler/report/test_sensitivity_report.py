@@ -33,12 +33,14 @@ def test_on_through_kwargs_dict(setup, tmp_path):
         report = qp.model_profiler(faulty, calib, x, out_dir=tmp_path,
                                    kwargs_dict={"get_sensitivity_of_nodes": {}})
     ranking = report.tables["sensitivity"]
-    assert list(ranking["Node"][:2]) == ["cat", "conv_h"], ranking.head()
+    assert list(ranking["Module Name"][:2]) == ["cat", "conv_h"], ranking.head()
     sweep = report.tables["acc_error_non_quantize"]
     assert list(sweep["Count"]) == [0, 1, 2, 3]
     assert sweep["Cosine"].iloc[2] > 0.99 > 0.5 > sweep["Cosine"].iloc[0]
     assert {"only weights quantized", "only activations quantized"} <= set(
         report.tables["acc_error_quantize"].columns)
+    for key in ("sensitivity", "acc_error_quantize"):
+        assert "Module Name" in report.tables[key].columns, key
     html = report.html.read_text()
     assert "Sensitivity: which quantizer hurts" in html and "Partial un-quantization" in html
     assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 2, "inline figures"
@@ -59,14 +61,14 @@ def test_section_arguments_and_modes(setup, tmp_path):
                                                       "metrics": ["mse", "cosine"]},
                          "plot_acc_error": {"quantize_node": ["node"]}})
         assert set(report.tables["sensitivity"]["Type"]) == {"activation"}
-        assert report.tables["sensitivity"]["Node"].iloc[0] == "cat"
+        assert report.tables["sensitivity"]["Module Name"].iloc[0] == "cat"
         assert "MSE" in report.tables["acc_error_non_quantize"]
         assert "everything quantized" in report.tables["acc_error_quantize"]
         # calibrated vs integer: the section analyses model1
         integer = qatkit.convert_fx(copy.deepcopy(calib))
         qvsq = qp.model_profiler(calib, integer, x, mode="QvsQ", out_dir=tmp_path / "b",
                                  kwargs_dict={"plot_acc_error": {}})
-        assert qvsq.tables["sensitivity"]["Node"].iloc[0] == "cat"
+        assert qvsq.tables["sensitivity"]["Module Name"].iloc[0] == "cat"
         with pytest.raises(ValueError, match="neither model is one"):
             qp.model_profiler(faulty, integer, x, out_dir=tmp_path / "c",
                               kwargs_dict={"get_sensitivity_of_nodes": {}})
