@@ -30,7 +30,6 @@ Example::
     {'Cosine': 0.9991}
 """
 
-
 from __future__ import annotations
 
 import contextlib
