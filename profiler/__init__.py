@@ -13,9 +13,9 @@ before it:
   advisor, the HTML page and the mermaid graph.
 
 This package exports what users call; everything else is imported from its module (e.g.
-``from qatkit.profiler.report.html import render_html``).  The import paths of qatkit 0.1
-still work until qatkit 0.2, with a ``DeprecationWarning`` naming the new one
-(:mod:`qatkit.profiler._deprecated`).
+``from qatkit.profiler.report.html import render_html``).  The import paths of qatkit 0.1 still
+work for one release, with a ``DeprecationWarning`` naming the new one: the names that left
+this namespace (below) and the flat modules (:mod:`qatkit.profiler._moved_modules`).
 
 Example::
 
@@ -26,9 +26,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from qatkit._deprecation import deprecated_aliases
 
-from . import _deprecated
+from . import _moved_modules
 from .causal.acc_error import AccErrorResult as AccErrorResult
 from .causal.acc_error import plot_acc_error as plot_acc_error
 from .causal.bad_cases import BadCases as BadCases
@@ -50,6 +50,7 @@ from .core.capture import get_raw_features as get_raw_features
 from .core.dumps import compare_dumps as compare_dumps
 from .core.dumps import dump_layers as dump_layers
 from .core.dumps import dump_tensors as dump_tensors
+from .core.metrics import RENAMED as _RENAMED_METRICS
 from .core.metrics import Metric as Metric
 from .core.metrics import chebyshev as chebyshev
 from .core.metrics import cosine as cosine
@@ -96,9 +97,15 @@ __all__ = [
     "Quantizer",
 ]
 
-_deprecated.install()
-
-
-def __getattr__(name: str) -> Any:
-    """Names of qatkit 0.1 that left ``__all__``, with a DeprecationWarning (until 0.2)."""
-    return _deprecated.moved_name(__name__, name)
+#: names that left the top level or were renamed: reachable for one release, with a warning
+__getattr__ = deprecated_aliases(__name__, {
+    **{name: f"qatkit.profiler.core.metrics.{name}"
+       for name in ("METRICS", "BatchMetric", "FINAL_SIMILARITY_THRESHOLD")},
+    **{name: f"qatkit.profiler.report.html.{name}"
+       for name in ("render_html", "build_verdict", "Verdict", "REPORT_SECTIONS")},
+    **{name: f"qatkit.profiler.report.model_report.{name}" for name in ("MODES", "model_kind")},
+    "ADVICE_COLUMNS": "qatkit.profiler.report.advisor.ADVICE_COLUMNS",
+    "IncrementalRunner": "qatkit.profiler.causal.incremental.IncrementalRunner",
+    **{old: f"qatkit.profiler.{new}" for old, new in _RENAMED_METRICS.items()},
+})
+_moved_modules.install()

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import qatkit
+import qatkit.profiler  # noqa: F401  (registers the profiler's old names)
 from qatkit import _deprecation
 
 #: (module, old name) -> the new path, as users are told
@@ -32,6 +33,26 @@ OLD_NAMES = {
     ("qatkit.eager", "link_eager_model"): "qatkit.eager.graph.link_eager_model",
     ("qatkit.eager", "eager_info"): "qatkit.eager.info.eager_info",
     ("qatkit.eager", "EagerInfo"): "qatkit.eager.info.EagerInfo",
+    # the profiler's internals left its top level; its metric functions are named by their keys
+    **{("qatkit.profiler", n): f"qatkit.profiler.core.metrics.{n}"
+       for n in ("METRICS", "BatchMetric", "FINAL_SIMILARITY_THRESHOLD")},
+    **{("qatkit.profiler", n): f"qatkit.profiler.report.html.{n}"
+       for n in ("render_html", "build_verdict", "Verdict", "REPORT_SECTIONS")},
+    ("qatkit.profiler", "MODES"): "qatkit.profiler.report.model_report.MODES",
+    ("qatkit.profiler", "model_kind"): "qatkit.profiler.report.model_report.model_kind",
+    ("qatkit.profiler", "ADVICE_COLUMNS"): "qatkit.profiler.report.advisor.ADVICE_COLUMNS",
+    ("qatkit.profiler", "IncrementalRunner"):
+        "qatkit.profiler.causal.incremental.IncrementalRunner",
+    ("qatkit.profiler", "cosine_similarity"): "qatkit.profiler.cosine",
+    ("qatkit.profiler", "max_abs_error"): "qatkit.profiler.max_abs",
+    ("qatkit.profiler", "kl_divergence"): "qatkit.profiler.kl",
+    ("qatkit.profiler.core.metrics", "cosine_similarity"): "qatkit.profiler.core.metrics.cosine",
+    ("qatkit.profiler.core.metrics", "max_abs_error"): "qatkit.profiler.core.metrics.max_abs",
+    ("qatkit.profiler.core.metrics", "kl_divergence"): "qatkit.profiler.core.metrics.kl",
+    # qatkit.profiler.report was model_profiler's module; it is the report's package now
+    **{("qatkit.profiler.report", n): f"qatkit.profiler.report.model_report.{n}"
+       for n in ("model_profiler", "ProfilerReport", "MODES", "model_kind", "TOOLS",
+                 "SENSITIVITY_TOOLS", "SENSITIVITY_SWEEP")},
 }
 
 

@@ -28,17 +28,17 @@ case-insensitive) to :class:`Metric` objects that know whether higher is better;
 :func:`get_metric` looks names up (also the spellings of the NPU debug guides,
 :data:`METRIC_ALIASES`: ``"cosine-similarity"``, ``"mre"``, ``"chebyshev"``...) and turns a
 plain callable into a metric.  Each metric function is named by its key in snake case
-(``"MaxAbs"``: :func:`max_abs`); the older names of :data:`RENAMED` warn until qatkit 0.2.
+(``"MaxAbs"``: :func:`max_abs`); the older names of :data:`RENAMED` warn for one release.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Callable, Iterator, Union
 
 import torch
+from qatkit._deprecation import deprecated_aliases
 from torch import Tensor
 
 __all__ = ["Metric", "METRICS", "register_metric", "get_metric", "list_metrics",
@@ -579,27 +579,7 @@ class BatchMetric:
         return 0.0 if sad == 0 else (sad / sa if sa else math.inf)
 
 
-#: old metric function name -> the name of its key (a DeprecationWarning until qatkit 0.2)
+#: old metric function name -> the name of its key (reachable for one release, with a warning)
 RENAMED = {"cosine_similarity": "cosine", "max_abs_error": "max_abs", "kl_divergence": "kl"}
-
-
-def renamed_function(where: str, name: str, stacklevel: int = 1) -> MetricFn:
-    """The function the old ``name`` (:data:`RENAMED`) is now, with a DeprecationWarning
-    naming ``where.name`` (``stacklevel`` counted from the caller).
-
-    Example::
-
-        >>> renamed_function("qatkit.profiler", "max_abs_error") is max_abs   # warns
-        True
-    """
-    new = RENAMED[name]
-    warnings.warn(f"{where}.{name} is deprecated and goes in qatkit 0.2: use {new} (each "
-                  f"metric function is named by its key, '{get_metric(new).name}')",
-                  DeprecationWarning, stacklevel=stacklevel + 1)
-    return globals()[new]
-
-
-def __getattr__(name: str) -> MetricFn:
-    if name in RENAMED:
-        return renamed_function(__name__, name, stacklevel=2)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecated_aliases(__name__, {old: f"{__name__}.{new}"
+                                            for old, new in RENAMED.items()})

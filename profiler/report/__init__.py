@@ -9,12 +9,12 @@ core (:mod:`qatkit.profiler.core`) and, for its optional sensitivity section, th
 
 from __future__ import annotations
 
-from typing import Any
+from qatkit._deprecation import deprecated_aliases
 
-from .. import _deprecated
+__all__: list[str] = []  # import from the modules; qatkit.profiler exports what users call
 
-
-def __getattr__(name: str) -> Any:
-    """``qatkit.profiler.report`` was model_profiler's module in qatkit 0.1: its names are read
-    from :mod:`.model_report`, with a DeprecationWarning (until 0.2)."""
-    return _deprecated.moved_name(__name__, name, _deprecated.MOVED_REPORT_NAMES)
+#: qatkit 0.1's module qatkit.profiler.report is model_report now: its names, for one release
+__getattr__ = deprecated_aliases(__name__, {
+    name: f"qatkit.profiler.report.model_report.{name}"
+    for name in ("model_profiler", "ProfilerReport", "MODES", "model_kind", "TOOLS",
+                 "SENSITIVITY_TOOLS", "SENSITIVITY_SWEEP")})

@@ -1,5 +1,6 @@
-"""qatkit.profiler's face: what it exports, where everything else lives, the old paths of
-qatkit 0.1 (each warns and names the new one), and the rooms' one-way imports."""
+"""qatkit.profiler's face: what it exports, where everything else lives, the flat module paths
+of qatkit 0.1 (each warns and names the new one; the old names are checked with every other
+qatkit alias in tests/test_deprecated_names.py), and the rooms' one-way relative imports."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import qatkit.profiler as qp
-from qatkit.profiler import _deprecated
+from qatkit import _deprecation
+from qatkit.profiler import _moved_modules
 from qatkit.profiler.core import metrics
 
 PROFILER = Path(qp.__file__).resolve().parent
@@ -20,63 +22,49 @@ ROOMS = ("core", "causal", "report")
 MAY_IMPORT = {"core": set(), "causal": {"core"}, "report": {"core", "causal"}}
 
 
-def test_every_export_is_defined_in_a_room_and_no_internal_is_exported():
+@pytest.fixture
+def fresh_warnings():
+    """Each old name warns once per process: forget which ones warned, for this test."""
+    saved = set(_deprecation._WARNED)
+    _deprecation._WARNED.clear()
+    yield
+    _deprecation._WARNED.clear()
+    _deprecation._WARNED.update(saved)
+
+
+def test_every_export_is_defined_in_a_room_and_no_old_name_is_exported():
     for name in qp.__all__:
-        obj = getattr(qp, name)
-        home = getattr(obj, "__module__", "")
-        assert home.split(".")[2:3] and home.split(".")[2] in ROOMS, (name, home)
-    internals = set(_deprecated.MOVED_NAMES) | set(metrics.RENAMED)
-    assert not internals & set(qp.__all__), internals & set(qp.__all__)
+        home = getattr(getattr(qp, name), "__module__", "")
+        assert home.split(".")[:2] == ["qatkit", "profiler"] and home.split(".")[2] in ROOMS, (
+            name, home)
+    old = {name for module, name in _deprecation.DEPRECATED_ALIASES if module == qp.__name__}
+    assert old and not old & set(qp.__all__), old & set(qp.__all__)
     assert len(qp.__all__) == len(set(qp.__all__)) == 47
 
 
-@pytest.mark.parametrize("name", sorted(_deprecated.MOVED_NAMES))
-def test_a_name_that_left_the_top_level_warns_with_its_new_path(name):
-    new = _deprecated.MOVED_NAMES[name]
-    with pytest.warns(DeprecationWarning, match=rf"qatkit\.profiler\.{name} .*from {new} import"):
-        got = getattr(qp, name)
-    assert got is getattr(importlib.import_module(new), name)
-
-
-@pytest.mark.parametrize("old,new", sorted(metrics.RENAMED.items()))
-def test_renamed_metric_functions_warn_and_are_the_new_ones(old, new):
-    for where in (qp, metrics):
-        with pytest.warns(DeprecationWarning, match=rf"{where.__name__}\.{old} .*use {new}"):
-            assert getattr(where, old) is getattr(qp, new)
-    assert metrics.get_metric(new).fn is getattr(qp, new)
-
-
-@pytest.mark.parametrize("old", sorted(_deprecated.MOVED_MODULES))
+@pytest.mark.parametrize("old", sorted(_moved_modules.MOVED_MODULES))
 def test_a_moved_module_imports_with_a_warning_and_reads_the_new_one(old, monkeypatch):
-    new = importlib.import_module(_deprecated.MOVED_MODULES[old])
+    new = importlib.import_module(_moved_modules.MOVED_MODULES[old])
     monkeypatch.delitem(sys.modules, old, raising=False)
-    with pytest.warns(DeprecationWarning, match=rf"module {old} .*{new.__name__}"):
+    with pytest.warns(DeprecationWarning, match=rf"{old} is deprecated .*use {new.__name__}"):
         module = importlib.import_module(old)
-    public = [n for n in getattr(new, "__all__", []) if n not in metrics.RENAMED]
+    public = list(getattr(new, "__all__", []))
     assert public and all(getattr(module, n) is getattr(new, n) for n in public)
 
 
-def test_old_spellings_through_a_moved_module():
-    sys.modules.pop("qatkit.profiler.metrics", None)
+def test_renamed_metrics_through_a_moved_module(fresh_warnings, monkeypatch):
+    monkeypatch.delitem(sys.modules, "qatkit.profiler.metrics", raising=False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         from qatkit.profiler.metrics import max_abs_error
-    assert max_abs_error is qp.max_abs
+    assert max_abs_error is qp.max_abs is metrics.get_metric("MaxAbs").fn
     messages = [str(w.message) for w in seen]
     assert any("qatkit.profiler.metrics is deprecated" in m for m in messages), messages
-    assert any("qatkit.profiler.metrics.max_abs_error is deprecated" in m for m in messages)
+    assert any("core.metrics.max_abs_error is deprecated" in m for m in messages), messages
     assert all(w.filename == __file__ for w in seen), "warnings point at the import line"
 
 
-def test_model_profiler_module_of_0_1():
-    from qatkit.profiler.report import model_report
-
-    for name in _deprecated.MOVED_REPORT_NAMES:
-        with pytest.warns(DeprecationWarning, match=rf"report\.model_report import {name}"):
-            assert getattr(qp.report, name) is getattr(model_report, name)
-
-
-def test_unknown_names_raise_attribute_error():
+def test_unknown_names_raise():
     with pytest.raises(AttributeError, match="no attribute 'plot_everything'"):
         qp.plot_everything  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
@@ -102,7 +90,7 @@ def test_rooms_import_one_way_and_relatively(room):
         for level, module in _profiler_imports(path):
             assert not module.startswith("qatkit.profiler"), (
                 f"{path.name}: imports inside the profiler are relative ({module})")
-            if level == 2 and module:  # from ..<room>.x import (not the package's _deprecated)
+            if level == 2:  # from ..<room>.x import
                 other = module.split(".")[0]
                 assert other in MAY_IMPORT[room], f"{room}/{path.name} imports {other}"
             assert level <= 2, f"{room}/{path.name}: qatkit itself is imported as qatkit.*"
