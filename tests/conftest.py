@@ -8,6 +8,7 @@ from typing import Callable
 import pytest
 import qatkit
 import torch
+from qatkit import _deprecation
 from torch import fx, nn
 
 
@@ -41,3 +42,13 @@ def calibrate() -> Callable[..., fx.GraphModule]:
     and eval mode.  ``settle_batchnorm=True`` first sets the float model's BatchNorm statistics
     from ``x`` (in place) and puts it in eval mode."""
     return _calibrate
+
+
+@pytest.fixture
+def fresh_warnings():
+    """Each old name warns once per process: forget which ones warned, for this test."""
+    saved = set(_deprecation._WARNED)
+    _deprecation._WARNED.clear()
+    yield
+    _deprecation._WARNED.clear()
+    _deprecation._WARNED.update(saved)

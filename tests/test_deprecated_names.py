@@ -56,16 +56,6 @@ OLD_NAMES = {
 }
 
 
-@pytest.fixture
-def fresh_warnings():
-    """Each old name warns once per process: forget which ones warned, for this test."""
-    saved = set(_deprecation._WARNED)
-    _deprecation._WARNED.clear()
-    yield
-    _deprecation._WARNED.clear()
-    _deprecation._WARNED.update(saved)
-
-
 def _new_object(path: str):
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)

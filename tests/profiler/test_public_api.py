@@ -22,16 +22,6 @@ ROOMS = ("core", "causal", "report")
 MAY_IMPORT = {"core": set(), "causal": {"core"}, "report": {"core", "causal"}}
 
 
-@pytest.fixture
-def fresh_warnings():
-    """Each old name warns once per process: forget which ones warned, for this test."""
-    saved = set(_deprecation._WARNED)
-    _deprecation._WARNED.clear()
-    yield
-    _deprecation._WARNED.clear()
-    _deprecation._WARNED.update(saved)
-
-
 def test_every_export_is_defined_in_a_room_and_no_old_name_is_exported():
     for name in qp.__all__:
         home = getattr(getattr(qp, name), "__module__", "")
