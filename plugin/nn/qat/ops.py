@@ -35,7 +35,7 @@ __all__ = ["QuantStub", "FunctionalOp", "Divide", "output_quantized", "OUTPUT_QU
 #: float64 (:func:`~qatkit.fake_quantize.evaluates_exactly`), where grid values add and multiply
 #: exactly, so their output fake quant rounds where the integer model does
 EXACT_OPS: frozenset[str] = frozenset({"add", "sub", "mul", "div", "matmul", "einsum", "mean",
-                                       "grid_sample",
+                                       "grid_sample", "cat", "stack",
                                        "avg_pool", "adaptive_avg_pool", "layer_norm",
                                        "group_norm", "batch_norm"})
 

@@ -151,3 +151,43 @@ def test_exact_evaluation_is_a_switch(calibrate):
     with pytest.raises(ValueError, match="VALIDATION"):
         with qatkit.exact_evaluation(qm):
             pass
+
+
+class _TwoScaleCat(torch.nn.Module):
+    """``cat`` of two inputs at scales whose ratio (~23/22, from MSE-calibrated scales of
+    examples/debug_walkthrough.py's FaultNet) puts ``11 * s_a / s_c`` 4.5e-7 below a .5: a
+    distance float32's ``q * s_a`` cannot resolve."""
+
+    S_A, S_B, S_C = 0.0387975312769413, 0.03199348598718643, 0.03711068257689476
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant_a = qatkit.QuantStub(scale=self.S_A)
+        self.quant_b = qatkit.QuantStub(scale=self.S_B)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.quant_a(a), self.quant_b(b)], dim=1)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_cat_of_unequal_scales_agrees_with_convert_fx(exact):
+    """cat rescales each input to its output scale; exact evaluation computes ``q * s_a /
+    s_c`` from the exact grid values, as the integer model's fixed-point rescaling does, where
+    the float32 fake-quant model rounds 11 * s_a / s_c = 11.4999995 up."""
+    fixed = qatkit.QConfig(activation=qatkit.FakeQuantize.with_args(
+        observer=qatkit.FixedScaleObserver, scale=_TwoScaleCat.S_C), weight=None)
+    q = torch.arange(-128, 128, dtype=torch.float32).reshape(1, 256)
+    a, b = q * _TwoScaleCat.S_A, q * _TwoScaleCat.S_B
+    qm = qatkit.prepare_qat_fx(_TwoScaleCat(), {"": qatkit.default_qat_8bit_fake_quant_qconfig,
+                                                "module_name": [("cat", fixed)]},
+                               example_inputs=(a, b))
+    qatkit.calibrate(qm, [(a, b)], progress=False)
+    qatkit.set_exact_evaluation(qm, exact)
+    with torch.no_grad():
+        out, ref = qm(a, b), qatkit.convert_fx(qm)(a, b)
+    at_11 = q[0].tolist().index(11.0)
+    assert float(ref[0, at_11] / _TwoScaleCat.S_C) == pytest.approx(11, abs=1e-5)
+    if exact:
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    else:
+        assert float(out[0, at_11] / _TwoScaleCat.S_C) == pytest.approx(12, abs=1e-5)
