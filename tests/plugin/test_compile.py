@@ -1,5 +1,12 @@
 """torch.compile of a prepared model: one graph, no graph break, no recompile per module; a
-compiled QAT step computes what the eager step computes (within float rounding)."""
+compiled QAT step computes what the eager step computes (within float rounding).
+
+What qatkit computes under torch.compile (fake quants, observers, the BatchNorm fold) equals
+eager bit for bit.  The model's own float ops are Inductor's: it runs convolutions
+channels-last (on AVX2, oneDNN then sums in another order than the NCHW kernel eager uses),
+writes its own BatchNorm formula and reduction order, so a calibrated activation range can
+differ from eager's by the float32 rounding of those sums (ACT_RTOL).
+"""
 
 from __future__ import annotations
 
@@ -49,22 +56,51 @@ def test_compiled_qat_step_equals_eager_in_one_graph():
             torch.testing.assert_close(a.scale, b.scale, rtol=1e-6, atol=0)
 
 
-def _prepared(qconfig, x):
+#: how far two float32 sums of up to 144 products (DigitsNet's 3x3x16 convolutions) in
+#: different orders can differ, relative to the sum of their magnitudes: 2 * 144 * 2**-24
+#: (measured under torch.compile on an AVX2 CPU: 2e-7, on AVX-512: 0)
+ACT_RTOL = 2 * 144 * 2**-24
+
+
+def _prepared(qconfig, x, settle: bool = False):
+    """DigitsNet prepared; ``settle``: BatchNorm statistics of ``x`` first (a trained model's
+    fold, gamma / sqrt(var + eps) != 1, instead of the default statistics' identity)."""
+    net = DigitsNet()
+    if settle:
+        for bn in net.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.momentum = None  # the average of the batches seen
+        net.train()
+        with torch.no_grad():
+            net(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return qatkit.prepare_qat_fx(DigitsNet().eval(), {"": qconfig}, example_inputs=(x,))
+        return qatkit.prepare_qat_fx(net.eval(), {"": qconfig}, example_inputs=(x,))
 
 
 def _fake_quants(model):
-    return [m for m in model.modules() if isinstance(m, qatkit.FakeQuantize)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, qatkit.FakeQuantize)]
+
+
+def _assert_scales_equal(compiled_model, eager_model):
+    """The weights' scales (and the input's: nothing computed it) are eager's bit for bit;
+    an activation's is within the float rounding of the model's float ops (ACT_RTOL)."""
+    for (name, a), (_, b) in zip(_fake_quants(compiled_model), _fake_quants(eager_model),
+                                 strict=True):
+        if name.endswith("weight_fake_quant") or name.startswith("quant."):
+            assert torch.equal(a.scale, b.scale), name
+        else:
+            torch.testing.assert_close(a.scale, b.scale, rtol=ACT_RTOL, atol=0, msg=name)
 
 
 def test_compiled_calibration_then_validation_equal_eager():
-    """Calibrate through the compiled model, switch state, evaluate: the scales are bit-equal
-    to an eager calibration's, the output equal to eager's, one graph per state."""
+    """Calibrate through the compiled model, switch state, evaluate: the weight scales (the
+    BatchNorm fold of settled statistics included) are bit-equal to an eager calibration's,
+    the activation scales within float rounding; with the same scales the output is equal to
+    eager's; one graph per state."""
     torch.manual_seed(0)
     x = torch.rand(16, 1, 16, 16) * 2 - 1
-    qm = _prepared(qatkit.default_qat_8bit_fake_quant_qconfig, x)
+    qm = _prepared(qatkit.default_qat_8bit_fake_quant_qconfig, x, settle=True)
     ref = copy.deepcopy(qm)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -74,8 +110,8 @@ def test_compiled_calibration_then_validation_equal_eager():
         with torch.no_grad():
             model(x)
         qatkit.set_fake_quant_state(qm if model is compiled else ref, "validation")
-    for a, b in zip(_fake_quants(qm), _fake_quants(ref), strict=True):
-        assert torch.equal(a.scale, b.scale), a
+    _assert_scales_equal(qm, ref)
+    qm.load_state_dict(ref.state_dict())  # the same scales: VALIDATION computes alike
     with torch.no_grad():
         out, expected = compiled(x), ref(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -100,7 +136,8 @@ def test_compiled_integer_model_is_one_graph_and_bit_exact():
 
 def test_histogram_calibration_under_compile_warns_once_and_matches_eager():
     """A histogram observer's data-dependent update runs eagerly (one split per fake quant,
-    not several) and says so once; its scales are those of an eager calibration."""
+    not several) and says so once; its scales are those of an eager calibration (activations:
+    within float rounding)."""
     from qatkit import fake_quantize
 
     torch.manual_seed(0)
@@ -119,9 +156,9 @@ def test_histogram_calibration_under_compile_warns_once_and_matches_eager():
             compiled(x)
     assert sum("torch.compile" in str(w.message) for w in record) == 1
     qatkit.set_fake_quant_state(qm, "validation")
-    for a, b in zip(_fake_quants(qm), _fake_quants(ref), strict=True):
-        assert torch.equal(a.scale, b.scale), a
-    histogram_fqs = [f for f in _fake_quants(qm) if getattr(f.observer, "is_histogram", False)]
+    _assert_scales_equal(qm, ref)
+    histogram_fqs = [f for _, f in _fake_quants(qm) if getattr(f.observer, "is_histogram",
+                                                                 False)]
     # one split per histogram update (a split inside a submodule's forward also splits its
     # caller's frame); tracing through the update split it 27 times here
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]

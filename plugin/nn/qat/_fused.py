@@ -208,7 +208,12 @@ class FusedMixin(ExactInputs, AnnotatedOp):
 
     def _bn_scale(self) -> Tensor:
         bn = self.bn
-        std = torch.sqrt(bn.running_var + bn.eps)
+        var = bn.running_var + bn.eps
+        # the correctly rounded square root, as torch.compile computes it: torch's float32
+        # sqrt on CPU can be 1 ulp off (MKL's vector sqrt, e.g. on AVX2 CPUs), its float64
+        # one rounded to float32 is exact
+        std = torch.sqrt(var.double()).to(var.dtype) if var.device.type == "cpu" else \
+            torch.sqrt(var)
         return std.reciprocal() if bn.weight is None else bn.weight / std
 
     def folded_weight_bias(self) -> tuple[Tensor, Tensor | None]:

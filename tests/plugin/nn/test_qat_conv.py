@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import qatkit
@@ -74,8 +75,10 @@ def _fq_ref(x, scale, qmin, qmax, axis=None):
 
 
 def _fold_ref(conv, bn):
-    """Folded weight / bias by hand, one output channel at a time (no shared code path)."""
-    sf = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    """Folded weight / bias by hand, one output channel at a time (no shared code path), with
+    the correctly rounded square root (math.sqrt in double, rounded once)."""
+    std = torch.tensor([math.sqrt(v) for v in (bn.running_var + bn.eps).tolist()])
+    sf = bn.weight / std
     w = conv.weight.detach().clone()
     transposed = isinstance(conv, nn.ConvTranspose1d | nn.ConvTranspose2d)
     opg = conv.out_channels // conv.groups
