@@ -18,6 +18,9 @@ Columns:
   worst op         the op with the fewest equal values (% and max LSB)
   kernels          the integer kernels onnxruntime fused (ORT_ENABLE_ALL)
 
+On a CPU whose onnxruntime int8 kernels saturate (x86 without VNNI), ORT_ENABLE_ALL is also
+measured with onnxruntime's exact U8U8 kernels (session.x64quantprecision: mode "all+u8u8").
+
     python benchmarks/export_onnx.py [--models digits,resnet18,...] [--threads 2] [--no-per-op]
 """
 
@@ -38,6 +41,7 @@ import torchvision
 from qatkit.export.check import (
     compare_with_onnxruntime,
     fused_kernels,
+    onnxruntime_int8_exact,
     op_agreement,
     run_onnxruntime,
 )
@@ -128,20 +132,29 @@ def measure(name: str, per_op: bool, csv_dir: str | None = None) -> list[dict]:
                                   dynamic_axes={"x": {0: "batch"}})
         export_s = time.perf_counter() - t
         kernels = fused_kernels(path)
-        for level in ("disable", "all"):
-            [agree] = compare_with_onnxruntime(int_model, path, (xt,), level)
-            [y] = run_onnxruntime(path, (xt,), level)
+        modes = [("disable", False), ("all", False)]
+        if not onnxruntime_int8_exact():  # saturating U8S8 kernels: also the exact U8U8 ones
+            modes.append(("all", True))
+        for level, u8u8 in modes:
+            with warnings.catch_warnings():  # the saturation warning: the table says it
+                warnings.simplefilter("ignore")
+                [agree] = compare_with_onnxruntime(int_model, path, (xt,), level,
+                                                   x64_quant_precision=u8u8)
+            [y] = run_onnxruntime(path, (xt,), level, x64_quant_precision=u8u8)
             flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
             argmax = float((flat(torch.from_numpy(y)).argmax(-1) ==
                             flat(ref).argmax(-1)).float().mean())
-            row = dict(model=name, mode=level, exact=agree.exact, max_lsb=agree.max_lsb,
+            row = dict(model=name, mode=level + ("+u8u8" if u8u8 else ""), exact=agree.exact,
+                       max_lsb=agree.max_lsb,
                        argmax=argmax, export_s=export_s,
                        kernels=", ".join(f"{k} {v}" for k, v in kernels.items()) if level ==
                        "all" else "-")
             if per_op:
-                df = op_agreement(qm, (xt,), level)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    df = op_agreement(qm, (xt,), level, x64_quant_precision=u8u8)
                 if csv_dir:
-                    df.to_csv(os.path.join(csv_dir, f"{name}_{level}.csv"), index=False)
+                    df.to_csv(os.path.join(csv_dir, f"{name}_{row['mode']}.csv"), index=False)
                 row["op_exact"] = float((df.exact * df.numel).sum() / df.numel.sum())
                 worst = df.sort_values(["exact", "max_lsb"], ascending=[True, False]).iloc[0]
                 row["worst"] = "-" if worst.exact == 1 else \
@@ -162,15 +175,16 @@ def main() -> None:
     import onnxruntime
 
     print(f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, {args.threads} threads")
-    header = (f"{'model':<28}{'ORT mode':<9}{'output exact %':>15}{'max LSB':>8}"
+          f"torchvision {torchvision.__version__}, {args.threads} threads; int8 kernels "
+          f"{'exact' if onnxruntime_int8_exact() else 'saturate (x86 without VNNI)'}")
+    header = (f"{'model':<28}{'ORT mode':<10}{'output exact %':>15}{'max LSB':>8}"
               f"{'argmax %':>9}{'per-op exact %':>15}  {'worst op (exact %/max LSB)':<42}kernels")
     print(header)
     print("-" * len(header))
     for name in args.models.split(","):
         for r in measure(name, not args.no_per_op, args.per_op_csv):
             op = f"{100 * r['op_exact']:>15.5f}" if "op_exact" in r else f"{'-':>15}"
-            print(f"{r['model']:<28}{r['mode']:<9}{100 * r['exact']:>15.4f}{r['max_lsb']:>8g}"
+            print(f"{r['model']:<28}{r['mode']:<10}{100 * r['exact']:>15.4f}{r['max_lsb']:>8g}"
                   f"{100 * r['argmax']:>9.2f}{op}  {r.get('worst', '-'):<42}{r['kernels']}",
                   flush=True)
 

@@ -104,7 +104,9 @@ def main(out: Path = Path("qat_recipe_out"), epochs: int = 12, verbose: bool = T
                                   dynamic_axes={"input": {0: "batch"}}, input_names=["input"])
         from qatkit.export.check import run_onnxruntime
 
-        logits = run_onnxruntime(str(path), (data.test_x,))[0]
+        # x64_quant_precision: exact int8 kernels on x86 CPUs without VNNI too, whose default
+        # kernels saturate (a no-op elsewhere; docs/export.md)
+        logits = run_onnxruntime(str(path), (data.test_x,), x64_quant_precision=True)[0]
         correct = int((torch.as_tensor(logits).argmax(1) == data.test_y).sum())
         acc["ONNX (onnxruntime)"] = correct / len(data.test_y)
     if verbose:
