@@ -22,8 +22,9 @@ The faults (:data:`FAULTS`), each a real-world pattern:
   next convs divide it back): per-tensor int8 leaves the other channels a few levels.
   Culprit: the ``mid`` activation quantizer.
 * ``shared_ranges`` -- one conv module, ``shared``, called on two inputs whose ranges differ
-  100x (``conv_q`` scaled up, ``fc_b`` dividing back): the calls share one output scale, set
-  by the larger one.  Culprit: the ``shared`` activation quantizer.
+  1000x (``conv_q`` scaled up, ``fc_b`` dividing back): the calls share one output scale, set
+  by the larger one, which rounds the other call's outputs to zero.  Culprit: the ``shared``
+  activation quantizer.
 * ``weight_outlier`` -- ``conv2``'s weights reading one input channel are 1000x larger (that
   channel of ``conv1``'s output 1000x smaller): each output channel's weight scale is set by
   the outlier and its other weights round to zero.  Culprit: the ``conv2`` weight quantizer.
@@ -129,7 +130,7 @@ def _outlier_channel(m: FaultNet, factor: float = 512.0, channel: int = 3) -> No
 
 
 @torch.no_grad()
-def _shared_ranges(m: FaultNet, factor: float = 100.0) -> None:
+def _shared_ranges(m: FaultNet, factor: float = 1000.0) -> None:
     _scale_bn(m.bn_q, factor)
     m.fc_b.weight /= factor
 
@@ -160,7 +161,7 @@ FAULTS: dict[str, Fault] = {
     "outlier_channel": Fault(_outlier_channel, "mid", "activation",
                              "one output channel of mid is 512x the others"),
     "shared_ranges": Fault(_shared_ranges, "shared", "activation",
-                           "a shared conv called on inputs 100x apart in range"),
+                           "a shared conv called on inputs 1000x apart in range"),
     "weight_outlier": Fault(_weight_outlier, "conv2", "weight",
                             "conv2's weights on one input channel are 1000x larger"),
 }

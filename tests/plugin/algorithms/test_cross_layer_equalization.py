@@ -42,11 +42,15 @@ def test_unequal_depthwise_ranges_recover(separable_float, make_calibrated, cali
 
 
 def test_threshold_leaves_balanced_pairs_alone(digits_qat, calib):
+    """The trained digits CNN's pairs are below the default threshold (2.0; the imbalance of
+    conv2 -> conv3 depends on the float training, 0.x or 1.x), so nothing changes and the log
+    says why, with the measured imbalance."""
     out = qatkit.cross_layer_equalization(digits_qat, calib, progress=False)
     log = qatkit.algorithms.ptq_log(out).set_index("layer")
     assert not log["applied"].any()
-    assert log.loc["conv3", "reason"].startswith("range imbalance 0.")
-    assert log.loc["conv3", "imbalance_before"] < 2 and log["imbalance_after"].isna().all()
+    before = log.loc["conv3", "imbalance_before"]
+    assert 0 < before < 2 and log["imbalance_after"].isna().all()
+    assert log.loc["conv3", "reason"] == f"range imbalance {before:.2f} < threshold 2.0"
     assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(),
                                                  digits_qat.state_dict().values(), strict=True)
                if torch.is_tensor(a))
